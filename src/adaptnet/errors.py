@@ -1,0 +1,75 @@
+"""Typed exceptions raised for user input.
+
+Every message says what was given, what was expected, and how to fix it. Each
+class also derives from the closest built-in exception, so code that catches
+``ValueError`` or ``FileNotFoundError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdaptnetError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "SelectionError",
+    "ShareError",
+    "TieBrokenError",
+    "TieError",
+]
+
+
+class AdaptnetError(Exception):
+    """Base class of every error adaptnet raises on purpose."""
+
+
+class TieError(AdaptnetError, ValueError):
+    """A tie cannot be made: unknown path, shape/dtype/device mismatch, bad transform."""
+
+
+class TieBrokenError(AdaptnetError, RuntimeError):
+    """A declared tie no longer holds (the tensors are not one object any more)."""
+
+
+class ShareError(AdaptnetError, ValueError):
+    """Modules cannot be shared: unknown path, different structure, bad strategy."""
+
+
+class SelectionError(AdaptnetError, ValueError):
+    """A name pattern (freeze, param_groups) matched nothing or was malformed."""
+
+
+class CheckpointError(AdaptnetError):
+    """Base class of the errors raised by :func:`adaptnet.save` and :func:`adaptnet.load`."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """The file is truncated, is not safetensors, or has a malformed tie manifest."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The file does not fit the model: missing/unexpected keys, shapes, tied values.
+
+    Attributes:
+        missing: names the model has and the file lacks.
+        unexpected: names the file has and the model lacks.
+        problems: every other mismatch, one line each (shapes, tied values).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: tuple[str, ...] = (),
+        unexpected: tuple[str, ...] = (),
+        problems: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.problems = problems

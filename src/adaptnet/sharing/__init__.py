@@ -1,0 +1,39 @@
+"""Weight sharing as checked, persistent data: tie, share, account, freeze, save.
+
+See :func:`tie` for the entry point and docs/sharing.md for a tour.
+"""
+
+from adaptnet.sharing._freeze import FreezeReport, freeze, unfreeze
+from adaptnet.sharing._groups import param_groups
+from adaptnet.sharing._persist import load, save
+from adaptnet.sharing._summary import ModuleRow, Summary, summary
+from adaptnet.sharing._tie import (
+    TieGroup,
+    TieMember,
+    assert_tied,
+    retie,
+    share,
+    tie,
+    ties,
+    untie,
+)
+
+__all__ = [
+    "FreezeReport",
+    "ModuleRow",
+    "Summary",
+    "TieGroup",
+    "TieMember",
+    "assert_tied",
+    "freeze",
+    "load",
+    "param_groups",
+    "retie",
+    "save",
+    "share",
+    "summary",
+    "tie",
+    "ties",
+    "unfreeze",
+    "untie",
+]

@@ -1,0 +1,276 @@
+"""Saving and loading tied models: safetensors plus a tie manifest, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from adaptnet._io import atomic_path
+from adaptnet.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
+from adaptnet.sharing._registry import apply_transform, normalize_transform
+from adaptnet.sharing._slots import (
+    Slot,
+    get_module,
+    group_by_tensor,
+    iter_slots,
+    relative_transform,
+    walk,
+)
+from adaptnet.sharing._tie import declared_owners, pick_owner, retie, share, tie
+
+__all__ = ["load", "save"]
+
+META_KEY = "adaptnet"
+VERSION = 1
+M = TypeVar("M", bound=nn.Module)
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a model's parameters and persistent buffers, and its ties, to safetensors.
+
+    Each distinct tensor is stored once (``safetensors.torch.save_file``
+    refuses shared tensors; ``torch.save`` needs pickle). The ties — declared
+    or found by identity, transposed ones included, and shared submodules — go
+    in a versioned manifest in the file's metadata, so :func:`load` can restore
+    them into a model built with or without them. The file is written
+    atomically: a crash leaves the previous file intact.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: the model has tensors on the ``meta`` device.
+
+    Example:
+        >>> import tempfile, torch.nn as nn, adaptnet
+        >>> layer = nn.Linear(4, 4)
+        >>> path = adaptnet.save(nn.Sequential(layer, layer), tempfile.mkdtemp() + "/m.safetensors")
+        >>> fresh = adaptnet.load(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), path)
+        >>> fresh[0] is fresh[1]
+        True
+    """
+    slots = list(iter_slots(model, buffers=True))
+    meta = [s.name for s in slots if s.tensor.device.type == "meta"]
+    if meta:
+        raise CheckpointError(
+            f"save(): {len(meta)} tensor(s) are on the meta device and hold no data "
+            f"({', '.join(meta[:5])}); materialise the model first (to_empty + init, or "
+            "adaptnet.load)."
+        )
+    declared = declared_owners(model)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, list] = {}
+    seen_memory: set[int] = set()
+    for group in group_by_tensor(slots):
+        owner = pick_owner(group, declared)
+        value = apply_transform(owner.transform, owner.tensor).detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in seen_memory:  # overlapping views: copy
+            value = value.clone()
+        seen_memory.add(value.untyped_storage().data_ptr())
+        tensors[owner.name] = value
+        for s in group:
+            if s is not owner:
+                aliases[s.name] = [owner.name, relative_transform(s, owner)]
+    manifest = {"version": VERSION, "aliases": aliases, "modules": _module_shares(model)}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, tmp, metadata={META_KEY: json.dumps(manifest)})
+    return Path(path)
+
+
+def load(model: M, path: str | os.PathLike) -> M:
+    """Load a file written by :func:`save` into ``model``, restoring its ties.
+
+    The model may be built with or without the ties: those in the file are
+    re-established (:func:`adaptnet.tie`, :func:`adaptnet.share`), then values
+    are copied in. Tensors on the ``meta`` device are materialised on the CPU
+    from the file, so ``with torch.device("meta"): model = build()`` followed by
+    ``load`` allocates once. Everything is checked before the model is
+    touched; all problems are reported together. Plain safetensors files (no
+    manifest) load too. Nothing is unpickled.
+
+    Returns:
+        ``model``, loaded.
+
+    Raises:
+        CheckpointNotFoundError: no file at ``path``.
+        CheckpointCorruptError: truncated, not safetensors, or a bad manifest.
+        CheckpointMismatchError: missing or unexpected names, shape mismatches,
+            or tensors tied in the model (or claimed tied in the file) whose
+            stored values differ.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"load(): no checkpoint at {str(path)!r}.")
+    stored, aliases, modules = _read(path)
+
+    def value(name: str) -> torch.Tensor:  # a name's tensor as its module sees it
+        if name in stored:
+            return stored[name]
+        owner, transform = aliases[name]
+        return apply_transform(transform, stored[owner])
+
+    slots = list(iter_slots(model, buffers=True))
+    target = {s.name: s for s in slots}
+    in_file = set(stored) | set(aliases)
+    groups = group_by_tensor(slots)
+    # A tied tensor is satisfied by any of its names (files from save_model drop aliases).
+    missing = [s.name for g in groups if not any(s.name in in_file for s in g) for s in g]
+    unexpected = sorted(in_file - set(target))
+    problems = [
+        f"{n}: the file has shape {list(value(n).shape)}, the model {list(target[n].shape)}"
+        for n in sorted(in_file & set(target)) if tuple(value(n).shape) != target[n].shape
+    ]
+    for name in sorted(set(stored) & set(aliases)):
+        via = apply_transform(aliases[name][1], stored[aliases[name][0]])
+        if stored[name].shape != via.shape or not torch.equal(stored[name], via):
+            problems.append(f"{name}: the manifest ties it to {aliases[name][0]!r}, but the "
+                            "file stores different values for it")
+    if not problems:
+        problems += _tied_value_conflicts(groups, in_file, value)
+    problems += [f"modules {m!r} and {o!r}: not both submodules of the model"
+                 for m, o in modules.items() if not _has_modules(model, m, o)]
+    if missing or unexpected or problems:
+        raise CheckpointMismatchError(_mismatch_message(path, model, missing, unexpected,
+                                                        problems),
+                                      missing=tuple(missing), unexpected=tuple(unexpected),
+                                      problems=tuple(problems))
+
+    for member, owner in modules.items():
+        if get_module(model, member) is not get_module(model, owner):
+            share(model, [member], owner=owner)
+    target = {s.name: s for s in iter_slots(model, buffers=True)}
+    for name, (owner, transform) in aliases.items():
+        m, o = target[name], target[owner]
+        if m.is_buffer or o.is_buffer:
+            continue  # buffers are not tied; each gets the value
+        if m.tensor is not o.tensor or relative_transform(m, o) != transform:
+            tie(model, name, owner, transform)
+    for group in group_by_tensor(list(iter_slots(model, buffers=True))):
+        source = next(s for s in sorted(group, key=lambda s: s.name not in stored)
+                      if s.name in in_file)
+        data = apply_transform(source.transform, value(source.name))  # in the tensor's frame
+        if group[0].tensor.device.type == "meta":
+            _materialise(group, data)
+        else:
+            with torch.no_grad():
+                for t in {id(s.tensor): s.tensor for s in group}.values():
+                    t.copy_(data)
+    retie(model)
+    return model
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[str, str]]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointCorruptError(
+            f"load(): {str(path)!r} is not a readable safetensors file ({e}). It may be "
+            "truncated or corrupt; restore it from a backup or save the model again."
+        ) from None
+    if META_KEY not in metadata:
+        return stored, {}, {}
+    try:
+        manifest = json.loads(metadata[META_KEY])
+        version = manifest["version"]
+        if not isinstance(version, int) or version > VERSION:
+            raise CheckpointCorruptError(
+                f"load(): {str(path)!r} has tie manifest version {version!r}; this adaptnet "
+                f"reads version {VERSION} and below. Upgrade adaptnet to load it."
+            )
+        aliases = {str(k): [str(v[0]), normalize_transform(v[1])]
+                   for k, v in manifest["aliases"].items()}
+        modules = {str(k): str(v) for k, v in manifest["modules"].items()}
+    except CheckpointCorruptError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointCorruptError(
+            f"load(): {str(path)!r} has a malformed adaptnet tie manifest ({type(e).__name__}: "
+            f"{e}); the file was altered or not written by adaptnet.save."
+        ) from None
+    dangling = sorted(k for k, (owner, _) in aliases.items() if owner not in stored)
+    if dangling:
+        raise CheckpointCorruptError(
+            f"load(): {str(path)!r}: the manifest ties {dangling} to tensors the file does "
+            "not contain; the file is incomplete or altered."
+        )
+    return stored, aliases, modules
+
+
+def _tied_value_conflicts(groups: list[list[Slot]], in_file: set[str], value) -> list[str]:
+    """Names the model ties together but the file gives different values."""
+    out = []
+    for group in groups:
+        present = [s for s in group if s.name in in_file]
+        if len(present) < 2:
+            continue
+        ref = present[0]
+        ref_value = apply_transform(ref.transform, value(ref.name))  # in the tensor's frame
+        for s in present[1:]:
+            if not torch.equal(apply_transform(s.transform, value(s.name)), ref_value):
+                out.append(
+                    f"{s.name}: the model ties it to {ref.name!r}, but the file holds different "
+                    "values for them (load into a model built without this tie, or "
+                    "adaptnet.untie it first)"
+                )
+    return out
+
+
+def _materialise(group: list[Slot], data: torch.Tensor) -> None:
+    old = group[0].tensor
+    new = data.to(dtype=old.dtype).clone()
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    for s in group:
+        if s.transform is not None:
+            s.module.parametrizations[s.attr].original = new
+        elif s.is_buffer:
+            s.module._buffers[s.attr] = new
+        else:
+            s.module._parameters[s.attr] = new
+
+
+def _module_shares(model: nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    out = {}
+    for path, module in walk(model):
+        if not path:
+            continue
+        if id(module) in first:
+            out[path] = first[id(module)]
+        else:
+            first[id(module)] = path
+    # Submodules of a shared module are implied by it.
+    return {m: o for m, o in out.items()
+            if not any(m.startswith(p + ".") for p in out)}
+
+
+def _has_modules(model: nn.Module, *paths: str) -> bool:
+    known = dict(walk(model))
+    return all(p in known for p in paths)
+
+
+def _mismatch_message(path: Path, model: nn.Module, missing: list[str], unexpected: list[str],
+                      problems: list[str]) -> str:
+    lines = [f"load(): {str(path)!r} does not fit {type(model).__name__}:"]
+    if missing:
+        lines.append(f"  missing from the file ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected)}")
+    lines += [f"  {p}" for p in problems]
+    lines.append("Load into a model built with the same architecture and arguments as the one "
+                 "saved; adaptnet.summary(model) lists the model's names.")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Slots: every place a module holds a tensor, named as the user sees it.
+
+A *slot* is one (module, attribute) that holds a parameter or buffer. A tensor
+tied k times fills k slots. Slots are named logically: the member of a
+transposed tie is ``decoder.weight`` (transform ``"transpose"``), not
+PyTorch's internal ``decoder.parametrizations.weight.original``.
+
+Traversal visits shared modules once per path (like
+``named_modules(remove_duplicate=False)``), so per-use counts come for free.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from adaptnet.errors import SelectionError
+from adaptnet.sharing._registry import Transposed, compose
+
+
+@dataclass(frozen=True, eq=False)
+class Slot:
+    """One use of a tensor: ``module.<attr>`` at logical path ``name``."""
+
+    name: str
+    module_path: str
+    module: nn.Module
+    attr: str
+    tensor: torch.Tensor  # the stored tensor (the owner's, for a transposed member)
+    transform: str | None  # how the module sees ``tensor``
+    is_buffer: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape as the module sees it (after the transform)."""
+        shape = tuple(self.tensor.shape)
+        return shape[::-1] if self.transform == "transpose" else shape
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def ours(module: nn.Module, attr: str) -> bool:
+    """Whether ``module.attr`` is the member of an adaptnet transposed tie."""
+    if not parametrize.is_parametrized(module, attr):
+        return False
+    plist = module.parametrizations[attr]
+    return len(plist) == 1 and isinstance(plist[0], Transposed)
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every (path, module), shared modules once per path; hides parametrization internals."""
+    yield prefix, model
+    for name, child in model._modules.items():
+        if child is None:
+            continue
+        if name == "parametrizations" and parametrize.is_parametrized(model):
+            continue  # reported by ``iter_slots`` on the owning module
+        yield from walk(child, join(prefix, name))
+
+
+def iter_slots(model: nn.Module, *, buffers: bool = False) -> Iterator[Slot]:
+    """Yield every parameter slot (and persistent buffer slot if ``buffers``)."""
+    for path, module in walk(model):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                yield Slot(join(path, attr), path, module, attr, p, None, False)
+        if parametrize.is_parametrized(module):
+            for attr, plist in module.parametrizations.items():
+                if ours(module, attr):
+                    yield Slot(join(path, attr), path, module, attr, plist.original, "transpose",
+                               False)
+                    continue
+                # Someone else's parametrization: its originals are real, stored tensors.
+                inner = join(path, f"parametrizations.{attr}")
+                for pname, p in plist._parameters.items():
+                    yield Slot(join(inner, pname), inner, plist, pname, p, None, False)
+        if buffers:
+            for attr, b in module._buffers.items():
+                if b is not None and attr not in module._non_persistent_buffers_set:
+                    yield Slot(join(path, attr), path, module, attr, b, None, True)
+
+
+def slot_map(model: nn.Module, *, buffers: bool = False) -> dict[str, Slot]:
+    return {s.name: s for s in iter_slots(model, buffers=buffers)}
+
+
+def storage_key(t: torch.Tensor) -> tuple | None:
+    """Key equal for two tensors that are the same view of the same memory."""
+    if t.device.type == "meta":
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    if ptr == 0:
+        return None
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def group_by_tensor(slots: list[Slot]) -> list[list[Slot]]:
+    """Partition slots into groups that hold one tensor (same object or same memory view).
+
+    Groups keep first-seen order, and so do the slots inside them.
+    """
+    groups: list[list[Slot]] = []
+    by_id: dict[int, list[Slot]] = {}
+    by_storage: dict[tuple, list[Slot]] = {}
+    for s in slots:
+        group = by_id.get(id(s.tensor))
+        if group is None:
+            key = storage_key(s.tensor)
+            group = by_storage.get(key) if key is not None else None
+            if group is None:
+                group = []
+                groups.append(group)
+                if key is not None:
+                    by_storage[key] = group
+            by_id[id(s.tensor)] = group
+        group.append(s)
+    return groups
+
+
+def relative_transform(slot: Slot, owner: Slot) -> str | None:
+    """Transform that maps the owner slot's view to this slot's view."""
+    return compose(slot.transform, owner.transform)
+
+
+def suggest(name: str, candidates: list[str], what: str) -> str:
+    """A 'did you mean' sentence listing the closest candidate names."""
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    if close:
+        return f"Did you mean {', '.join(repr(c) for c in close)}?"
+    shown = ", ".join(repr(c) for c in candidates[:8])
+    more = f" (and {len(candidates) - 8} more)" if len(candidates) > 8 else ""
+    return f"The model's {what} are: {shown}{more}." if candidates else f"The model has no {what}."
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(model, parent_path), name, module)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Glob match on a dotted path; a module path also matches everything under it."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def check_patterns(patterns: list[str], names: list[str], caller: str) -> None:
+    """Raise SelectionError naming every pattern that matches none of ``names``."""
+    bad = [p for p in patterns if not isinstance(p, str) or not any(matches(n, p) for n in names)]
+    if bad:
+        raise SelectionError(
+            f"{caller}: pattern(s) {', '.join(repr(p) for p in bad)} match no parameter. "
+            + suggest(str(bad[0]), names, "parameters")
+            + " Patterns are globs on dotted names ('encoder.*', '*.bias'); a module path "
+            "selects everything under it."
+        )
