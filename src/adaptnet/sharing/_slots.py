@@ -160,7 +160,18 @@ def check_patterns(patterns: list[str], names: list[str], caller: str) -> None:
     if bad:
         raise SelectionError(
             f"{caller}: pattern(s) {', '.join(repr(p) for p in bad)} match no parameter. "
-            + suggest(str(bad[0]), names, "parameters")
+            + suggest(str(bad[0]), _with_prefixes(names), "parameters")
             + " Patterns are globs on dotted names ('encoder.*', '*.bias'); a module path "
             "selects everything under it."
         )
+
+
+def _with_prefixes(names: list[str]) -> list[str]:
+    """Names and every module path above them, in first-seen order."""
+    out: dict[str, None] = {}
+    for n in names:
+        parts = n.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]))
+        out.setdefault(n)
+    return list(out)

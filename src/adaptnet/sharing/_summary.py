@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -71,9 +72,8 @@ class Summary:
     def to_dict(self) -> dict:
         return {**asdict(self), "saving_ratio": self.saving_ratio}
 
-    def __rich__(self) -> Table:
-        table = Table(title=f"{self.model}: parameters", title_justify="left",
-                      caption=self._caption(), caption_justify="left")
+    def __rich__(self) -> Group:
+        table = Table(title=f"{self.model}: parameters", title_justify="left")
         for col, justify in (("module", "left"), ("type", "left"), ("per use", "right"),
                              ("unique", "right"), ("trainable", "right"),
                              ("shares", "left")):
@@ -84,7 +84,7 @@ class Summary:
         table.add_section()
         table.add_row("total", "", f"{self.per_use:,}", f"{self.unique:,}",
                       f"{self.trainable:,}", "")
-        return table
+        return Group(table, Text(self._caption()))
 
     def _caption(self) -> str:
         declared = sum(all(m.declared for m in g.members) for g in self.groups)

@@ -98,9 +98,9 @@ def tie(model: nn.Module, member: str, owner: str, transform: str | None = None)
         raise TieError(f"tie(): member and owner are the same parameter {member!r}; "
                        "name two different parameters.")
     m, o = slots[member], slots[owner]
-    if transform == "transpose" and len(o.shape) != 2:
+    if transform == "transpose" and (len(o.shape) != 2 or len(m.shape) != 2):
         raise TieError(
-            f"tie({member!r}, {owner!r}, transform='transpose'): the owner has shape "
+            f"tie({member!r}, {owner!r}, transform='transpose'): shapes {list(m.shape)} and "
             f"{list(o.shape)}; a transposed tie needs 2-D parameters."
         )
     expected = o.shape[::-1] if transform == "transpose" else o.shape
@@ -172,13 +172,13 @@ def share(
     paths = _layer_paths(model, modules)
     if strategy not in STRATEGIES:
         raise ShareError(f"share(): unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
+    n = len(paths)
+    if not isinstance(blocks, int) or not 1 <= blocks <= max(n, 1):
+        raise ShareError(f"share(): blocks={blocks!r} must be an integer from 1 to the "
+                         f"number of layers ({n}).")
     if strategy == "all" and blocks != 1:
         raise ShareError(f"share(): strategy 'all' uses one block, got blocks={blocks}; "
                          "use strategy='cycle' or 'sequence' for several blocks.")
-    n = len(paths)
-    if not isinstance(blocks, int) or not 1 <= blocks <= n:
-        raise ShareError(f"share(): blocks={blocks!r} must be an integer from 1 to the "
-                         f"number of layers ({n}).")
     if owner is not None and blocks != 1:
         raise ShareError("share(): owner= names the one shared block; it needs blocks=1.")
     if owner is None and n < 2:
@@ -451,7 +451,7 @@ def _untie_one(model: nn.Module, name: str) -> bool:
                     f"adaptnet.untie(model, {inside[0]!r})."
                 )
     slot = slots[name]
-    group = next(g for g in group_by_tensor(list(iter_slots(model))) if slot in g)
+    group = next(g for g in group_by_tensor(list(iter_slots(model))) if any(s.name == name for s in g))
     if len(group) == 1:
         return False
     _detach(slot)

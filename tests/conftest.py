@@ -1,0 +1,56 @@
+"""Small models shared by the tests. Everything runs on CPU in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    """Embedding -> tanh(Linear) -> head. 16,272 unique parameters when tied.
+
+    The size matches the issue's torchinfo example: 1000*16 embedding + 16*16+16 hidden.
+    """
+
+    def __init__(self, vocab: int = 1000, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return self.head(torch.tanh(self.hidden(self.embed(tokens))))
+
+
+class AE(nn.Module):
+    """Autoencoder 12 -> 5 -> 12; tie decoder.weight to encoder.weight transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(12, 5)
+        self.decoder = nn.Linear(5, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12) -> (B, 12)
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+def tied_lm(**kw) -> TinyLM:
+    import adaptnet
+
+    model = TinyLM(**kw)
+    adaptnet.tie(model, "head.weight", "embed.weight")
+    return model
+
+
+def tied_ae() -> AE:
+    import adaptnet
+
+    model = AE()
+    adaptnet.tie(model, "decoder.weight", "encoder.weight", transform="transpose")
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
