@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tied_ae, tied_lm
 
 import adaptnet
 from adaptnet import SelectionError
+from conftest import tied_ae, tied_lm
 
 
 def test_freezing_one_owner_reports_the_other():

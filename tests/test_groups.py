@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tied_lm
 from torch import nn
 
 import adaptnet
 from adaptnet import SelectionError
+from conftest import tied_lm
 
 
 class Net(nn.Module):
@@ -31,7 +31,7 @@ def test_tied_tensor_appears_once_where_naive_groups_fail():
                          if n.endswith("bias")]}]
     with pytest.warns(UserWarning, match="duplicate parameters"), \
             pytest.raises(ValueError, match="some parameters appear in more than one"):
-        torch.optim.AdamW(naive + [{"params": [model.head.weight]}])
+        torch.optim.AdamW([*naive, {"params": [model.head.weight]}])
     groups = adaptnet.param_groups(model, weight_decay=0.1)
     torch.optim.AdamW(groups, lr=1e-3)  # no error
     ids = [id(p) for g in groups for p in g["params"]]
@@ -83,5 +83,5 @@ def test_bad_rules_are_refused():
         adaptnet.param_groups(Net(), rules={"neck.*": {"lr": 1.0}})
     with pytest.raises(SelectionError, match=r"rules\['head'\] must be a mapping"):
         adaptnet.param_groups(Net(), rules={"head": 0.1})
-    with pytest.raises(SelectionError, match="no_decay=.*'nothing'"):
+    with pytest.raises(SelectionError, match=r"no_decay=.*'nothing'"):
         adaptnet.param_groups(Net(), no_decay=["nothing"])

@@ -10,7 +10,6 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from conftest import AE, TinyLM, tied_ae, tied_lm
 from torch import nn
 
 import adaptnet
@@ -20,11 +19,12 @@ from adaptnet import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
+from conftest import AE, TinyLM, tied_ae, tied_lm
 
 
 def stored_keys(path) -> set[str]:
     with safetensors.safe_open(str(path), framework="pt") as f:
-        return set(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+        return set(f.keys())
 
 
 def test_file_stores_one_copy_per_tensor_with_manifest(tmp_path):
@@ -82,7 +82,7 @@ def test_meta_model_is_materialised_with_ties(tmp_path):
 def test_save_refuses_meta_tensors(tmp_path):
     with torch.device("meta"):
         model = TinyLM()
-    with pytest.raises(CheckpointError, match="meta device.*materialise the model first"):
+    with pytest.raises(CheckpointError, match=r"meta device.*materialise the model first"):
         adaptnet.save(model, tmp_path / "m.safetensors")
 
 
@@ -144,8 +144,8 @@ def test_manifest_claiming_a_tie_over_different_values_is_refused(tmp_path):
     tensors = {k: v.contiguous() for k, v in src.state_dict().items()}
     safetensors.torch.save_file(tensors, str(path), metadata={"adaptnet": json.dumps(manifest)})
     with pytest.raises(CheckpointMismatchError,
-                       match="the manifest ties it to 'embed.weight', but the file stores "
-                             "different values"):
+                       match=r"the manifest ties it to 'embed\.weight', but the file stores "
+                             r"different values"):
         adaptnet.load(TinyLM(), path)
 
 
@@ -187,7 +187,7 @@ def test_bad_manifests_are_refused(tmp_path, manifest, match):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at .*nope.safetensors"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint at .*nope\.safetensors"):
         adaptnet.load(TinyLM(), tmp_path / "nope.safetensors")
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
 

@@ -84,7 +84,7 @@ def test_share_records_modules_and_assert_tied_checks_them():
     model = stack(3)
     adaptnet.share(model, "layers")
     model.layers[2] = nn.Linear(4, 4)  # someone replaced a shared layer
-    with pytest.raises(adaptnet.TieBrokenError, match="module 'layers.2' is not 'layers.0'"):
+    with pytest.raises(adaptnet.TieBrokenError, match=r"module 'layers\.2' is not 'layers\.0'"):
         adaptnet.assert_tied(model)
     assert adaptnet.retie(model) == ["layers.2"]
     assert model.layers[2] is model.layers[0]

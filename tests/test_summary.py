@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torchinfo
-from conftest import TinyLM, tied_ae, tied_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
+from conftest import TinyLM, tied_ae, tied_lm
 
 
 def test_tied_lm_counts_16272_where_torchinfo_reports_32272():

@@ -8,11 +8,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import AE, TinyLM, tied_ae, tied_lm
 from torch import nn
 
 import adaptnet
 from adaptnet import TieBrokenError, TieError
+from conftest import AE, TinyLM, tied_ae, tied_lm
 
 
 def lm_tied(m: TinyLM) -> bool:
@@ -70,7 +70,8 @@ def test_to_empty_breaks_plain_ties_and_retie_restores_them():
     ae.to_empty(device="cpu")
     # PyTorch made new Parameter objects per slot: the ties are broken...
     assert not lm_tied(lm) and not ae_tied(ae)
-    with pytest.raises(TieBrokenError, match=r"(?s)'head.weight' is not 'embed.weight'.*adaptnet.retie"):
+    with pytest.raises(TieBrokenError,
+                       match=r"(?s)'head.weight' is not 'embed.weight'.*adaptnet.retie"):
         adaptnet.assert_tied(lm)
     # ...and retie puts them back.
     assert adaptnet.retie(lm) == ["head.weight"]
@@ -92,7 +93,7 @@ def test_load_state_dict_assign_breaks_ties_and_retie_restores_them():
     ae_src, ae = tied_ae(), tied_ae()
     ae.load_state_dict(ae_src.state_dict(), assign=True)
     assert not ae_tied(ae)
-    with pytest.raises(TieBrokenError, match="transpose of 'encoder.weight'"):
+    with pytest.raises(TieBrokenError, match=r"transpose of 'encoder\.weight'"):
         adaptnet.assert_tied(ae)
     adaptnet.retie(ae)
     assert ae_tied(ae) and torch.equal(ae.decoder.weight, ae_src.encoder.weight.T)
@@ -234,7 +235,7 @@ def test_tie_refuses_dtype_mismatch_and_leaves_model_untouched():
 
 def test_tie_refuses_buffers():
     m = nn.ModuleDict({"bn": nn.BatchNorm1d(4), "lin": nn.Linear(4, 4)})
-    with pytest.raises(TieError, match="'bn.running_mean' is not a parameter"):
+    with pytest.raises(TieError, match=r"'bn\.running_mean' is not a parameter"):
         adaptnet.tie(m, "bn.running_mean", "lin.bias")
 
 
@@ -286,3 +287,35 @@ def test_untie_transposed_member_and_owner():
     adaptnet.untie(ae, "encoder.weight")  # the owner leaves; the member gets a plain tensor
     assert adaptnet.ties(ae) == [] and torch.equal(ae.encoder.weight, before)
     assert torch.equal(ae.decoder.weight, before.T)
+
+
+# --------------------------------------------------------------------------- documented claims
+
+
+def _with_future(flag: str, fn):
+    def run(m):
+        getattr(torch.__future__, f"set_{flag}")(True)
+        try:
+            return fn(m)
+        finally:
+            getattr(torch.__future__, f"set_{flag}")(False)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("op", "survives"),
+    [
+        (lambda m: m.half(), True),
+        (lambda m: m.share_memory(), True),
+        (_with_future("swap_module_params_on_conversion", lambda m: m.double()), True),
+        (_with_future("overwrite_module_params_on_conversion", lambda m: m.double()), False),
+    ],
+    ids=["half", "share_memory", "swap_on_conversion", "overwrite_on_conversion"],
+)
+def test_retie_docstring_claims(op, survives):
+    """retie's docstring lists which operations break ties; keep it true."""
+    lm, ae = op(tied_lm()), op(tied_ae())
+    assert (lm_tied(lm), ae_tied(ae)) == (survives, survives)
+    adaptnet.retie(lm)
+    adaptnet.retie(ae)
+    assert lm_tied(lm) and ae_tied(ae)

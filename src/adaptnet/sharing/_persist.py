@@ -19,7 +19,7 @@ from adaptnet.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
-from adaptnet.sharing._registry import apply_transform, normalize_transform
+from adaptnet.sharing._registry import apply_transform, compose, normalize_transform
 from adaptnet.sharing._slots import (
     Slot,
     get_module,
@@ -115,10 +115,11 @@ def load(model: M, path: str | os.PathLike) -> M:
         raise CheckpointNotFoundError(f"load(): no checkpoint at {str(path)!r}.")
     stored, aliases, modules = _read(path)
 
+    def source(name: str) -> tuple[str, str | None]:  # (stored name, transform)
+        return (name, None) if name in stored else (aliases[name][0], aliases[name][1])
+
     def value(name: str) -> torch.Tensor:  # a name's tensor as its module sees it
-        if name in stored:
-            return stored[name]
-        owner, transform = aliases[name]
+        owner, transform = source(name)
         return apply_transform(transform, stored[owner])
 
     slots = list(iter_slots(model, buffers=True))
@@ -138,7 +139,7 @@ def load(model: M, path: str | os.PathLike) -> M:
             problems.append(f"{name}: the manifest ties it to {aliases[name][0]!r}, but the "
                             "file stores different values for it")
     if not problems:
-        problems += _tied_value_conflicts(groups, in_file, value)
+        problems += _tied_value_conflicts(groups, in_file, source, value)
     problems += [f"modules {m!r} and {o!r}: not both submodules of the model"
                  for m, o in modules.items() if not _has_modules(model, m, o)]
     if missing or unexpected or problems:
@@ -158,9 +159,9 @@ def load(model: M, path: str | os.PathLike) -> M:
         if m.tensor is not o.tensor or relative_transform(m, o) != transform:
             tie(model, name, owner, transform)
     for group in group_by_tensor(list(iter_slots(model, buffers=True))):
-        source = next(s for s in sorted(group, key=lambda s: s.name not in stored)
-                      if s.name in in_file)
-        data = apply_transform(source.transform, value(source.name))  # in the tensor's frame
+        src = next(s for s in sorted(group, key=lambda s: s.name not in stored)
+                   if s.name in in_file)
+        data = apply_transform(src.transform, value(src.name))  # in the tensor's frame
         if group[0].tensor.device.type == "meta":
             _materialise(group, data)
         else:
@@ -210,7 +211,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[st
     return stored, aliases, modules
 
 
-def _tied_value_conflicts(groups: list[list[Slot]], in_file: set[str], value) -> list[str]:
+def _tied_value_conflicts(groups: list[list[Slot]], in_file: set[str], source, value
+                          ) -> list[str]:
     """Names the model ties together but the file gives different values."""
     out = []
     for group in groups:
@@ -219,7 +221,14 @@ def _tied_value_conflicts(groups: list[list[Slot]], in_file: set[str], value) ->
             continue
         ref = present[0]
         ref_value = apply_transform(ref.transform, value(ref.name))  # in the tensor's frame
+
+        def frame(s: Slot) -> tuple[str, str | None]:  # stored tensor + transform to this frame
+            name, transform = source(s.name)
+            return name, compose(s.transform, transform)
+
         for s in present[1:]:
+            if frame(s) == frame(ref):
+                continue  # the file ties them too: equal by construction
             if not torch.equal(apply_transform(s.transform, value(s.name)), ref_value):
                 out.append(
                     f"{s.name}: the model ties it to {ref.name!r}, but the file holds different "

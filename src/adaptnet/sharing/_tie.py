@@ -451,7 +451,8 @@ def _untie_one(model: nn.Module, name: str) -> bool:
                     f"adaptnet.untie(model, {inside[0]!r})."
                 )
     slot = slots[name]
-    group = next(g for g in group_by_tensor(list(iter_slots(model))) if any(s.name == name for s in g))
+    group = next(g for g in group_by_tensor(list(iter_slots(model)))
+                 if any(s.name == name for s in g))
     if len(group) == 1:
         return False
     _detach(slot)

@@ -1,0 +1,249 @@
+"""Benchmarks for adaptnet.sharing, measured side by side in one run.
+
+1. Overhead: forward+backward of a model tied with ``adaptnet.tie`` vs the
+   same model tied by hand (plain assignment; ``F.linear(x, W.t())`` for the
+   transposed tie). Target: ratio within 1.02.
+2. Persistence: ``adaptnet.save``/``load`` vs ``torch.save``/``torch.load``
+   (``weights_only=True``) of the state_dict, and safetensors'
+   ``save_model``/``load_model``, on a model with 10M unique parameters.
+
+Variants are interleaved within each round; each figure is the median over
+rounds. Writes JSON and a Markdown table to ``benchmarks/results/``.
+
+    python benchmarks/bench_sharing.py            # full (about 3 minutes on 2 cores)
+    python benchmarks/bench_sharing.py --quick    # smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adaptnet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class LM(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return self.head(h)
+
+
+class AE(nn.Module):
+    def __init__(self, dim: int, code: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(dim, code)
+        self.decoder = nn.Linear(code, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+class HandTiedAE(nn.Module):
+    """The hand-written reference: one weight, used transposed in the decoder."""
+
+    def __init__(self, dim: int, code: int) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(dim, code)
+        self.decoder_bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.encoder(x)), self.encoder.weight.t(), self.decoder_bias)
+
+
+def step_time(model: nn.Module, x: torch.Tensor, loss_fn, iters: int) -> float:
+    """Seconds per forward+backward, averaged over ``iters``."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+    return (time.perf_counter() - start) / iters
+
+
+def overhead(rounds: int, iters: int, quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    vocab, dim, layers, batch, seq = (200, 16, 1, 4, 8) if quick else (8000, 256, 2, 32, 32)
+    ours_lm = LM(vocab, dim, layers)
+    adaptnet.tie(ours_lm, "head.weight", "embed.weight")
+    hand_lm = LM(vocab, dim, layers)
+    hand_lm.load_state_dict(ours_lm.state_dict())
+    hand_lm.head.weight = hand_lm.embed.weight
+    tokens = torch.randint(0, vocab, (batch, seq))
+
+    d, c, n = (32, 8, 16) if quick else (784, 256, 512)
+    ours_ae = AE(d, c)
+    adaptnet.tie(ours_ae, "decoder.weight", "encoder.weight", transform="transpose")
+    hand_ae = HandTiedAE(d, c)
+    hand_ae.encoder.load_state_dict(ours_ae.encoder.state_dict())
+    with torch.no_grad():
+        hand_ae.decoder_bias.copy_(ours_ae.decoder.bias)
+    x = torch.randn(n, d)
+
+    cases = [
+        ("LM, embedding/head tie (identity)", ours_lm, hand_lm, tokens,
+         lambda out: out.logsumexp(-1).mean(), f"V={vocab}, d={dim}, batch {batch}x{seq}"),
+        ("Autoencoder, decoder = encoderᵀ", ours_ae, hand_ae, x,
+         lambda out: out.square().mean(), f"{d}->{c}->{d}, batch {n}"),
+    ]
+    rows = []
+    for name, ours, hand, inp, loss_fn, shape in cases:
+        torch.testing.assert_close(ours(inp), hand(inp))  # same function before timing
+        for m in (ours, hand):
+            step_time(m, inp, loss_fn, max(2, iters // 5))  # warm-up
+        times = {"adaptnet": [], "hand": []}
+        for r in range(rounds):
+            order = [("adaptnet", ours), ("hand", hand)]
+            for label, m in order if r % 2 == 0 else order[::-1]:
+                times[label].append(step_time(m, inp, loss_fn, iters))
+        a, h = statistics.median(times["adaptnet"]), statistics.median(times["hand"])
+        ratios = [x / y for x, y in zip(times["adaptnet"], times["hand"], strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else (ratios * 3)
+        rows.append({"case": name, "shape": shape, "adaptnet_ms": a * 1e3, "hand_ms": h * 1e3,
+                     "ratio": a / h, "round_ratio_q1": q1, "round_ratio_q3": q3,
+                     "rounds": rounds, "iters_per_round": iters})
+    return rows
+
+
+def persistence(rounds: int, quick: bool) -> dict:
+    torch.manual_seed(0)
+    vocab, dim, layers = (500, 32, 2) if quick else (36_000, 256, 12)  # 10,005,504 unique
+    model = LM(vocab, dim, layers)
+    adaptnet.tie(model, "head.weight", "embed.weight")
+    unique = adaptnet.summary(model).unique
+    tmp = Path(tempfile.mkdtemp(prefix="adaptnet-bench-"))
+    paths = {"adaptnet": tmp / "a.safetensors",
+             "adaptnet, fsync disabled": tmp / "n.safetensors",
+             "torch": tmp / "t.pt",
+             "safetensors.save_model": tmp / "s.safetensors"}
+
+    def save(kind: str) -> None:
+        if kind == "adaptnet":
+            adaptnet.save(model, paths[kind])
+        elif kind == "adaptnet, fsync disabled":  # isolates the cost of durability
+            fsync = os.fsync
+            os.fsync = lambda fd: None
+            try:
+                adaptnet.save(model, paths[kind])
+            finally:
+                os.fsync = fsync
+        elif kind == "torch":
+            torch.save(model.state_dict(), paths[kind])
+        else:
+            safetensors.torch.save_model(model, str(paths[kind]))
+
+    def load(kind: str) -> None:
+        target = LM(vocab, dim, layers)
+        if kind.startswith("adaptnet"):
+            adaptnet.load(target, paths[kind])
+        elif kind == "torch":
+            target.head.weight = target.embed.weight
+            target.load_state_dict(torch.load(paths[kind], weights_only=True))
+        else:
+            target.head.weight = target.embed.weight
+            safetensors.torch.load_model(target, str(paths[kind]))
+        assert target.head.weight is target.embed.weight
+
+    kinds = list(paths)
+    save_t = {k: [] for k in kinds}
+    load_t = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate the order
+            start = time.perf_counter()
+            save(k)
+            save_t[k].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            load(k)
+            load_t[k].append(time.perf_counter() - start)
+    out = {"unique_params": unique, "rounds": rounds, "formats": {}}
+    for k in kinds:
+        out["formats"][k] = {"save_ms": statistics.median(save_t[k]) * 1e3,
+                             "load_ms": statistics.median(load_t[k]) * 1e3,
+                             "bytes": paths[k].stat().st_size}
+        paths[k].unlink()
+    tmp.rmdir()
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+             f"Python {m['python']}.", "",
+             "| case | shape | adaptnet (ms/step) | by hand (ms/step) | ratio | "
+             "per-round ratio, IQR |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in result["overhead"]:
+        lines.append(f"| {r['case']} | {r['shape']} | {r['adaptnet_ms']:.3f} | "
+                     f"{r['hand_ms']:.3f} | {r['ratio']:.3f} | "
+                     f"{r['round_ratio_q1']:.3f} – {r['round_ratio_q3']:.3f} |")
+    r0 = result["overhead"][0]
+    lines += ["", f"Ratio = median of {r0['rounds']} interleaved rounds (adaptnet) / median "
+                  f"(by hand); each round times {r0['iters_per_round']} forward+backward steps.",
+              ""]
+    p = result["persistence"]
+    ref = p["formats"]["torch"]
+    lines += [f"Save/load, tied LM with {p['unique_params']:,} unique parameters "
+              f"(median of {p['rounds']} rounds, page cache warm):", "",
+              "| format | save (ms) | load (ms) | file (MB) | save vs torch | load vs torch |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for k, f in p["formats"].items():
+        lines.append(f"| {k} | {f['save_ms']:.0f} | {f['load_ms']:.0f} | "
+                     f"{f['bytes'] / 1e6:.2f} | {f['save_ms'] / ref['save_ms']:.2f} | "
+                     f"{f['load_ms'] / ref['load_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 31)
+    result = {
+        "command": "python benchmarks/bench_sharing.py" + (" --quick" if args.quick else ""),
+        "machine": machine(),
+        "overhead": overhead(rounds, 5 if args.quick else 10, args.quick),
+        "persistence": persistence(rounds if args.quick else 9, args.quick),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "sharing-quick" if args.quick else "sharing"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
