@@ -3,20 +3,13 @@
 See :func:`tie` for the entry point and docs/sharing.md for a tour.
 """
 
+from adaptnet.sharing._discover import TieGroup, TieMember, ties
 from adaptnet.sharing._freeze import FreezeReport, freeze, unfreeze
 from adaptnet.sharing._groups import param_groups
 from adaptnet.sharing._persist import load, save
+from adaptnet.sharing._share import share
 from adaptnet.sharing._summary import ModuleRow, Summary, summary
-from adaptnet.sharing._tie import (
-    TieGroup,
-    TieMember,
-    assert_tied,
-    retie,
-    share,
-    tie,
-    ties,
-    untie,
-)
+from adaptnet.sharing._tie import assert_tied, retie, tie, untie
 
 __all__ = [
     "FreezeReport",

@@ -19,7 +19,9 @@ from adaptnet.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
+from adaptnet.sharing._discover import declared_owners, pick_owner
 from adaptnet.sharing._registry import apply_transform, compose, normalize_transform
+from adaptnet.sharing._share import share
 from adaptnet.sharing._slots import (
     Slot,
     get_module,
@@ -28,7 +30,7 @@ from adaptnet.sharing._slots import (
     relative_transform,
     walk,
 )
-from adaptnet.sharing._tie import declared_owners, pick_owner, retie, share, tie
+from adaptnet.sharing._tie import retie, tie
 
 __all__ = ["load", "save"]
 

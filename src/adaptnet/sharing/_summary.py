@@ -11,8 +11,8 @@ from rich.text import Text
 from torch import nn
 from torch.nn.utils import parametrize
 
+from adaptnet.sharing._discover import TieGroup, ties
 from adaptnet.sharing._slots import Slot, group_by_tensor, iter_slots, relative_transform
-from adaptnet.sharing._tie import TieGroup, ties
 
 __all__ = ["ModuleRow", "Summary", "summary"]
 

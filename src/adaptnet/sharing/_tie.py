@@ -1,14 +1,13 @@
-"""Declaring, discovering, checking and restoring ties."""
+"""Declaring ties, checking them, and restoring them after PyTorch breaks them."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
-from adaptnet.errors import ShareError, TieBrokenError, TieError
+from adaptnet.errors import TieBrokenError, TieError
 from adaptnet.sharing._registry import (
     Tie,
     TieRegistry,
@@ -24,25 +23,13 @@ from adaptnet.sharing._slots import (
     iter_slots,
     join,
     ours,
-    relative_transform,
     set_module,
     slot_map,
     suggest,
     walk,
 )
 
-__all__ = [
-    "TieGroup",
-    "TieMember",
-    "assert_tied",
-    "retie",
-    "share",
-    "tie",
-    "ties",
-    "untie",
-]
-
-STRATEGIES = ("all", "cycle", "sequence", "cycle_rev")
+__all__ = ["assert_tied", "retie", "tie", "untie"]
 
 RETIE_HINT = (
     "Call adaptnet.retie(model) after load_state_dict(assign=True), to_empty(), or any "
@@ -128,86 +115,6 @@ def tie(model: nn.Module, member: str, owner: str, transform: str | None = None)
         raise TieError(f"tie({member!r}, {owner!r}): {e}.") from None
     retie(model)
 
-
-def share(
-    model: nn.Module,
-    modules: str | Sequence[str],
-    owner: str | None = None,
-    *,
-    blocks: int = 1,
-    strategy: str = "all",
-) -> list[str]:
-    """Make several submodules one module (cross-layer sharing).
-
-    ``modules`` is a list of submodule paths, or the path of a container
-    (``nn.ModuleList``/``nn.Sequential``) whose children are the layers. The
-    layers become ``blocks`` distinct modules, assigned by ``strategy``
-    (Takase & Kiyono 2021, "Lessons on Parameter Sharing across Layers in
-    Transformers"); for 6 layers and 3 blocks:
-
-    - ``"all"``: every layer is one block (``blocks`` must be 1; ALBERT).
-    - ``"sequence"``: consecutive layers share: 0 0 1 1 2 2.
-    - ``"cycle"``: blocks repeat in order: 0 1 2 0 1 2.
-    - ``"cycle_rev"``: cycle, then the last round reversed: 0 1 2 2 1 0.
-
-    Block ``j`` is the first layer assigned to it, or ``owner`` (with
-    ``blocks=1``), which may be any submodule of the same structure. Share
-    before creating the optimizer.
-
-    Returns:
-        For each layer, the path of the module it now is.
-
-    Raises:
-        ShareError: unknown path, fewer than two layers, a layer that contains
-            another, different structures, or a bad ``blocks``/``strategy``.
-
-    Example:
-        >>> import torch.nn as nn, adaptnet
-        >>> net = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
-        >>> adaptnet.share(net, [str(i) for i in range(4)], blocks=2, strategy="cycle")
-        ['0', '1', '0', '1']
-        >>> net[2] is net[0]
-        True
-    """
-    paths = _layer_paths(model, modules)
-    if strategy not in STRATEGIES:
-        raise ShareError(f"share(): unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
-    n = len(paths)
-    if not isinstance(blocks, int) or not 1 <= blocks <= max(n, 1):
-        raise ShareError(f"share(): blocks={blocks!r} must be an integer from 1 to the "
-                         f"number of layers ({n}).")
-    if strategy == "all" and blocks != 1:
-        raise ShareError(f"share(): strategy 'all' uses one block, got blocks={blocks}; "
-                         "use strategy='cycle' or 'sequence' for several blocks.")
-    if owner is not None and blocks != 1:
-        raise ShareError("share(): owner= names the one shared block; it needs blocks=1.")
-    if owner is None and n < 2:
-        raise ShareError(f"share(): got one layer {paths}; name at least two, or an owner.")
-    if owner is not None:
-        _layer_paths(model, [owner])
-    assignment = _assign(n, blocks, strategy)
-    firsts = {b: paths[assignment.index(b)] for b in set(assignment)}
-    owners = [owner if owner is not None else firsts[b] for b in assignment]
-
-    problems = []
-    for path, own in zip(paths, owners, strict=True):
-        if path != own and (path.startswith(own + ".") or own.startswith(path + ".")):
-            problems.append(f"{path!r} and {own!r}: one contains the other")
-        elif path != own:
-            problems += _structure_diff(get_module(model, path), get_module(model, own), path, own)
-    if problems:
-        raise ShareError("share(): these layers cannot be one module:\n  - "
-                         + "\n  - ".join(problems)
-                         + "\nShared layers must have the same type, parameters and buffers.")
-    reg = registry(model, create=True)
-    assert reg is not None
-    for path, own in zip(paths, owners, strict=True):
-        if path != own:
-            reg.add_share(path, own)
-    retie(model)
-    return owners
-
-
 def untie(model: nn.Module, names: str | Sequence[str]) -> list[str]:
     """Give parameters (or shared submodules) their own copy, ending their ties.
 
@@ -256,7 +163,7 @@ def retie(model: nn.Module) -> list[str]:
         The member paths that had to be repaired.
     """
     repaired = []
-    for prefix, holder, reg in _registries(model):
+    for prefix, holder, reg in registries(model):
         for s in reg.modules.values():
             own = get_module(holder, s.owner)
             if get_module(holder, s.member) is not own:
@@ -274,7 +181,7 @@ def assert_tied(model: nn.Module) -> None:
     Only identity checks: cheap enough to call every step.
     """
     broken = []
-    for prefix, holder, reg in _registries(model):
+    for prefix, holder, reg in registries(model):
         for s in reg.modules.values():
             if get_module(holder, s.member) is not get_module(holder, s.owner):
                 broken.append(f"module {join(prefix, s.member)!r} is not "
@@ -289,111 +196,16 @@ def assert_tied(model: nn.Module) -> None:
             + "\n" + RETIE_HINT
         )
 
-
-# --------------------------------------------------------------------------- discovering
-
-
-@dataclass(frozen=True)
-class TieMember:
-    """One member of a :class:`TieGroup`.
-
-    Attributes:
-        name: dotted parameter path.
-        transform: ``None`` or ``"transpose"``, how it sees the owner.
-        declared: made by :func:`tie`/:func:`share` (else found by identity or
-            memory, e.g. a tie by plain attribute assignment).
-    """
-
-    name: str
-    transform: str | None
-    declared: bool
-
-
-@dataclass(frozen=True)
-class TieGroup:
-    """Parameter paths that are one tensor.
-
-    Attributes:
-        owner: the path that holds the tensor.
-        members: the other paths.
-        shape: the owner's shape.
-        numel: elements in the one tensor.
-        kind: ``"identity"`` (one ``Parameter`` object) or ``"storage"``
-            (distinct ``Parameter`` objects over the same memory: an optimizer
-            would update it once per object, which is rarely intended).
-    """
-
-    owner: str
-    members: tuple[TieMember, ...]
-    shape: tuple[int, ...]
-    numel: int
-    kind: str
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.owner, *(m.name for m in self.members))
-
-
-def ties(model: nn.Module) -> list[TieGroup]:
-    """Every group of parameter paths that are one tensor, declared or not.
-
-    Found by object identity and by memory, so ties made by plain assignment
-    (``head.weight = embed.weight``) appear too, with ``declared=False``.
-
-    Example:
-        >>> import torch.nn as nn, adaptnet
-        >>> layer = nn.Linear(8, 8)
-        >>> [g.names for g in adaptnet.ties(nn.Sequential(layer, nn.ReLU(), layer))]
-        [('0.weight', '2.weight'), ('0.bias', '2.bias')]
-    """
-    declared_owner = declared_owners(model)
-    groups = []
-    for slots in group_by_tensor(list(iter_slots(model))):
-        if len(slots) < 2:
-            continue
-        by_obj = {id(s.tensor) for s in slots}
-        owner = pick_owner(slots, declared_owner)
-        members = tuple(
-            TieMember(s.name, relative_transform(s, owner), s.name in declared_owner)
-            for s in slots if s is not owner
-        )
-        groups.append(TieGroup(owner.name, members, owner.shape, owner.tensor.numel(),
-                               "identity" if len(by_obj) == 1 else "storage"))
-    return groups
-
-
 # --------------------------------------------------------------------------- internals
 
 
-def _registries(model: nn.Module) -> Iterator[tuple[str, nn.Module, TieRegistry]]:
+def registries(model: nn.Module) -> Iterator[tuple[str, nn.Module, TieRegistry]]:
     seen = set()
     for prefix, module in walk(model):
         reg = registry(module)
         if reg is not None and id(reg) not in seen:
             seen.add(id(reg))
             yield prefix, module, reg
-
-
-def declared_owners(model: nn.Module) -> dict[str, str]:
-    """member path -> declared owner path, module shares expanded to their parameters."""
-    out = {}
-    for prefix, holder, reg in _registries(model):
-        for t in reg.params.values():
-            out[join(prefix, t.member)] = join(prefix, t.owner)
-        for s in reg.modules.values():
-            for slot in iter_slots(get_module(holder, s.owner)):
-                out[join(join(prefix, s.member), slot.name)] = join(join(prefix, s.owner),
-                                                                    slot.name)
-    return out
-
-
-def pick_owner(slots: list[Slot], declared_owner: dict[str, str]) -> Slot:
-    names = {s.name: s for s in slots}
-    for s in slots:
-        if declared_owner.get(s.name) in names:
-            return names[declared_owner[s.name]]
-    return next((s for s in slots if s.transform is None), slots[0])
-
 
 def _param(module: nn.Module, attr: str, path: str) -> nn.Parameter:
     p = module._parameters.get(attr)
@@ -441,7 +253,7 @@ def _untie_one(model: nn.Module, name: str) -> bool:
             return _unshare(model, name)
         raise TieError(f"untie(): {name!r} is neither a parameter nor a submodule. "
                        + suggest(name, list(slots), "parameters"))
-    for prefix, _holder, reg in _registries(model):
+    for prefix, _holder, reg in registries(model):
         for s in reg.modules.values():
             inside = join(prefix, s.member), join(prefix, s.owner)
             if any(name.startswith(p + ".") for p in inside):
@@ -456,7 +268,7 @@ def _untie_one(model: nn.Module, name: str) -> bool:
     if len(group) == 1:
         return False
     _detach(slot)
-    for prefix, holder, reg in _registries(model):
+    for prefix, holder, reg in registries(model):
         if prefix and not name.startswith(prefix + "."):
             continue
         new_root = reg.remove(name[len(prefix) + 1:] if prefix else name)
@@ -476,7 +288,7 @@ def _detach(slot: Slot) -> None:
 
 
 def _unshare(model: nn.Module, path: str) -> bool:
-    for prefix, _holder, reg in _registries(model):
+    for prefix, _holder, reg in registries(model):
         local = path[len(prefix) + 1:] if prefix else path
         if local in reg.modules or any(s.owner == local for s in reg.modules.values()):
             reg.remove_share(local)
@@ -485,47 +297,3 @@ def _unshare(model: nn.Module, path: str) -> bool:
         return False
     set_module(model, path, copy.deepcopy(module))
     return True
-
-
-def _layer_paths(model: nn.Module, modules: str | Sequence[str]) -> list[str]:
-    known = dict(walk(model))
-    if isinstance(modules, str):
-        if modules not in known:
-            raise ShareError(f"share(): {modules!r} is not a submodule of "
-                             f"{type(model).__name__}. " + suggest(modules, list(known)[1:],
-                                                                    "submodules"))
-        container = known[modules]
-        return [join(modules, n) for n, c in container._modules.items() if c is not None]
-    paths = list(modules)
-    unknown = [p for p in paths if p not in known]
-    if unknown:
-        raise ShareError("share(): not submodules of " + type(model).__name__ + ": "
-                         + ", ".join(repr(p) for p in unknown) + ". "
-                         + suggest(unknown[0], list(known)[1:], "submodules"))
-    return paths
-
-
-def _assign(n: int, k: int, strategy: str) -> list[int]:
-    if strategy in ("all", "sequence"):
-        return [i * k // n for i in range(n)]
-    if strategy == "cycle":
-        return [i % k for i in range(n)]
-    # cycle_rev: cycle through all but the last k layers, then the blocks in reverse.
-    return [i % k if i < n - k else (k - 1) - (i - (n - k)) for i in range(n)]
-
-
-def _structure_diff(a: nn.Module, b: nn.Module, pa: str, pb: str) -> list[str]:
-    if type(a) is not type(b):
-        return [f"{pa!r} is {type(a).__name__} but {pb!r} is {type(b).__name__}"]
-
-    def signature(m: nn.Module) -> dict[str, tuple]:
-        return {s.name: (s.shape, s.tensor.dtype) for s in iter_slots(m, buffers=True)}
-
-    sa, sb = signature(a), signature(b)
-    out = []
-    for name in sorted(set(sa) | set(sb)):
-        if sa.get(name) != sb.get(name):
-            ga = "missing" if name not in sa else f"{list(sa[name][0])} {sa[name][1]}"
-            gb = "missing" if name not in sb else f"{list(sb[name][0])} {sb[name][1]}"
-            out.append(f"{pa}.{name} is {ga} but {pb}.{name} is {gb}")
-    return out
