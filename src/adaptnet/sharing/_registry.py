@@ -23,7 +23,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 ATTR = "_adaptnet_ties"
-TRANSFORMS = (None, "transpose")
 _ALIASES = {None: None, "identity": None, "transpose": "transpose", "T": "transpose"}
 
 
@@ -125,12 +124,14 @@ class TieRegistry:
                 self.modules[s.member] = ModuleShare(s.member, new_root)
 
 
-def registry(module: nn.Module, *, create: bool = False) -> TieRegistry | None:
-    reg = module.__dict__.get(ATTR)
-    if reg is None and create:
-        reg = TieRegistry()
-        module.__dict__[ATTR] = reg
-    return reg
+def registry(module: nn.Module) -> TieRegistry | None:
+    """The ties declared on ``module`` itself, if any."""
+    return module.__dict__.get(ATTR)
+
+
+def ensure_registry(module: nn.Module) -> TieRegistry:
+    """The ties declared on ``module``, created empty when missing."""
+    return module.__dict__.setdefault(ATTR, TieRegistry())
 
 
 class Transposed(nn.Module):

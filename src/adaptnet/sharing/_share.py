@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from adaptnet.errors import ShareError
-from adaptnet.sharing._registry import registry
+from adaptnet.sharing._registry import ensure_registry
 from adaptnet.sharing._slots import get_module, iter_slots, join, suggest, walk
 from adaptnet.sharing._tie import retie
 
@@ -86,8 +86,7 @@ def share(
         raise ShareError("share(): these layers cannot be one module:\n  - "
                          + "\n  - ".join(problems)
                          + "\nShared layers must have the same type, parameters and buffers.")
-    reg = registry(model, create=True)
-    assert reg is not None
+    reg = ensure_registry(model)
     for path, own in zip(paths, owners, strict=True):
         if path != own:
             reg.add_share(path, own)

@@ -11,6 +11,7 @@ from adaptnet.errors import TieBrokenError, TieError
 from adaptnet.sharing._registry import (
     Tie,
     TieRegistry,
+    ensure_registry,
     install_transposed,
     normalize_transform,
     registry,
@@ -105,10 +106,7 @@ def tie(model: nn.Module, member: str, owner: str, transform: str | None = None)
             f"{o.tensor.dtype} on {o.tensor.device}; move both to one dtype and device first "
             "(e.g. model.to(dtype)) and tie again."
         )
-    if not isinstance(o.tensor, nn.Parameter) or m.is_buffer:
-        raise TieError(f"tie(): {member!r} and {owner!r} must both be parameters.")
-    reg = registry(model, create=True)
-    assert reg is not None
+    reg = ensure_registry(model)
     try:
         reg.add_tie(member, owner, transform)  # resolves an owner that is itself a member
     except ValueError as e:
