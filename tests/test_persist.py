@@ -206,3 +206,21 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         adaptnet.save(TinyLM(), path)
     assert path.read_bytes() == good  # the previous file is intact
     assert os.listdir(tmp_path) == ["m.safetensors"]  # and no temporary file is left
+
+
+def test_manifest_naming_modules_the_model_lacks_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    manifest = {"version": 1, "aliases": {}, "modules": {"layers.1": "layers.0"}}
+    tensors = {k: v.contiguous() for k, v in TinyLM().state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={"adaptnet": json.dumps(manifest)})
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"modules 'layers\.1' and 'layers\.0': not both submodules"):
+        adaptnet.load(TinyLM(), path)
+
+
+def test_shared_modules_are_declared_after_load(tmp_path):
+    layer = nn.Linear(4, 4)
+    path = adaptnet.save(nn.Sequential(layer, nn.ReLU(), layer), tmp_path / "m.safetensors")
+    fresh = adaptnet.load(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), path)
+    assert fresh[2] is fresh[0]
+    assert all(m.declared for g in adaptnet.ties(fresh) for m in g.members)

@@ -319,3 +319,16 @@ def test_retie_docstring_claims(op, survives):
     adaptnet.retie(lm)
     adaptnet.retie(ae)
     assert lm_tied(lm) and ae_tied(ae)
+
+
+def test_untie_unknown_name():
+    with pytest.raises(TieError, match=r"'hed\.weight' is neither a parameter nor a submodule\. "
+                                       r"Did you mean 'head\.weight'"):
+        adaptnet.untie(tied_lm(), "hed.weight")
+
+
+def test_retie_explains_an_owner_that_is_gone():
+    lm = tied_lm()
+    lm.embed = nn.Identity()  # the owner's module was replaced by one without the parameter
+    with pytest.raises(TieBrokenError, match=r"owner 'embed\.weight' is not a parameter any more"):
+        adaptnet.retie(lm)
