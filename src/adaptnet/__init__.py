@@ -4,13 +4,15 @@ Importing adaptnet changes nothing: no environment variables, thread
 settings, global seeds or downloads.
 """
 
-from adaptnet import errors, sharing
+from adaptnet import dynamic, errors, sharing
+from adaptnet.dynamic import branch, switch
 from adaptnet.errors import (
     AdaptnetError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    RoutingError,
     SelectionError,
     ShareError,
     TieBrokenError,
@@ -46,6 +48,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "FreezeReport",
     "ModuleRow",
+    "RoutingError",
     "SelectionError",
     "ShareError",
     "Summary",
@@ -55,6 +58,8 @@ __all__ = [
     "TieMember",
     "__version__",
     "assert_tied",
+    "branch",
+    "dynamic",
     "errors",
     "freeze",
     "load",
@@ -64,6 +69,7 @@ __all__ = [
     "share",
     "sharing",
     "summary",
+    "switch",
     "tie",
     "ties",
     "unfreeze",

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "RoutingError",
     "SelectionError",
     "ShareError",
     "TieBrokenError",
@@ -34,6 +35,10 @@ class TieBrokenError(AdaptnetError, RuntimeError):
 
 class ShareError(AdaptnetError, ValueError):
     """Modules cannot be shared: unknown path, different structure, bad strategy."""
+
+
+class RoutingError(AdaptnetError, ValueError):
+    """A per-sample routing call got a bad decision tensor, inputs, or path outputs."""
 
 
 class SelectionError(AdaptnetError, ValueError):

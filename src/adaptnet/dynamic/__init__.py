@@ -1,0 +1,8 @@
+"""Per-sample dynamic execution: each sample pays only for the path it takes.
+
+Partition, don't mask: see docs/dynamic.md.
+"""
+
+from adaptnet.dynamic._route import branch, switch
+
+__all__ = ["branch", "switch"]
