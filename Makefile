@@ -24,6 +24,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sharing.py
+	$(PY) benchmarks/bench_route.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,11 +27,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, machine
 from torch import nn
 
 import adaptnet
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class LM(nn.Module):
@@ -182,19 +180,6 @@ def persistence(rounds: int, quick: bool) -> dict:
         paths[k].unlink()
     tmp.rmdir()
     return out
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def markdown(result: dict) -> str:

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sharing.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_bench_sharing_quick(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "1", "--out",
+    subprocess.run([sys.executable, str(BENCH / "bench_sharing.py"), "--quick", "--rounds", "1",
+                    "--out",
                     str(tmp_path)], check=True, capture_output=True)
     result = json.loads((tmp_path / "sharing-quick.json").read_text())
     assert {r["case"] for r in result["overhead"]} == {
@@ -20,3 +21,11 @@ def test_bench_sharing_quick(tmp_path):
     assert set(result["persistence"]["formats"]) == {
         "adaptnet", "adaptnet, fsync disabled", "torch", "safetensors.save_model"}
     assert "| format |" in (tmp_path / "sharing-quick.md").read_text()
+
+
+def test_bench_route_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_route.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    [run] = json.loads((tmp_path / "route-quick.json").read_text())["runs"]
+    assert set(run["ms"]) == {"static", "branch", "hand", "masked", "loop"}
+    assert run["branch_vs_static"] > 0 and run["loop_vs_branch"] > 0

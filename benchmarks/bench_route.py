@@ -1,0 +1,134 @@
+"""Benchmark: per-sample branch vs the static network, masking, the loop, and hand-written code.
+
+Two MLP branches (256 -> 1024 -> 256, ReLU), half the samples on each,
+forward+backward. Variants, interleaved within each round, medians over rounds:
+
+- static:  one MLP on the whole batch (what a network without the branch costs)
+- branch:  ``adaptnet.branch`` (partition: gather, run each path, merge)
+- hand:    the same partition written out by hand in plain PyTorch
+- masked:  both MLPs on the whole batch, merged with ``torch.where``
+- loop:    a Python loop over single samples
+
+Targets (issue 3): branch ≤ 1.10× static at B=256; masked ≥ 1.8× branch; loop ≥ 15× branch.
+
+    python benchmarks/bench_route.py            # full (about 3 minutes on 2 cores)
+    python benchmarks/bench_route.py --quick    # smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS, machine
+from torch import nn
+
+import adaptnet
+
+
+def mlp(d: int, h: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
+
+
+def variants(a: nn.Module, b: nn.Module) -> dict:
+    def static(pred, x):
+        return a(x)
+
+    def branch(pred, x):
+        return adaptnet.branch(pred, a, b, x)
+
+    def hand(pred, x):
+        ia, ib = pred.nonzero().squeeze(1), (~pred).nonzero().squeeze(1)
+        out = x.new_empty(x.shape[0], a[-1].out_features)
+        return out.index_put((ia,), a(x[ia])).index_put((ib,), b(x[ib]))
+
+    def masked(pred, x):
+        return torch.where(pred[:, None], a(x), b(x))
+
+    def loop(pred, x):
+        return torch.cat([(a if p else b)(x[i:i + 1]) for i, p in enumerate(pred.tolist())])
+
+    return {"static": static, "branch": branch, "hand": hand, "masked": masked, "loop": loop}
+
+
+def step(fn, pred, x, params, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        for p in params:
+            p.grad = None
+        fn(pred, x).square().mean().backward()
+    return (time.perf_counter() - start) / iters
+
+
+def run(batch: int, d: int, h: int, rounds: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    a, b = mlp(d, h), mlp(d, h)
+    params = [*a.parameters(), *b.parameters()]
+    x = torch.randn(batch, d)
+    pred = torch.rand(batch) < 0.5
+    fns = variants(a, b)
+    ref = fns["masked"](pred, x)
+    for name in ("branch", "hand", "loop"):
+        torch.testing.assert_close(fns[name](pred, x), ref, rtol=1e-4, atol=1e-5)
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        step(fn, pred, x, params, 2)  # warm-up
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            n = max(1, iters // 10) if k == "loop" else iters
+            times[k].append(step(fns[k], pred, x, params, n))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "dim": d, "hidden": h, "rounds": rounds, "iters": iters,
+            "ms": {k: v * 1e3 for k, v in med.items()},
+            "branch_vs_static": med["branch"] / med["static"],
+            "branch_vs_hand": med["branch"] / med["hand"],
+            "masked_vs_branch": med["masked"] / med["branch"],
+            "loop_vs_branch": med["loop"] / med["branch"]}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+             f"Python {m['python']}.", "",
+             "| B | static | branch | hand | masked | loop | branch / static | "
+             "branch / hand | masked / branch | loop / branch |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        t = r["ms"]
+        lines.append(f"| {r['batch']} | {t['static']:.2f} | {t['branch']:.2f} | "
+                     f"{t['hand']:.2f} | {t['masked']:.2f} | {t['loop']:.1f} | "
+                     f"{r['branch_vs_static']:.3f} | {r['branch_vs_hand']:.3f} | "
+                     f"{r['masked_vs_branch']:.2f} | {r['loop_vs_branch']:.1f} |")
+    r0 = result["runs"][0]
+    lines += ["", f"Times in ms per forward+backward step; median of {r0['rounds']} "
+                  f"interleaved rounds of {r0['iters']} steps ({max(1, r0['iters'] // 10)} "
+                  "for the loop)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    if args.quick:
+        runs = [run(16, 8, 16, args.rounds or 3, 4)]
+    else:
+        runs = [run(batch, 256, 1024, args.rounds or 15, 20) for batch in (256, 512)]
+    result = {"command": "python benchmarks/bench_route.py" + (" --quick" if args.quick else ""),
+              "machine": machine(), "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "route-quick" if args.quick else "route"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
