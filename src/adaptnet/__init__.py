@@ -5,13 +5,21 @@ settings, global seeds or downloads.
 """
 
 from adaptnet import dynamic, errors, sharing
-from adaptnet.dynamic import branch, switch
+from adaptnet.dynamic import (
+    ACTHalting,
+    AdaptiveDepth,
+    DepthResult,
+    ThresholdHalting,
+    branch,
+    switch,
+)
 from adaptnet.errors import (
     AdaptnetError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    DynamicError,
     RoutingError,
     SelectionError,
     ShareError,
@@ -41,17 +49,22 @@ from adaptnet.sharing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTHalting",
+    "AdaptiveDepth",
     "AdaptnetError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "DepthResult",
+    "DynamicError",
     "FreezeReport",
     "ModuleRow",
     "RoutingError",
     "SelectionError",
     "ShareError",
     "Summary",
+    "ThresholdHalting",
     "TieBrokenError",
     "TieError",
     "TieGroup",

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "DynamicError",
     "RoutingError",
     "SelectionError",
     "ShareError",
@@ -37,7 +38,11 @@ class ShareError(AdaptnetError, ValueError):
     """Modules cannot be shared: unknown path, different structure, bad strategy."""
 
 
-class RoutingError(AdaptnetError, ValueError):
+class DynamicError(AdaptnetError, ValueError):
+    """A dynamic construct got a bad argument (max_steps, threshold, order, shapes)."""
+
+
+class RoutingError(DynamicError):
     """A per-sample routing call got a bad decision tensor, inputs, or path outputs."""
 
 

@@ -3,6 +3,7 @@
 Partition, don't mask: see docs/dynamic.md.
 """
 
+from adaptnet.dynamic._depth import ACTHalting, AdaptiveDepth, DepthResult, ThresholdHalting
 from adaptnet.dynamic._route import branch, switch
 
-__all__ = ["branch", "switch"]
+__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "ThresholdHalting", "branch", "switch"]

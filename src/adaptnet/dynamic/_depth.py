@@ -1,0 +1,217 @@
+"""Adaptive depth: apply blocks repeatedly, each sample until it halts.
+
+Weight-tied depth is data: an execution order over a pool of blocks
+(``order=[0, 0, 0, 0]`` applies one shared block four times;
+``order=[0, 1, 0, 1]`` alternates two). At every step only the samples that
+have not halted run the next block (a *shrinking active set*): the batch is
+filtered, never masked, so compute follows the mean number of steps, not the
+maximum.
+
+How it works: the loop carries the active samples' ids, states and the
+halting policy's per-sample carry, all aligned row by row. After each step the
+policy marks which rows finish; their results are set aside and the rest are
+kept by indexing (which autograd follows). At the end the finished rows are
+merged back into the original order with one gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaptnet.errors import DynamicError
+
+__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "ThresholdHalting"]
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    """What :class:`AdaptiveDepth` returns.
+
+    Attributes:
+        output: ``(B, ...)`` the final state (threshold) or the halting-weighted
+            mean of the states (ACT).
+        steps: ``(B,)`` int64, blocks each sample executed (1 to ``max_steps``).
+        ponder: ``(B,)`` ponder cost per sample: ``N + R`` for ACT (``R`` carries
+            gradient), the step count for the threshold policy.
+        aux_loss: scalar to add to the task loss: ``time_penalty * ponder.mean()``
+            for ACT, zero for the threshold policy.
+    """
+
+    output: torch.Tensor
+    steps: torch.Tensor
+    ponder: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class ThresholdHalting(nn.Module):
+    """Halt a sample after the first step whose confidence reaches ``threshold``.
+
+    Confidence is ``sigmoid(head(state))``; ``head`` maps ``(b, ...)`` states
+    to ``(b,)`` or ``(b, 1)`` logits. The output is the state after the last
+    executed step. The decision is not differentiable: train ``head`` with a
+    loss of your own (e.g. on per-step correctness), or use :class:`ACTHalting`.
+
+    Raises:
+        DynamicError: ``threshold`` outside (0, 1].
+    """
+
+    def __init__(self, head: nn.Module, threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 < float(threshold) <= 1.0:
+            raise DynamicError(f"ThresholdHalting: threshold must lie in (0, 1], got "
+                               f"{threshold!r}; 0.5 halts when halting is more likely than not.")
+        self.head = head
+        self.threshold = float(threshold)
+
+    def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def step(self, state, carry, last):
+        done = (_halting_prob(self.head, state) >= self.threshold) | last
+        # weight None: the output is the last executed state itself (no 0 * state arithmetic)
+        return done, None, carry, torch.ones(done.shape, dtype=state.dtype, device=state.device)
+
+
+class ACTHalting(nn.Module):
+    """Adaptive Computation Time (Graves 2016, "Adaptive Computation Time for RNNs").
+
+    At step ``t`` a halting unit gives ``h_t = sigmoid(head(state_t))``. A
+    sample halts at the first ``N`` whose cumulative ``h`` reaches ``1 - eps``
+    (or at ``max_steps``); its output is ``sum_t p_t * state_t`` with
+    ``p_t = h_t`` for ``t < N`` and the remainder ``R = 1 - sum_{t<N} h_t`` at
+    ``N``. The ponder cost ``N + R`` is returned per sample, and
+    ``time_penalty * mean(N + R)`` as the auxiliary loss (``R`` carries the
+    gradient, as in the paper).
+
+    Raises:
+        DynamicError: ``eps`` outside (0, 1) or a negative ``time_penalty``.
+    """
+
+    def __init__(self, head: nn.Module, eps: float = 0.01, time_penalty: float = 0.01) -> None:
+        super().__init__()
+        if not 0.0 < float(eps) < 1.0:
+            raise DynamicError(f"ACTHalting: eps must lie in (0, 1), got {eps!r}; Graves uses "
+                               "0.01.")
+        if float(time_penalty) < 0:
+            raise DynamicError(f"ACTHalting: time_penalty must be >= 0, got {time_penalty!r}.")
+        self.head = head
+        self.eps = float(eps)
+        self.time_penalty = float(time_penalty)
+
+    def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cum": like.new_zeros(b)}
+
+    def step(self, state, carry, last):
+        h = _halting_prob(self.head, state)
+        cum = carry["cum"]
+        done = (cum + h >= 1.0 - self.eps) | last
+        remainder = 1.0 - cum
+        weight = torch.where(done, remainder, h)
+        cost = torch.where(done, 1.0 + remainder, torch.ones_like(h))  # sums to N + R
+        return done, weight, {"cum": cum + h}, cost
+
+
+class AdaptiveDepth(nn.Module):
+    """Apply ``blocks`` in ``order`` until each sample halts (at most ``max_steps``).
+
+    Args:
+        blocks: one block (shared by every step) or a sequence of blocks, each
+            mapping a ``(b, ...)`` state to a state of the same shape.
+        halting: :class:`ThresholdHalting` or :class:`ACTHalting`.
+        max_steps: the bound on every sample's loop.
+        order: block index for each step, ``len(order) == max_steps``; default
+            cycles through the blocks (``t % len(blocks)``).
+
+    Returns (from ``forward(x)``):
+        A :class:`DepthResult`.
+
+    Raises:
+        DynamicError: ``max_steps < 1``, a bad ``order``, a block that changes
+            the state's shape, or a halting head of the wrong output shape.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4),
+        ...                                adaptnet.ACTHalting(nn.Linear(4, 1)), max_steps=6)
+        >>> result = depth(torch.randn(8, 4))
+        >>> result.output.shape, result.steps.shape
+        (torch.Size([8, 4]), torch.Size([8]))
+    """
+
+    def __init__(self, blocks: nn.Module | Sequence[nn.Module],
+                 halting: ThresholdHalting | ACTHalting, max_steps: int,
+                 order: Sequence[int] | None = None) -> None:
+        super().__init__()
+        pool = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise DynamicError(f"AdaptiveDepth: max_steps must be an integer >= 1, got "
+                               f"{max_steps!r}; it bounds every sample's loop.")
+        if not pool:
+            raise DynamicError("AdaptiveDepth: blocks is empty; give one block or a list.")
+        order = [t % len(pool) for t in range(max_steps)] if order is None else list(order)
+        if len(order) != max_steps or any(not 0 <= i < len(pool) for i in order):
+            raise DynamicError(
+                f"AdaptiveDepth: order must list {max_steps} block indices (one per step) in "
+                f"[0, {len(pool)}), got {order!r}."
+            )
+        if not isinstance(halting, ThresholdHalting | ACTHalting):
+            raise DynamicError(f"AdaptiveDepth: halting must be ThresholdHalting or "
+                               f"ACTHalting, got {type(halting).__name__}.")
+        self.blocks = nn.ModuleList(pool)
+        self.halting = halting
+        self.max_steps = max_steps
+        self.order = tuple(order)
+
+    def forward(self, x: torch.Tensor) -> DepthResult:  # (B, ...) -> DepthResult
+        B = x.shape[0]
+        ids = torch.arange(B, device=x.device)
+        state = x
+        acc = torch.zeros_like(x)  # ACT's weighted sum of states, row-aligned with ids
+        carry = self.halting.start(B, x.new_empty(0))
+        cost = x.new_zeros(B)
+        done_parts: list[tuple[torch.Tensor, ...]] = []  # (ids, output, steps, ponder)
+        for t, block_index in enumerate(self.order):
+            if ids.numel() == 0:
+                break
+            new = self.blocks[block_index](state)
+            if new.shape != state.shape:
+                raise DynamicError(f"AdaptiveDepth: block {block_index} maps {list(state.shape)} "
+                                   f"to {list(new.shape)}; blocks must keep the state's shape.")
+            last = torch.full_like(ids, t == self.max_steps - 1, dtype=torch.bool)
+            done, weight, carry, step_cost = self.halting.step(new, carry, last)
+            out = new if weight is None else acc + weight.view(-1, *[1] * (x.dim() - 1)) * new
+            cost = cost + step_cost
+            if done.any():
+                fin = done.nonzero().squeeze(1)
+                done_parts.append((ids[fin], out[fin], torch.full_like(fin, t + 1), cost[fin]))
+                keep = (~done).nonzero().squeeze(1)
+                ids, state, acc, cost = ids[keep], new[keep], out[keep], cost[keep]
+                carry = {k: v[keep] for k, v in carry.items()}
+            else:
+                state, acc = new, out
+        if not done_parts:  # B == 0
+            empty = x.new_zeros(0)
+            return DepthResult(x, torch.zeros(0, dtype=torch.long, device=x.device), empty,
+                               empty.sum())
+        order = torch.cat([p[0] for p in done_parts])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=x.device)
+        output, steps, ponder = (torch.cat([p[i] for p in done_parts]).index_select(0, inverse)
+                                 for i in (1, 2, 3))
+        penalty = getattr(self.halting, "time_penalty", 0.0)
+        aux = penalty * ponder.mean() if penalty else ponder.new_zeros(())
+        return DepthResult(output, steps, ponder, aux)
+
+
+def _halting_prob(head: nn.Module, state: torch.Tensor) -> torch.Tensor:
+    logits = head(state)
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        logits = logits.squeeze(1)
+    if logits.shape != state.shape[:1]:
+        raise DynamicError(f"halting head must return (b,) or (b, 1) logits for b = "
+                           f"{state.shape[0]} states, got {list(logits.shape)}.")
+    return torch.sigmoid(logits)
