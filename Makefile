@@ -25,6 +25,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sharing.py
 	$(PY) benchmarks/bench_route.py
+	$(PY) benchmarks/bench_depth.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -29,3 +29,11 @@ def test_bench_route_quick(tmp_path):
     [run] = json.loads((tmp_path / "route-quick.json").read_text())["runs"]
     assert set(run["ms"]) == {"static", "branch", "hand", "masked", "loop"}
     assert run["branch_vs_static"] > 0 and run["loop_vs_branch"] > 0
+
+
+def test_bench_depth_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_depth.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    run = json.loads((tmp_path / "depth-quick.json").read_text())["run"]
+    assert set(run["ms"]) == {"adaptive", "hand", "full", "fixed", "masked"}
+    assert 0 < run["mean_over_max"] < 1

@@ -189,7 +189,8 @@ class AdaptiveDepth(nn.Module):
                 fin = done.nonzero().squeeze(1)
                 done_parts.append((ids[fin], out[fin], torch.full_like(fin, t + 1), cost[fin]))
                 keep = (~done).nonzero().squeeze(1)
-                ids, state, acc, cost = ids[keep], new[keep], out[keep], cost[keep]
+                ids, state, cost = ids[keep], new[keep], cost[keep]
+                acc = state if weight is None else out[keep]  # threshold carries no sum
                 carry = {k: v[keep] for k, v in carry.items()}
             else:
                 state, acc = new, out

@@ -1,0 +1,166 @@
+"""Benchmark: adaptive depth's wall time follows the mean executed steps, not the maximum.
+
+A shared residual MLP block (256 -> 1024 -> 256) applied up to 10 times. To
+control the mean depth exactly, the state carries a per-sample budget channel
+that each step decrements, and the halting head fires when it reaches zero.
+Budgets are 1..5 uniformly: mean/max = 3/10 = 0.3. Forward+backward.
+Variants, interleaved, medians over rounds:
+
+- adaptive: ``AdaptiveDepth`` with those budgets (shrinking active set)
+- full:     the same module with every budget at 10 (everyone runs 10 steps)
+- fixed:    the block applied 10 times in a plain loop (no halting machinery)
+- hand:     the shrinking loop written out in plain PyTorch
+- masked:   everyone runs 10 steps; each sample's state at its halting step is
+            picked with ``torch.where`` (what common ACT code does)
+
+Target (issue 3): adaptive ≤ 1.15 × (mean/max) × full.
+
+    python benchmarks/bench_depth.py            # full (about 2 minutes on 2 cores)
+    python benchmarks/bench_depth.py --quick    # smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS, machine
+from torch import nn
+
+import adaptnet
+
+
+class Block(nn.Module):
+    """Residual MLP on the features; decrements the budget channel (the last one)."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (b, d + 1) -> (b, d + 1)
+        feats, budget = s[:, :-1], s[:, -1:]
+        return torch.cat([feats + self.mlp(feats), budget - 1], dim=1)
+
+
+class BudgetHead(nn.Module):
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (b, d + 1) -> (b,)
+        return -s[:, -1] * 100.0  # sigmoid >= 0.5 once the budget is spent
+
+
+def run(batch: int, d: int, h: int, max_steps: int, rounds: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    block = Block(d, h)
+    model = adaptnet.AdaptiveDepth(block, adaptnet.ThresholdHalting(BudgetHead(), 0.5),
+                                   max_steps)
+    feats = torch.randn(batch, d)
+    budgets = torch.randint(1, max_steps // 2 + 1, (batch,)).float()
+    x_adaptive = torch.cat([feats, budgets[:, None]], 1)
+    x_full = torch.cat([feats, torch.full((batch, 1), float(max_steps))], 1)
+    ratio = budgets.mean().item() / max_steps
+
+    def adaptive():
+        return model(x_adaptive).output
+
+    def full():
+        return model(x_full).output
+
+    def fixed():
+        s = x_full
+        for _ in range(max_steps):
+            s = block(s)
+        return s
+
+    def hand():  # the shrinking loop written out in plain PyTorch, for the library's overhead
+        s, ids, parts = x_adaptive, torch.arange(batch), []
+        for t in range(1, max_steps + 1):
+            s = block(s)
+            fin = budgets[ids] == t
+            parts.append((ids[fin], s[fin]))
+            s, ids = s[~fin], ids[~fin]
+        order = torch.cat([p[0] for p in parts])
+        return torch.cat([p[1] for p in parts])[torch.argsort(order)]
+
+    def masked():
+        s, out = x_adaptive, torch.zeros_like(x_adaptive)
+        for t in range(1, max_steps + 1):
+            s = block(s)
+            out = torch.where((budgets == t)[:, None], s, out)
+        return out
+
+    torch.testing.assert_close(adaptive(), masked())
+    torch.testing.assert_close(adaptive(), hand())
+    fns = {"adaptive": adaptive, "hand": hand, "full": full, "fixed": fixed, "masked": masked}
+    params = list(block.parameters())
+
+    def step(fn, n):
+        start = time.perf_counter()
+        for _ in range(n):
+            for p in params:
+                p.grad = None
+            fn()[:, :-1].square().mean().backward()
+        return (time.perf_counter() - start) / n
+
+    for fn in fns.values():
+        step(fn, 1)
+    names = list(fns)
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(step(fns[k], iters))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "dim": d, "hidden": h, "max_steps": max_steps,
+            "mean_steps": budgets.mean().item(), "mean_over_max": ratio,
+            "rounds": rounds, "iters": iters, "ms": {k: v * 1e3 for k, v in med.items()},
+            "adaptive_vs_full": med["adaptive"] / med["full"],
+            "adaptive_vs_hand": med["adaptive"] / med["hand"],
+            "hand_vs_full": med["hand"] / med["full"],
+            "target": 1.15 * ratio,
+            "full_vs_fixed": med["full"] / med["fixed"],
+            "masked_vs_adaptive": med["masked"] / med["adaptive"]}
+
+
+def markdown(result: dict) -> str:
+    m, r = result["machine"], result["run"]
+    t = r["ms"]
+    return "\n".join([
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
+        "",
+        "| B | mean/max steps | adaptive | hand | full | fixed loop | masked | adaptive / full | "
+        "target | hand / full | adaptive / hand | full / fixed | masked / adaptive |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r['batch']} | {r['mean_steps']:.2f}/{r['max_steps']} = {r['mean_over_max']:.2f} | "
+        f"{t['adaptive']:.1f} | {t['hand']:.1f} | {t['full']:.1f} | {t['fixed']:.1f} | "
+        f"{t['masked']:.1f} | {r['adaptive_vs_full']:.3f} | ≤ {r['target']:.3f} | "
+        f"{r['hand_vs_full']:.3f} | {r['adaptive_vs_hand']:.3f} | {r['full_vs_fixed']:.3f} | "
+        f"{r['masked_vs_adaptive']:.2f} |",
+        "",
+        f"Times in ms per forward+backward step; median of {r['rounds']} interleaved rounds "
+        f"of {r['iters']} steps.",
+    ]) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    if args.quick:
+        r = run(16, 8, 16, 10, args.rounds or 3, 2)
+    else:
+        r = run(256, 256, 1024, 10, args.rounds or 25, 4)
+    result = {"command": "python benchmarks/bench_depth.py" + (" --quick" if args.quick else ""),
+              "machine": machine(), "run": r}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "depth-quick" if args.quick else "depth"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
