@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sharing.py
 	$(PY) benchmarks/bench_route.py
 	$(PY) benchmarks/bench_depth.py
+	$(PY) benchmarks/bench_moe.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -37,3 +37,10 @@ def test_bench_depth_quick(tmp_path):
     run = json.loads((tmp_path / "depth-quick.json").read_text())["run"]
     assert set(run["ms"]) == {"adaptive", "hand", "full", "fixed", "masked"}
     assert 0 < run["mean_over_max"] < 1
+
+
+def test_bench_moe_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_moe.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    run = json.loads((tmp_path / "moe-quick.json").read_text())["run"]
+    assert set(run["ms"]) == {"moe", "dense"} and run["target"] == 1.3 * 2 / 8

@@ -4,6 +4,16 @@ Partition, don't mask: see docs/dynamic.md.
 """
 
 from adaptnet.dynamic._depth import ACTHalting, AdaptiveDepth, DepthResult, ThresholdHalting
+from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._route import branch, switch
 
-__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "ThresholdHalting", "branch", "switch"]
+__all__ = [
+    "ACTHalting",
+    "AdaptiveDepth",
+    "DepthResult",
+    "MoE",
+    "MoEResult",
+    "ThresholdHalting",
+    "branch",
+    "switch",
+]

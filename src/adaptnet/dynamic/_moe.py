@@ -1,0 +1,158 @@
+"""Mixture of experts with top-k routing and sorted dispatch.
+
+Each token (a row of the input) is sent to its ``k`` highest-scoring experts.
+Dispatch is sorted: the (token, expert) assignments are sorted by expert, each
+expert runs once on the contiguous block of its tokens, and the outputs are
+weighted by the gates and summed back per token with ``index_add``. An expert
+no token picks is never called; a dense MoE would run all of them on every
+token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaptnet.errors import DynamicError
+
+__all__ = ["MoE", "MoEResult"]
+
+
+@dataclass(frozen=True)
+class MoEResult:
+    """What :class:`MoE` returns.
+
+    Attributes:
+        output: ``(..., d_out)`` the gate-weighted sum of each token's experts.
+        experts: ``(..., k)`` int64, the experts each token was routed to, best first.
+        gates: ``(..., k)`` their weights (softmax over the top-k logits).
+        dropped: ``(..., k)`` bool, assignments dropped by the capacity limit.
+        load: ``(E,)`` int64, assignments each expert received (before dropping).
+        aux_loss: scalar load-balancing loss, ``balance_weight * E * sum_e f_e * P_e``
+            (Fedus et al. 2021, Switch Transformer): ``f_e`` the fraction of
+            assignments to expert ``e``, ``P_e`` its mean router probability.
+    """
+
+    output: torch.Tensor
+    experts: torch.Tensor
+    gates: torch.Tensor
+    dropped: torch.Tensor
+    load: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts over the last dimension of its input.
+
+    Args:
+        experts: ``E`` modules mapping ``(n, d_in)`` to ``(n, d_out)``, all with the
+            same output width.
+        router: maps ``(n, d_in)`` to ``(n, E)`` logits.
+        k: experts per token, ``1 <= k <= E``.
+        capacity_factor: ``None`` for no limit; else each expert takes at most
+            ``ceil(capacity_factor * n * k / E)`` assignments per call, and the
+            overflow policy drops the assignments with the *lowest gates* for
+            that expert (ties: later tokens first). A dropped assignment adds
+            nothing to its token's output (the remaining gates are not
+            renormalised), so keep a residual connection around the MoE.
+        balance_weight: weight of the load-balancing loss in ``aux_loss``.
+
+    Raises:
+        DynamicError: no experts, ``k`` out of range, a non-positive
+            ``capacity_factor`` or a negative ``balance_weight``; at call time, a
+            router of the wrong width or experts of different output widths.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> moe = adaptnet.MoE([nn.Linear(8, 8) for _ in range(4)], nn.Linear(8, 4), k=2)
+        >>> r = moe(torch.randn(2, 5, 8))     # (batch, tokens, features)
+        >>> r.output.shape, r.experts.shape
+        (torch.Size([2, 5, 8]), torch.Size([2, 5, 2]))
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], router: nn.Module, k: int = 2,
+                 capacity_factor: float | None = None, balance_weight: float = 0.01) -> None:
+        super().__init__()
+        experts = list(experts)
+        if not experts:
+            raise DynamicError("MoE: experts is empty; give at least one expert module.")
+        if not isinstance(k, int) or not 1 <= k <= len(experts):
+            raise DynamicError(f"MoE: k must be an integer from 1 to the number of experts "
+                               f"({len(experts)}), got {k!r}.")
+        if capacity_factor is not None and not float(capacity_factor) > 0:
+            raise DynamicError(f"MoE: capacity_factor must be > 0 (or None for no limit), got "
+                               f"{capacity_factor!r}; 1.25 is a common choice.")
+        if float(balance_weight) < 0:
+            raise DynamicError(f"MoE: balance_weight must be >= 0, got {balance_weight!r}.")
+        self.experts = nn.ModuleList(experts)
+        self.router = router
+        self.k = k
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.balance_weight = float(balance_weight)
+
+    def forward(self, x: torch.Tensor) -> MoEResult:  # (..., d_in) -> MoEResult
+        lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (n, d_in)
+        n, E, k = tokens.shape[0], len(self.experts), self.k
+        logits = self.router(tokens)  # (n, E)
+        if logits.shape != (n, E):
+            raise DynamicError(f"MoE: the router must return (n, {E}) logits for n = {n} "
+                               f"tokens and {E} experts, got {list(logits.shape)}.")
+        top_logits, top = logits.topk(k, dim=-1)  # (n, k), best first
+        gates = torch.softmax(top_logits, dim=-1)  # (n, k)
+
+        flat_expert = top.reshape(-1)  # (n*k,) assignment -> expert
+        flat_gate = gates.reshape(-1)
+        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
+        load = torch.bincount(flat_expert, minlength=E)  # (E,)
+        keep = torch.ones_like(flat_expert, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            keep = _within_capacity(flat_expert, flat_gate, E,
+                                    math.ceil(self.capacity_factor * n * k / E))
+
+        # Sorted dispatch: assignments grouped by expert, one call per expert.
+        kept = keep.nonzero().squeeze(1)
+        order = kept[torch.argsort(flat_expert[kept], stable=True)]
+        counts = torch.bincount(flat_expert[order], minlength=E).tolist()
+        token_sorted = flat_token[order]
+        outs, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                outs.append(self.experts[e](tokens.index_select(0, token_sorted[start:start
+                                                                                + count])))
+            start += count
+        widths = {o.shape[1:] for o in outs}
+        if len(widths) > 1:
+            raise DynamicError(f"MoE: experts return different output shapes {sorted(widths)};"
+                               " all experts must map to the same width.")
+        if outs:
+            y = torch.cat(outs) * flat_gate[order].unsqueeze(1).to(outs[0].dtype)
+            output = y.new_zeros(n, *y.shape[1:]).index_add(0, token_sorted, y)
+        else:  # no tokens: one expert on zero rows gives the output's shape
+            output = self.experts[0](tokens[:0])
+
+        probs = torch.softmax(logits, dim=-1)  # (n, E)
+        if n:
+            f = load.to(probs.dtype) / (n * k)
+            aux = self.balance_weight * E * (f * probs.mean(0)).sum()
+        else:
+            aux = probs.new_zeros(())
+        return MoEResult(output.reshape(*lead, *output.shape[1:]), top.reshape(*lead, k),
+                         gates.reshape(*lead, k), (~keep).reshape(*lead, k), load, aux)
+
+
+def _within_capacity(expert: torch.Tensor, gate: torch.Tensor, E: int, capacity: int
+                     ) -> torch.Tensor:
+    """Which assignments fit: per expert, the ``capacity`` with the highest gates."""
+    # Rank assignments within their expert by gate (descending), earlier tokens first on ties.
+    by_gate = torch.argsort(gate, descending=True, stable=True)
+    by_expert = by_gate[torch.argsort(expert[by_gate], stable=True)]
+    counts = torch.bincount(expert, minlength=E)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(expert.numel(), device=expert.device) - starts[expert[by_expert]]
+    keep = torch.empty_like(expert, dtype=torch.bool)
+    keep[by_expert] = rank < capacity
+    return keep
