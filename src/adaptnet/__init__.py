@@ -9,10 +9,12 @@ from adaptnet.dynamic import (
     ACTHalting,
     AdaptiveDepth,
     DepthResult,
+    MacCount,
     MoE,
     MoEResult,
     ThresholdHalting,
     branch,
+    count_macs,
     switch,
 )
 from adaptnet.errors import (
@@ -61,6 +63,7 @@ __all__ = [
     "DepthResult",
     "DynamicError",
     "FreezeReport",
+    "MacCount",
     "MoE",
     "MoEResult",
     "ModuleRow",
@@ -76,6 +79,7 @@ __all__ = [
     "__version__",
     "assert_tied",
     "branch",
+    "count_macs",
     "dynamic",
     "errors",
     "freeze",

@@ -4,6 +4,7 @@ Partition, don't mask: see docs/dynamic.md.
 """
 
 from adaptnet.dynamic._depth import ACTHalting, AdaptiveDepth, DepthResult, ThresholdHalting
+from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._route import branch, switch
 
@@ -11,9 +12,11 @@ __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
     "DepthResult",
+    "MacCount",
     "MoE",
     "MoEResult",
     "ThresholdHalting",
     "branch",
+    "count_macs",
     "switch",
 ]
