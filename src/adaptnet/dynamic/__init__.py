@@ -4,6 +4,7 @@ Partition, don't mask: see docs/dynamic.md.
 """
 
 from adaptnet.dynamic._depth import ACTHalting, AdaptiveDepth, DepthResult, ThresholdHalting
+from adaptnet.dynamic._exit import Calibration, EarlyExit, ExitResult, calibrate_exits
 from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._route import branch, switch
@@ -11,12 +12,16 @@ from adaptnet.dynamic._route import branch, switch
 __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
+    "Calibration",
     "DepthResult",
+    "EarlyExit",
+    "ExitResult",
     "MacCount",
     "MoE",
     "MoEResult",
     "ThresholdHalting",
     "branch",
+    "calibrate_exits",
     "count_macs",
     "switch",
 ]
