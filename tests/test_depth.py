@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
-from adaptnet import ACTHalting, AdaptiveDepth, DynamicError, ThresholdHalting
+from adaptnet import ACTHalting, AdaptiveDepth, DynamicError, PonderNetHalting, ThresholdHalting
 
 D = 4
 
@@ -201,7 +201,11 @@ def test_eager_parity_under_torch_compile():
          "order must list 3 block indices"),
         (lambda: AdaptiveDepth([], ACTHalting(nn.Linear(D, 1)), 3), "blocks is empty"),
         (lambda: AdaptiveDepth(Block(), nn.Linear(D, 1), 3),
-         "halting must be ThresholdHalting or ACTHalting, got Linear"),
+         "halting must be ThresholdHalting, ACTHalting or PonderNetHalting, got Linear"),
+        (lambda: PonderNetHalting(nn.Linear(D, 1), lambda_p=0.0),
+         r"lambda_p must lie in \(0, 1\), got 0.0"),
+        (lambda: PonderNetHalting(nn.Linear(D, 1), eps=1.0), r"eps must lie in \(0, 1\)"),
+        (lambda: PonderNetHalting(nn.Linear(D, 1), beta=-0.1), "beta must be >= 0"),
         (lambda: ThresholdHalting(nn.Linear(D, 1), threshold=0.0),
          r"threshold must lie in \(0, 1\], got 0.0"),
         (lambda: ThresholdHalting(nn.Linear(D, 1), threshold=1.5), "got 1.5"),
@@ -223,3 +227,125 @@ def test_weight_tied_depth_is_one_tensor_per_block():
     assert model.order == (0, 1, 0, 1, 0, 1)
     s = adaptnet.summary(model)
     assert s.unique == 2 * (D * D + D) + (D + 1)
+
+
+# --------------------------------------------------------------------------- PonderNet
+
+
+def pondernet(max_steps=6, **kw) -> AdaptiveDepth:
+    torch.manual_seed(5)
+    model = AdaptiveDepth(Block(), PonderNetHalting(nn.Linear(D, 1), **kw), max_steps).double()
+    with torch.no_grad():
+        model.halting.head.bias.fill_(-1.0)
+    return model
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 8), training=st.booleans(), seed=st.integers(0, 2**16))
+def test_pondernet_equals_per_sample_loop(B, training, seed):
+    model = pondernet(beta=0.3).train(training)
+    torch.manual_seed(seed)
+    x = torch.randn(B, D, dtype=torch.float64) * 2
+    per_step = torch.randn(B, 6, D, dtype=torch.float64)
+
+    def run(inputs):
+        r = model(inputs)
+        extra = r.expected_loss((r.step_states * per_step[:len(inputs)]).sum(-1))
+        return r, extra
+
+    r, loss = run(x)
+    (loss + r.aux_loss).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0
+    rows = []
+    for i in range(B):
+        ri = model(x[i:i + 1])
+        li = ri.expected_loss((ri.step_states * per_step[i:i + 1]).sum(-1))
+        total = total + li + ri.aux_loss
+        rows.append(ri)
+    (total / B).backward()
+    for name in ("output", "steps", "halting", "step_states"):
+        torch.testing.assert_close(getattr(r, name), torch.cat([getattr(ri, name) for ri in rows]),
+                                   rtol=1e-12, atol=1e-12)
+    for a, p in zip(g, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_pondernet_matches_the_papers_equations():
+    model = pondernet(max_steps=6, eps=0.05, lambda_p=0.3, beta=1.0).train()
+    x = torch.randn(5, D, dtype=torch.float64)
+    r = model(x)
+    prior = torch.tensor([0.3 * 0.7**n for n in range(6)], dtype=torch.float64)
+    prior = prior / prior.sum()
+    kls = []
+    for i in range(5):
+        s, unhalted, p = x[i:i + 1], 1.0, []
+        for n in range(6):
+            s = model.blocks[0](s)
+            lam = 1.0 if n == 5 else torch.sigmoid(model.halting.head(s)).item()
+            if unhalted * (1 - lam) <= 0.05 or n == 5:
+                p.append(unhalted)  # the remaining mass at the last executed step
+                break
+            p.append(unhalted * lam)
+            unhalted *= 1 - lam
+        row = torch.tensor(p + [0.0] * (6 - len(p)), dtype=torch.float64)
+        torch.testing.assert_close(r.halting[i], row)
+        assert r.steps[i] == len(p)
+        nz = row > 0
+        kls.append((row[nz] * (row[nz].log() - prior[nz].log())).sum())
+    torch.testing.assert_close(r.halting.sum(1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(r.aux_loss, torch.stack(kls).mean())
+
+
+def test_pondernet_evaluation_halts_at_the_median():
+    model = pondernet(max_steps=8).eval()
+    x = torch.randn(6, D, dtype=torch.float64)
+    r = model(x)
+    cum = r.halting.cumsum(1)
+    for i in range(6):
+        n = int(r.steps[i])
+        assert cum[i, n - 1] >= 0.5 - 1e-12 and (n == 1 or cum[i, n - 2] < 0.5)
+        torch.testing.assert_close(r.output[i], r.step_states[i, n - 1])
+
+
+def test_expected_loss_errors():
+    r = make("act")(torch.randn(3, D))
+    with pytest.raises(DynamicError, match="needs PonderNetHalting"):
+        r.expected_loss(torch.zeros(3, 5))
+    p = pondernet()(torch.randn(3, D, dtype=torch.float64))
+    with pytest.raises(DynamicError, match=r"per_step_loss must have shape \[3, 6\]"):
+        p.expected_loss(torch.zeros(3, 5))
+
+
+# --------------------------------------------------------------------------- nesting
+
+
+class BranchyBlock(nn.Module):
+    """A block that routes each sample through one of two layers (a branch inside a step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, s):
+        return s + adaptnet.branch(s[:, 0] > 0, lambda v: torch.tanh(self.a(v)),
+                                   lambda v: torch.sin(self.b(v)), s)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_a_branch_inside_an_adaptive_depth_step_equals_per_sample_loop(B, seed):
+    torch.manual_seed(seed)
+    model = AdaptiveDepth(BranchyBlock(), ACTHalting(nn.Linear(D, 1), eps=0.1, time_penalty=0.1),
+                          max_steps=5).double()
+    with torch.no_grad():
+        model.halting.head.bias.fill_(-1.0)
+    x = torch.randn(B, D, dtype=torch.float64)
+    w = torch.randn(B, D, dtype=torch.float64)
+    got = loss_and_grads(model, x, batched(w))
+    want = loss_and_grads(model, x, per_sample(w))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1], want[1])
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-10, atol=1e-12)

@@ -3,7 +3,13 @@
 Partition, don't mask: see docs/dynamic.md.
 """
 
-from adaptnet.dynamic._depth import ACTHalting, AdaptiveDepth, DepthResult, ThresholdHalting
+from adaptnet.dynamic._depth import (
+    ACTHalting,
+    AdaptiveDepth,
+    DepthResult,
+    PonderNetHalting,
+    ThresholdHalting,
+)
 from adaptnet.dynamic._exit import Calibration, EarlyExit, ExitResult, calibrate_exits
 from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
@@ -19,6 +25,7 @@ __all__ = [
     "MacCount",
     "MoE",
     "MoEResult",
+    "PonderNetHalting",
     "ThresholdHalting",
     "branch",
     "calibrate_exits",

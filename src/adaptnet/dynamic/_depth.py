@@ -16,15 +16,27 @@ merged back into the original order with one gather.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from adaptnet.errors import DynamicError
 
-__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "ThresholdHalting"]
+__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
+
+
+class Step(NamedTuple):
+    """A halting policy's decision for the active rows after one step."""
+
+    done: torch.Tensor  # (b,) bool: halts now
+    weight: torch.Tensor | None  # (b,) weight of this state in the output; None: output = state
+    carry: dict[str, torch.Tensor]  # per-row policy state, row-aligned
+    cost: torch.Tensor  # (b,) contribution to the ponder cost
+    prob: torch.Tensor | None = None  # (b,) halting probability of this step (PonderNet)
 
 
 @dataclass(frozen=True)
@@ -38,13 +50,41 @@ class DepthResult:
         ponder: ``(B,)`` ponder cost per sample: ``N + R`` for ACT (``R`` carries
             gradient), the step count for the threshold policy.
         aux_loss: scalar to add to the task loss: ``time_penalty * ponder.mean()``
-            for ACT, zero for the threshold policy.
+            for ACT, ``beta * KL(halting || geometric prior)`` for PonderNet, zero
+            for the threshold policy.
+        halting: PonderNet only: ``(B, max_steps)`` probability of halting at each
+            step (zero after a sample's last executed step; rows sum to 1).
+        step_states: PonderNet only: ``(B, max_steps, ...)`` the state after each
+            step (zero after a sample's last executed step), for the expected loss
+            ``sum_n halting[:, n] * loss(step_states[:, n])``.
     """
 
     output: torch.Tensor
     steps: torch.Tensor
     ponder: torch.Tensor
     aux_loss: torch.Tensor
+    halting: torch.Tensor | None = None
+    step_states: torch.Tensor | None = None
+
+    def expected_loss(self, per_step_loss: torch.Tensor) -> torch.Tensor:
+        """PonderNet's reconstruction loss: ``mean_b sum_n halting[b, n] * per_step_loss[b, n]``.
+
+        Args:
+            per_step_loss: ``(B, max_steps)`` the task loss of each step's state
+                (values after a sample's last step are ignored).
+
+        Raises:
+            DynamicError: the result has no halting distribution (not PonderNet).
+        """
+        if self.halting is None:
+            raise DynamicError("expected_loss() needs PonderNetHalting; this result has no "
+                               "halting distribution.")
+        if per_step_loss.shape != self.halting.shape:
+            raise DynamicError(f"expected_loss(): per_step_loss must have shape "
+                               f"{list(self.halting.shape)} (B, max_steps), got "
+                               f"{list(per_step_loss.shape)}.")
+        mask = self.halting > 0  # keep 0 * NaN from unexecuted steps out of the sum
+        return torch.where(mask, self.halting * per_step_loss, 0.0).sum(1).mean()
 
 
 class ThresholdHalting(nn.Module):
@@ -73,7 +113,8 @@ class ThresholdHalting(nn.Module):
     def step(self, state, carry, last):
         done = (_halting_prob(self.head, state) >= self.threshold) | last
         # weight None: the output is the last executed state itself (no 0 * state arithmetic)
-        return done, None, carry, torch.ones(done.shape, dtype=state.dtype, device=state.device)
+        return Step(done, None, carry, torch.ones(done.shape, dtype=state.dtype,
+                                                  device=state.device))
 
 
 class ACTHalting(nn.Module):
@@ -112,7 +153,69 @@ class ACTHalting(nn.Module):
         remainder = 1.0 - cum
         weight = torch.where(done, remainder, h)
         cost = torch.where(done, 1.0 + remainder, torch.ones_like(h))  # sums to N + R
-        return done, weight, {"cum": cum + h}, cost
+        return Step(done, weight, {"cum": cum + h}, cost)
+
+
+class PonderNetHalting(nn.Module):
+    """PonderNet (Banino et al. 2021, "PonderNet: Learning to Ponder").
+
+    At step ``n`` the head gives ``lambda_n = sigmoid(head(state_n))`` (``1`` at
+    ``max_steps``); the probability of halting at ``n`` is
+    ``p_n = lambda_n * prod_{j<n} (1 - lambda_j)``.
+
+    - **Training**, as in the paper: each sample runs until its unhalted mass
+      ``prod (1 - lambda_j)`` is at most ``eps`` (the rest of the mass goes to its
+      last step), and the result carries ``halting`` ``p`` and ``step_states`` for
+      the expected loss (:meth:`DepthResult.expected_loss`); ``output`` is the
+      expected state ``sum_n p_n state_n``; ``aux_loss`` is
+      ``beta * KL(p || Geometric(lambda_p))``, the prior truncated to ``max_steps``.
+    - **Evaluation**, deterministic: a sample halts at the median of its halting
+      distribution (the first step where ``sum_{j<=n} p_j >= 0.5``); ``output``
+      is that step's state. (The paper samples the halting step at inference.)
+
+    Raises:
+        DynamicError: ``lambda_p`` or ``eps`` outside (0, 1), or a negative ``beta``.
+    """
+
+    def __init__(self, head: nn.Module, lambda_p: float = 0.2, beta: float = 0.01,
+                 eps: float = 0.05) -> None:
+        super().__init__()
+        for name, value in (("lambda_p", lambda_p), ("eps", eps)):
+            if not 0.0 < float(value) < 1.0:
+                raise DynamicError(f"PonderNetHalting: {name} must lie in (0, 1), got "
+                                   f"{value!r}.")
+        if float(beta) < 0:
+            raise DynamicError(f"PonderNetHalting: beta must be >= 0, got {beta!r}.")
+        self.head = head
+        self.lambda_p, self.beta, self.eps = float(lambda_p), float(beta), float(eps)
+
+    def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"unhalted": like.new_ones(b)}
+
+    def step(self, state, carry, last):
+        lam = torch.where(last, torch.ones_like(last, dtype=state.dtype),
+                          _halting_prob(self.head, state))
+        unhalted = carry["unhalted"]
+        p = unhalted * lam
+        left = unhalted * (1.0 - lam)
+        if self.training:
+            done = (left <= self.eps) | last
+            p = torch.where(done, unhalted, p)  # the remaining mass goes to the last step
+            weight = p
+        else:
+            done = (left <= 0.5) | last  # the median of the halting distribution
+            weight = None
+        cost = torch.ones(done.shape, dtype=state.dtype, device=state.device)
+        return Step(done, weight, {"unhalted": left}, cost, p)
+
+    def kl_to_prior(self, halting: torch.Tensor) -> torch.Tensor:
+        """``mean_b KL(halting[b] || truncated Geometric(lambda_p))``."""
+        n = torch.arange(halting.shape[1], dtype=halting.dtype, device=halting.device)
+        log_prior = math.log(self.lambda_p) + n * math.log(1.0 - self.lambda_p)
+        log_prior = log_prior - torch.logsumexp(log_prior, 0)  # truncated to max_steps
+        mask = halting > 0
+        terms = torch.where(mask, halting * (halting.clamp_min(1e-30).log() - log_prior), 0.0)
+        return terms.sum(1).mean()
 
 
 class AdaptiveDepth(nn.Module):
@@ -121,7 +224,8 @@ class AdaptiveDepth(nn.Module):
     Args:
         blocks: one block (shared by every step) or a sequence of blocks, each
             mapping a ``(b, ...)`` state to a state of the same shape.
-        halting: :class:`ThresholdHalting` or :class:`ACTHalting`.
+        halting: :class:`ThresholdHalting`, :class:`ACTHalting` or
+            :class:`PonderNetHalting`.
         max_steps: the bound on every sample's loop.
         order: block index for each step, ``len(order) == max_steps``; default
             cycles through the blocks (``t % len(blocks)``).
@@ -143,7 +247,7 @@ class AdaptiveDepth(nn.Module):
     """
 
     def __init__(self, blocks: nn.Module | Sequence[nn.Module],
-                 halting: ThresholdHalting | ACTHalting, max_steps: int,
+                 halting: ThresholdHalting | ACTHalting | PonderNetHalting, max_steps: int,
                  order: Sequence[int] | None = None) -> None:
         super().__init__()
         pool = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
@@ -158,9 +262,9 @@ class AdaptiveDepth(nn.Module):
                 f"AdaptiveDepth: order must list {max_steps} block indices (one per step) in "
                 f"[0, {len(pool)}), got {order!r}."
             )
-        if not isinstance(halting, ThresholdHalting | ACTHalting):
-            raise DynamicError(f"AdaptiveDepth: halting must be ThresholdHalting or "
-                               f"ACTHalting, got {type(halting).__name__}.")
+        if not isinstance(halting, ThresholdHalting | ACTHalting | PonderNetHalting):
+            raise DynamicError(f"AdaptiveDepth: halting must be ThresholdHalting, ACTHalting "
+                               f"or PonderNetHalting, got {type(halting).__name__}.")
         self.blocks = nn.ModuleList(pool)
         self.halting = halting
         self.max_steps = max_steps
@@ -174,6 +278,7 @@ class AdaptiveDepth(nn.Module):
         carry = self.halting.start(B, x.new_empty(0))
         cost = x.new_zeros(B)
         done_parts: list[tuple[torch.Tensor, ...]] = []  # (ids, output, steps, ponder)
+        trace: list[tuple[torch.Tensor, ...]] = []  # PonderNet: (flat (id, step), p, state)
         for t, block_index in enumerate(self.order):
             if ids.numel() == 0:
                 break
@@ -182,7 +287,9 @@ class AdaptiveDepth(nn.Module):
                 raise DynamicError(f"AdaptiveDepth: block {block_index} maps {list(state.shape)} "
                                    f"to {list(new.shape)}; blocks must keep the state's shape.")
             last = torch.full_like(ids, t == self.max_steps - 1, dtype=torch.bool)
-            done, weight, carry, step_cost = self.halting.step(new, carry, last)
+            done, weight, carry, step_cost, prob = self.halting.step(new, carry, last)
+            if prob is not None:
+                trace.append((ids * self.max_steps + t, prob, new))
             out = new if weight is None else acc + weight.view(-1, *[1] * (x.dim() - 1)) * new
             cost = cost + step_cost
             if done.any():
@@ -203,9 +310,22 @@ class AdaptiveDepth(nn.Module):
         inverse[order] = torch.arange(B, device=x.device)
         output, steps, ponder = (torch.cat([p[i] for p in done_parts]).index_select(0, inverse)
                                  for i in (1, 2, 3))
+        if trace:
+            return self._pondernet_result(x, output, steps, ponder, trace)
         penalty = getattr(self.halting, "time_penalty", 0.0)
         aux = penalty * ponder.mean() if penalty else ponder.new_zeros(())
         return DepthResult(output, steps, ponder, aux)
+
+    def _pondernet_result(self, x, output, steps, ponder, trace) -> DepthResult:
+        """Scatter the per-step probabilities and states into (B, max_steps[, ...])."""
+        B, S = x.shape[0], self.max_steps
+        flat = torch.cat([t[0] for t in trace])
+        halting = x.new_zeros(B * S).index_add(0, flat, torch.cat([t[1] for t in trace]))
+        states = x.new_zeros(B * S, *x.shape[1:]).index_add(0, flat,
+                                                            torch.cat([t[2] for t in trace]))
+        halting = halting.view(B, S)
+        aux = self.halting.beta * self.halting.kl_to_prior(halting)
+        return DepthResult(output, steps, ponder, aux, halting, states.view(B, S, *x.shape[1:]))
 
 
 def _halting_prob(head: nn.Module, state: torch.Tensor) -> torch.Tensor:
