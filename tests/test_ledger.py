@@ -99,3 +99,65 @@ def test_adaptive_depth_pays_for_executed_steps():
 def test_moe_pays_for_k_experts_per_token():
     moe = adaptnet.MoE([nn.Linear(8, 8) for _ in range(6)], nn.Linear(8, 6), k=2)
     assert macs(lambda: moe(torch.randn(20, 8))) == 20 * 8 * 6 + 20 * 2 * 64
+
+
+# --------------------------------------------------------------------------- per sample
+
+
+def test_per_sample_charges_each_row_for_its_own_path():
+    pre, a, b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 16),
+                                                             nn.Linear(16, 8))
+    x = torch.randn(6, 8)
+    pred = torch.tensor([True, False, True, True, False, False])
+    with adaptnet.count_macs(batch_size=6) as m:
+        adaptnet.branch(pred, a, b, pre(x))
+    expected = torch.where(pred, 64.0, 256.0).double() + 64  # its path + its share of `pre`
+    torch.testing.assert_close(m.per_sample, expected)
+    assert m.per_sample.sum().item() == m.total
+
+
+def test_per_sample_follows_adaptive_depth_and_nesting():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small, self.big = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 8),
+                                                                  nn.Linear(8, 4))
+
+        def forward(self, s):
+            return s + adaptnet.branch(s[:, 0] > 0, self.small, self.big, s)
+
+    torch.manual_seed(0)
+    depth = adaptnet.AdaptiveDepth(Branchy(), adaptnet.ThresholdHalting(nn.Linear(4, 1), 0.6),
+                                   max_steps=5)
+    x = torch.randn(10, 4)
+    with adaptnet.count_macs(batch_size=10) as m:
+        r = depth(x)
+    for i in range(10):  # replay sample i alone and count what it ran
+        with adaptnet.count_macs() as alone:
+            ri = depth(x[i:i + 1])
+        assert ri.steps.item() == r.steps[i].item()
+        assert m.per_sample[i].item() == alone.total
+    assert m.per_sample.sum().item() == m.total
+
+
+def test_per_sample_for_early_exit_and_moe():
+    torch.manual_seed(1)
+    net = adaptnet.EarlyExit([nn.Linear(6, 6), nn.Linear(6, 6)], [nn.Linear(6, 3)] * 2,
+                             thresholds=0.45).eval()
+    x = torch.randn(12, 6)
+    with adaptnet.count_macs(batch_size=12) as m:
+        r = net(x)
+    costs = net.exit_macs(x[:1])
+    assert m.per_sample.tolist() == [float(costs[i]) for i in r.exit_index.tolist()]
+    assert 0 < r.exit_index.sum() < 12  # both exits used
+
+    moe = adaptnet.MoE([nn.Linear(6, 6) for _ in range(4)], nn.Linear(6, 4), k=2)
+    with adaptnet.count_macs(batch_size=12) as m:
+        moe(x)
+    assert m.per_sample.tolist() == [6.0 * 4 + 2 * 36] * 12  # router + two experts each
+
+
+def test_without_batch_size_there_is_no_per_sample_tensor():
+    with adaptnet.count_macs() as m:
+        adaptnet.branch(torch.tensor([True, False]), torch.neg, torch.exp, torch.randn(2, 3))
+    assert m.per_sample is None

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from adaptnet.dynamic._ledger import active_rows
 from adaptnet.errors import DynamicError
 
 __all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
@@ -282,12 +283,14 @@ class AdaptiveDepth(nn.Module):
         for t, block_index in enumerate(self.order):
             if ids.numel() == 0:
                 break
-            new = self.blocks[block_index](state)
-            if new.shape != state.shape:
-                raise DynamicError(f"AdaptiveDepth: block {block_index} maps {list(state.shape)} "
-                                   f"to {list(new.shape)}; blocks must keep the state's shape.")
-            last = torch.full_like(ids, t == self.max_steps - 1, dtype=torch.bool)
-            done, weight, carry, step_cost, prob = self.halting.step(new, carry, last)
+            with active_rows(ids):
+                new = self.blocks[block_index](state)
+                if new.shape != state.shape:
+                    raise DynamicError(
+                        f"AdaptiveDepth: block {block_index} maps {list(state.shape)} to "
+                        f"{list(new.shape)}; blocks must keep the state's shape.")
+                last = torch.full_like(ids, t == self.max_steps - 1, dtype=torch.bool)
+                done, weight, carry, step_cost, prob = self.halting.step(new, carry, last)
             if prob is not None:
                 trace.append((ids * self.max_steps + t, prob, new))
             out = new if weight is None else acc + weight.view(-1, *[1] * (x.dim() - 1)) * new

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptnet.dynamic._ledger import count_macs
+from adaptnet.dynamic._ledger import active_rows, count_macs
 from adaptnet.errors import DynamicError
 
 __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
@@ -139,8 +139,9 @@ class EarlyExit(nn.Module):
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
             if ids.numel() == 0:
                 break
-            h = stage(h)
-            logits = head(h)
+            with active_rows(ids):
+                h = stage(h)
+                logits = head(h)
             if i == last:
                 parts.append((ids, logits, i))
                 break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["MacCount", "count_macs"]
+__all__ = ["MacCount", "active_rows", "count_macs"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -33,20 +34,78 @@ class MacCount:
         by_module: per module, named as ``FlopCounterMode`` names them
             (class-rooted paths such as ``"Sequential.0"``); a module's count
             includes its children's.
+        per_sample: with ``count_macs(batch_size=B)``, a ``(B,)`` float64 tensor:
+            the multiply-adds each input row caused. Work inside adaptnet's
+            dynamic constructs is charged to the rows it ran for (a path, the
+            samples still active at a step, an exit, an expert's tokens); other
+            work is shared equally by all ``B`` rows. ``per_sample.sum()`` equals
+            ``total``.
     """
 
     total: int = 0
     by_module: dict[str, int] = field(default_factory=dict)
+    per_sample: torch.Tensor | None = None
+
+
+class _Ledger:
+    """Attributes the counter's running total to the rows active between boundaries."""
+
+    def __init__(self, counter: FlopCounterMode, batch_size: int) -> None:
+        self.counter = counter
+        self.per_sample = torch.zeros(batch_size, dtype=torch.float64)
+        self.ids: torch.Tensor | None = None  # active rows, as input row numbers
+        self.mark = 0
+
+    def flush(self) -> None:
+        flops = self.counter.get_total_flops()
+        delta, self.mark = flops - self.mark, flops
+        if delta == 0:
+            return
+        if self.ids is None:
+            self.per_sample += delta / 2 / len(self.per_sample)
+        elif len(self.ids):
+            self.per_sample.index_add_(0, self.ids, torch.full((len(self.ids),),
+                                                               delta / 2 / len(self.ids),
+                                                               dtype=torch.float64))
+
+
+_LEDGER: ContextVar[_Ledger | None] = ContextVar("adaptnet_ledger", default=None)
 
 
 @contextlib.contextmanager
-def count_macs() -> Iterator[MacCount]:
+def active_rows(ids: torch.Tensor) -> Iterator[None]:
+    """Charge the work in this block to rows ``ids`` of the enclosing block's rows.
+
+    Dynamic constructs wrap each sub-batch call in it (row ``r`` of the
+    sub-batch is row ``ids[r]`` of their input). A no-op unless a
+    ``count_macs(batch_size=...)`` block is active.
+    """
+    ledger = _LEDGER.get()
+    if ledger is None:
+        yield
+        return
+    ledger.flush()
+    outer = ledger.ids
+    ids = ids.detach().to("cpu", torch.long)
+    ledger.ids = ids if outer is None else outer[ids]
+    try:
+        yield
+    finally:
+        ledger.flush()
+        ledger.ids = outer
+
+
+@contextlib.contextmanager
+def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
     """Count the multiply-adds executed in the block.
 
     Matrix products count ``m*n*k`` (a Linear layer on ``b`` rows: ``b*in*out``),
     convolutions ``out_elements * in_channels/groups * kernel``, attention its two
     matmuls plus projections, recurrent layers ``steps * gates * hidden * (in + hidden)``
     per layer and direction. Elementwise work is not counted.
+
+    Args:
+        batch_size: the number of input rows ``B``; given, ``per_sample`` is filled.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -70,6 +129,8 @@ def count_macs() -> Iterator[MacCount]:
             for name in entry[1] | {"Global"}:
                 counter.flop_counts[name][torch.ops.aten.lstm] += 2 * entry[2]
 
+    ledger = _Ledger(counter, batch_size) if batch_size is not None else None
+    token = _LEDGER.set(ledger)
     with counter:
         hooks = (nn.modules.module.register_module_forward_pre_hook(before),
                  nn.modules.module.register_module_forward_hook(after))
@@ -78,6 +139,10 @@ def count_macs() -> Iterator[MacCount]:
         finally:
             for h in hooks:
                 h.remove()
+            _LEDGER.reset(token)
+            if ledger is not None:
+                ledger.flush()
+                result.per_sample = ledger.per_sample
     counts = counter.get_flop_counts()
     result.total = counter.get_total_flops() // 2
     result.by_module = {name: sum(ops.values()) // 2 for name, ops in counts.items()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adaptnet.dynamic._ledger import active_rows
 from adaptnet.errors import DynamicError
 
 __all__ = ["MoE", "MoEResult"]
@@ -121,8 +122,9 @@ class MoE(nn.Module):
         outs, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                outs.append(self.experts[e](tokens.index_select(0, token_sorted[start:start
-                                                                                + count])))
+                rows = token_sorted[start:start + count]
+                with active_rows(rows):
+                    outs.append(self.experts[e](tokens.index_select(0, rows)))
             start += count
         widths = {o.shape[1:] for o in outs}
         if len(widths) > 1:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree  # what torch.func and torch.export use
 
+from adaptnet.dynamic._ledger import active_rows
 from adaptnet.errors import RoutingError
 
 __all__ = ["branch", "switch"]
@@ -136,7 +137,8 @@ def _route(index: torch.Tensor, fns: Sequence[Callable], inputs: tuple, names: t
         else:
             sub = [v.index_select(0, idx) if b else v
                    for v, b in zip(leaves, batched, strict=True)]
-        out = fns[k](*pytree.tree_unflatten(sub, spec))
+        with active_rows(idx):
+            out = fns[k](*pytree.tree_unflatten(sub, spec))
         parts.append(idx)
         taken.append(k)
         outs.append(out)
