@@ -198,3 +198,12 @@ def test_calibration_errors():
 def test_bad_arguments_are_dynamic_errors(build, match):
     with pytest.raises(DynamicError, match=match):
         build()
+
+
+def test_eager_parity_under_torch_compile():
+    model = make("max_prob", 0.4).eval()
+    x = torch.randn(9, D)
+    compiled = torch.compile(model, backend="aot_eager")  # exit decisions break the graph
+    a, b = compiled(x), model(x)
+    torch.testing.assert_close(a.logits, b.logits)
+    assert torch.equal(a.exit_index, b.exit_index)
