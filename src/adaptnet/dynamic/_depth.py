@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from adaptnet.dynamic._ledger import active_rows
+from adaptnet.dynamic._route import merge_rows
 from adaptnet.errors import DynamicError
 
 __all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
@@ -308,11 +309,7 @@ class AdaptiveDepth(nn.Module):
             empty = x.new_zeros(0)
             return DepthResult(x, torch.zeros(0, dtype=torch.long, device=x.device), empty,
                                empty.sum())
-        order = torch.cat([p[0] for p in done_parts])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=x.device)
-        output, steps, ponder = (torch.cat([p[i] for p in done_parts]).index_select(0, inverse)
-                                 for i in (1, 2, 3))
+        output, steps, ponder = merge_rows(*([p[i] for p in done_parts] for i in range(4)))
         if trace:
             return self._pondernet_result(x, output, steps, ponder, trace)
         penalty = getattr(self.halting, "time_penalty", 0.0)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptnet.dynamic._ledger import active_rows, count_macs
+from adaptnet.dynamic._route import merge_rows
 from adaptnet.errors import DynamicError
 
 __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
@@ -154,11 +155,8 @@ class EarlyExit(nn.Module):
             logits = self.all_exits(x)[-1]
             return ExitResult(logits, torch.zeros(0, dtype=torch.long, device=x.device), (),
                               self.weights)
-        order = torch.cat([p[0] for p in parts])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=x.device)
-        logits = torch.cat([p[1] for p in parts]).index_select(0, inverse)
-        index = torch.cat([torch.full_like(p[0], p[2]) for p in parts]).index_select(0, inverse)
+        logits, index = merge_rows([p[0] for p in parts], [p[1] for p in parts],
+                                   [torch.full_like(p[0], p[2]) for p in parts])
         return ExitResult(logits, index, (), self.weights)
 
     def exit_macs(self, sample: torch.Tensor) -> list[int]:

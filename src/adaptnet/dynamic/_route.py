@@ -145,12 +145,20 @@ def _route(index: torch.Tensor, fns: Sequence[Callable], inputs: tuple, names: t
     out_leaves, out_spec = _check_outputs(outs, parts, taken, names, caller)
     if len(parts) == 1:
         return outs[0]
-    perm = torch.cat(parts)  # position in the concatenation -> original sample
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(B, device=perm.device)
-    merged = [torch.cat(column).index_select(0, inverse) for column in zip(*out_leaves,
-                                                                             strict=True)]
+    merged = merge_rows(parts, *(list(column) for column in zip(*out_leaves, strict=True)))
     return pytree.tree_unflatten(merged, out_spec)
+
+
+def merge_rows(ids: list[torch.Tensor], *columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Put row blocks back in input order with one gather per column.
+
+    ``ids[j]`` are the input rows of block ``j`` (together, each row exactly
+    once); each column lists one tensor per block, with matching rows.
+    """
+    order = torch.cat(ids)  # position in the concatenation -> input row
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return [torch.cat(column).index_select(0, inverse) for column in columns]
 
 
 def _check_outputs(outs: list, parts: list[torch.Tensor], taken: list[int],
