@@ -21,14 +21,8 @@ Target (issue 3): adaptive ≤ 1.15 × (mean/max) × full.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
-from _common import RESULTS, machine
+from _common import machine_line, medians, parse_args, publish, time_steps
 from torch import nn
 
 import adaptnet
@@ -94,24 +88,8 @@ def run(batch: int, d: int, h: int, max_steps: int, rounds: int, iters: int) -> 
     torch.testing.assert_close(adaptive(), masked())
     torch.testing.assert_close(adaptive(), hand())
     fns = {"adaptive": adaptive, "hand": hand, "full": full, "fixed": fixed, "masked": masked}
-    params = list(block.parameters())
-
-    def step(fn, n):
-        start = time.perf_counter()
-        for _ in range(n):
-            for p in params:
-                p.grad = None
-            fn()[:, :-1].square().mean().backward()
-        return (time.perf_counter() - start) / n
-
-    for fn in fns.values():
-        step(fn, 1)
-    names = list(fns)
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            times[k].append(step(fns[k], iters))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(time_steps(fns, list(block.parameters()), rounds, iters,
+                             loss=lambda out: out[:, :-1].square().mean()))
     return {"batch": batch, "dim": d, "hidden": h, "max_steps": max_steps,
             "mean_steps": budgets.mean().item(), "mean_over_max": ratio,
             "rounds": rounds, "iters": iters, "ms": {k: v * 1e3 for k, v in med.items()},
@@ -124,10 +102,10 @@ def run(batch: int, d: int, h: int, max_steps: int, rounds: int, iters: int) -> 
 
 
 def markdown(result: dict) -> str:
-    m, r = result["machine"], result["run"]
+    r = result["run"]
     t = r["ms"]
     return "\n".join([
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
+        machine_line(result["machine"]),
         "",
         "| B | mean/max steps | adaptive | hand | full | fixed loop | masked | adaptive / full | "
         "target | hand / full | adaptive / hand | full / fixed | masked / adaptive |",
@@ -144,22 +122,12 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     if args.quick:
         r = run(16, 8, 16, 10, args.rounds or 3, 2)
     else:
         r = run(256, 256, 1024, 10, args.rounds or 25, 4)
-    result = {"command": "python benchmarks/bench_depth.py" + (" --quick" if args.quick else ""),
-              "machine": machine(), "run": r}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "depth-quick" if args.quick else "depth"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    publish("depth", args, {"run": r}, markdown)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,8 @@ Target (issue 3): moe ≤ 1.3 × (2/8) × dense.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
-from _common import RESULTS, machine
+from _common import machine_line, medians, parse_args, publish, time_steps
 from torch import nn
 
 import adaptnet
@@ -43,33 +37,17 @@ def run(tokens: int, d: int, h: int, E: int, k: int, rounds: int, iters: int) ->
         return sum(weights[:, e:e + 1] * experts[e](x) for e in range(E))
 
     torch.testing.assert_close(sparse(), dense(), rtol=1e-4, atol=1e-5)
-    fns = {"moe": sparse, "dense": dense}
-    params = list(moe.parameters())
-
-    def step(fn, n):
-        start = time.perf_counter()
-        for _ in range(n):
-            for p in params:
-                p.grad = None
-            fn().square().mean().backward()
-        return (time.perf_counter() - start) / n
-
-    for fn in fns.values():
-        step(fn, 1)
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (["moe", "dense"] if r % 2 == 0 else ["dense", "moe"]):
-            times[name].append(step(fns[name], iters))
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = medians(time_steps({"moe": sparse, "dense": dense}, list(moe.parameters()), rounds,
+                             iters))
     return {"tokens": tokens, "dim": d, "hidden": h, "experts": E, "k": k, "rounds": rounds,
             "iters": iters, "ms": {name: v * 1e3 for name, v in med.items()},
             "moe_vs_dense": med["moe"] / med["dense"], "target": 1.3 * k / E}
 
 
 def markdown(result: dict) -> str:
-    m, r = result["machine"], result["run"]
+    r = result["run"]
     return "\n".join([
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
+        machine_line(result["machine"]),
         "",
         "| tokens | experts | k | moe (ms) | dense (ms) | moe / dense | target |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -82,22 +60,12 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     if args.quick:
         r = run(64, 8, 16, 8, 2, args.rounds or 3, 2)
     else:
         r = run(2048, 256, 1024, 8, 2, args.rounds or 15, 3)
-    result = {"command": "python benchmarks/bench_moe.py" + (" --quick" if args.quick else ""),
-              "machine": machine(), "run": r}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "moe-quick" if args.quick else "moe"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    publish("moe", args, {"run": r}, markdown)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,8 @@ Targets (issue 3): branch ≤ 1.10× static at B=256; masked ≥ 1.8× branch; l
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import torch
-from _common import RESULTS, machine
+from _common import machine_line, medians, parse_args, publish, time_steps
 from torch import nn
 
 import adaptnet
@@ -55,15 +49,6 @@ def variants(a: nn.Module, b: nn.Module) -> dict:
     return {"static": static, "branch": branch, "hand": hand, "masked": masked, "loop": loop}
 
 
-def step(fn, pred, x, params, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        for p in params:
-            p.grad = None
-        fn(pred, x).square().mean().backward()
-    return (time.perf_counter() - start) / iters
-
-
 def run(batch: int, d: int, h: int, rounds: int, iters: int) -> dict:
     torch.manual_seed(0)
     a, b = mlp(d, h), mlp(d, h)
@@ -74,15 +59,9 @@ def run(batch: int, d: int, h: int, rounds: int, iters: int) -> dict:
     ref = fns["masked"](pred, x)
     for name in ("branch", "hand", "loop"):
         torch.testing.assert_close(fns[name](pred, x), ref, rtol=1e-4, atol=1e-5)
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        step(fn, pred, x, params, 2)  # warm-up
-    names = list(fns)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            n = max(1, iters // 10) if k == "loop" else iters
-            times[k].append(step(fns[k], pred, x, params, n))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    calls = {k: (lambda f=f: f(pred, x)) for k, f in fns.items()}
+    counts = {k: max(1, iters // 10) if k == "loop" else iters for k in fns}
+    med = medians(time_steps(calls, params, rounds, counts))
     return {"batch": batch, "dim": d, "hidden": h, "rounds": rounds, "iters": iters,
             "ms": {k: v * 1e3 for k, v in med.items()},
             "branch_vs_static": med["branch"] / med["static"],
@@ -92,9 +71,7 @@ def run(batch: int, d: int, h: int, rounds: int, iters: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-             f"Python {m['python']}.", "",
+    lines = [machine_line(result["machine"]), "",
              "| B | static | branch | hand | masked | loop | branch / static | "
              "branch / hand | masked / branch | loop / branch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -112,22 +89,12 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     if args.quick:
         runs = [run(16, 8, 16, args.rounds or 3, 4)]
     else:
         runs = [run(batch, 256, 1024, args.rounds or 15, 20) for batch in (256, 512)]
-    result = {"command": "python benchmarks/bench_route.py" + (" --quick" if args.quick else ""),
-              "machine": machine(), "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "route-quick" if args.quick else "route"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    publish("route", args, {"runs": runs}, markdown)
 
 
 if __name__ == "__main__":

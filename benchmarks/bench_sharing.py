@@ -16,8 +16,6 @@ rounds. Writes JSON and a Markdown table to ``benchmarks/results/``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, machine
+from _common import machine_line, parse_args, publish, time_steps
 from torch import nn
 
 import adaptnet
@@ -69,15 +67,6 @@ class HandTiedAE(nn.Module):
         return F.linear(torch.relu(self.encoder(x)), self.encoder.weight.t(), self.decoder_bias)
 
 
-def step_time(model: nn.Module, x: torch.Tensor, loss_fn, iters: int) -> float:
-    """Seconds per forward+backward, averaged over ``iters``."""
-    start = time.perf_counter()
-    for _ in range(iters):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x)).backward()
-    return (time.perf_counter() - start) / iters
-
-
 def overhead(rounds: int, iters: int, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     vocab, dim, layers, batch, seq = (200, 16, 1, 4, 8) if quick else (8000, 256, 2, 32, 32)
@@ -106,13 +95,9 @@ def overhead(rounds: int, iters: int, quick: bool) -> list[dict]:
     rows = []
     for name, ours, hand, inp, loss_fn, shape in cases:
         torch.testing.assert_close(ours(inp), hand(inp))  # same function before timing
-        for m in (ours, hand):
-            step_time(m, inp, loss_fn, max(2, iters // 5))  # warm-up
-        times = {"adaptnet": [], "hand": []}
-        for r in range(rounds):
-            order = [("adaptnet", ours), ("hand", hand)]
-            for label, m in order if r % 2 == 0 else order[::-1]:
-                times[label].append(step_time(m, inp, loss_fn, iters))
+        times = time_steps({"adaptnet": lambda m=ours, i=inp: m(i),
+                            "hand": lambda m=hand, i=inp: m(i)},
+                           [*ours.parameters(), *hand.parameters()], rounds, iters, loss_fn)
         a, h = statistics.median(times["adaptnet"]), statistics.median(times["hand"])
         ratios = [x / y for x, y in zip(times["adaptnet"], times["hand"], strict=True)]
         q1, _, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else (ratios * 3)
@@ -183,9 +168,7 @@ def persistence(rounds: int, quick: bool) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-             f"Python {m['python']}.", "",
+    lines = [machine_line(result["machine"]), "",
              "| case | shape | adaptnet (ms/step) | by hand (ms/step) | ratio | "
              "per-round ratio, IQR |",
              "|---|---|---:|---:|---:|---|"]
@@ -211,23 +194,12 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     rounds = args.rounds or (3 if args.quick else 31)
-    result = {
-        "command": "python benchmarks/bench_sharing.py" + (" --quick" if args.quick else ""),
-        "machine": machine(),
+    publish("sharing", args, {
         "overhead": overhead(rounds, 5 if args.quick else 10, args.quick),
         "persistence": persistence(rounds if args.quick else 9, args.quick),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "sharing-quick" if args.quick else "sharing"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    }, markdown)
 
 
 if __name__ == "__main__":
