@@ -309,6 +309,12 @@ def test_pondernet_evaluation_halts_at_the_median():
         torch.testing.assert_close(r.output[i], r.step_states[i, n - 1])
 
 
+def test_pondernet_empty_batch_has_an_empty_halting_distribution():
+    r = pondernet()(torch.zeros(0, D, dtype=torch.float64))
+    assert r.halting.shape == (0, 6) and r.step_states.shape == (0, 6, D)
+    assert r.expected_loss(torch.zeros(0, 6, dtype=torch.float64)).isnan()  # mean of nothing
+
+
 def test_expected_loss_errors():
     r = make("act")(torch.randn(3, D))
     with pytest.raises(DynamicError, match="needs PonderNetHalting"):

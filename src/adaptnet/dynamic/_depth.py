@@ -276,7 +276,7 @@ class AdaptiveDepth(nn.Module):
         B = x.shape[0]
         ids = torch.arange(B, device=x.device)
         state = x
-        acc = torch.zeros_like(x)  # ACT's weighted sum of states, row-aligned with ids
+        acc = None  # the weighted sum of states (ACT, PonderNet), row-aligned with ids
         carry = self.halting.start(B, x.new_empty(0))
         cost = x.new_zeros(B)
         done_parts: list[tuple[torch.Tensor, ...]] = []  # (ids, output, steps, ponder)
@@ -294,7 +294,11 @@ class AdaptiveDepth(nn.Module):
                 done, weight, carry, step_cost, prob = self.halting.step(new, carry, last)
             if prob is not None:
                 trace.append((ids * self.max_steps + t, prob, new))
-            out = new if weight is None else acc + weight.view(-1, *[1] * (x.dim() - 1)) * new
+            if weight is None:
+                out = new
+            else:
+                out = weight.view(-1, *[1] * (x.dim() - 1)) * new
+                out = out if acc is None else acc + out
             cost = cost + step_cost
             if done.any():
                 fin = done.nonzero().squeeze(1)
@@ -307,8 +311,11 @@ class AdaptiveDepth(nn.Module):
                 state, acc = new, out
         if not done_parts:  # B == 0
             empty = x.new_zeros(0)
-            return DepthResult(x, torch.zeros(0, dtype=torch.long, device=x.device), empty,
-                               empty.sum())
+            steps = torch.zeros(0, dtype=torch.long, device=x.device)
+            if isinstance(self.halting, PonderNetHalting):
+                return DepthResult(x, steps, empty, empty.sum(), x.new_zeros(0, self.max_steps),
+                                   x.new_zeros(0, self.max_steps, *x.shape[1:]))
+            return DepthResult(x, steps, empty, empty.sum())
         output, steps, ponder = merge_rows(*([p[i] for p in done_parts] for i in range(4)))
         if trace:
             return self._pondernet_result(x, output, steps, ponder, trace)
