@@ -155,6 +155,9 @@ def test_per_sample_for_early_exit_and_moe():
     with adaptnet.count_macs(batch_size=12) as m:
         moe(x)
     assert m.per_sample.tolist() == [6.0 * 4 + 2 * 36] * 12  # router + two experts each
+    with adaptnet.count_macs(batch_size=3) as m:  # (batch, tokens, features): rows are samples
+        moe(torch.randn(3, 4, 6))
+    assert m.per_sample.tolist() == [4 * (6.0 * 4 + 2 * 36)] * 3
 
 
 def test_without_batch_size_there_is_no_per_sample_tensor():

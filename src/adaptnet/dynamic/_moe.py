@@ -120,10 +120,11 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_expert[order], minlength=E).tolist()
         token_sorted = flat_token[order]
         outs, start = [], 0
+        tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
         for e, count in enumerate(counts):
             if count:
                 rows = token_sorted[start:start + count]
-                with active_rows(rows):
+                with active_rows(rows // tokens_per_row):
                     outs.append(self.experts[e](tokens.index_select(0, rows)))
             start += count
         widths = {o.shape[1:] for o in outs}
