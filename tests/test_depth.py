@@ -265,7 +265,8 @@ def test_pondernet_equals_per_sample_loop(B, training, seed):
         total = total + li + ri.aux_loss
         rows.append(ri)
     (total / B).backward()
-    for name in ("output", "steps", "halting", "step_states"):
+    names = ("steps", "halting", "step_states") + (() if training else ("output",))
+    for name in names:  # the training output is sampled: see the test below
         torch.testing.assert_close(getattr(r, name), torch.cat([getattr(ri, name) for ri in rows]),
                                    rtol=1e-12, atol=1e-12)
     for a, p in zip(g, model.parameters(), strict=True):
@@ -296,6 +297,18 @@ def test_pondernet_matches_the_papers_equations():
         kls.append((row[nz] * (row[nz].log() - prior[nz].log())).sum())
     torch.testing.assert_close(r.halting.sum(1), torch.ones(5, dtype=torch.float64))
     torch.testing.assert_close(r.aux_loss, torch.stack(kls).mean())
+
+
+def test_pondernet_training_output_is_sampled_from_the_halting_distribution():
+    model = pondernet(max_steps=6, eps=0.01).train()
+    x = torch.randn(1, D, dtype=torch.float64).expand(4000, D)  # one sample, many draws
+    torch.manual_seed(0)
+    r = model(x)
+    chosen = (r.output[:, None] == r.step_states).all(-1).double().argmax(1)
+    assert ((r.output[:, None] == r.step_states).all(-1).any(1)).all()  # always a real step
+    frequencies = torch.bincount(chosen, minlength=6).double() / 4000
+    assert (frequencies - r.halting[0]).abs().max() < 0.03
+    assert r.halting[0].count_nonzero() > 2  # several steps are likely
 
 
 def test_pondernet_evaluation_halts_at_the_median():

@@ -168,9 +168,10 @@ class PonderNetHalting(nn.Module):
     - **Training**, as in the paper: each sample runs until its unhalted mass
       ``prod (1 - lambda_j)`` is at most ``eps`` (the rest of the mass goes to its
       last step), and the result carries ``halting`` ``p`` and ``step_states`` for
-      the expected loss (:meth:`DepthResult.expected_loss`); ``output`` is the
-      expected state ``sum_n p_n state_n``; ``aux_loss`` is
-      ``beta * KL(p || Geometric(lambda_p))``, the prior truncated to ``max_steps``.
+      the expected loss (:meth:`DepthResult.expected_loss`); ``aux_loss`` is
+      ``beta * KL(p || Geometric(lambda_p))``, the prior truncated to
+      ``max_steps``. ``output`` is the state at a halting step *sampled* from
+      each sample's ``p`` (``torch.multinomial``; seed with ``torch.manual_seed``).
     - **Evaluation**, deterministic: a sample halts at the median of its halting
       distribution (the first step where ``sum_{j<=n} p_j >= 0.5``); ``output``
       is that step's state. (The paper samples the halting step at inference.)
@@ -203,12 +204,10 @@ class PonderNetHalting(nn.Module):
         if self.training:
             done = (left <= self.eps) | last
             p = torch.where(done, unhalted, p)  # the remaining mass goes to the last step
-            weight = p
         else:
             done = (left <= 0.5) | last  # the median of the halting distribution
-            weight = None
         cost = torch.ones(done.shape, dtype=state.dtype, device=state.device)
-        return Step(done, weight, {"unhalted": left}, cost, p)
+        return Step(done, None, {"unhalted": left}, cost, p)
 
     def kl_to_prior(self, halting: torch.Tensor) -> torch.Tensor:
         """``mean_b KL(halting[b] || truncated Geometric(lambda_p))``."""
@@ -330,9 +329,12 @@ class AdaptiveDepth(nn.Module):
         halting = x.new_zeros(B * S).index_add(0, flat, torch.cat([t[1] for t in trace]))
         states = x.new_zeros(B * S, *x.shape[1:]).index_add(0, flat,
                                                             torch.cat([t[2] for t in trace]))
-        halting = halting.view(B, S)
+        halting, states = halting.view(B, S), states.view(B, S, *x.shape[1:])
+        if self.halting.training:  # the output follows the halting distribution
+            sampled = torch.multinomial(halting.detach(), 1).squeeze(1)
+            output = states[torch.arange(B, device=x.device), sampled]
         aux = self.halting.beta * self.halting.kl_to_prior(halting)
-        return DepthResult(output, steps, ponder, aux, halting, states.view(B, S, *x.shape[1:]))
+        return DepthResult(output, steps, ponder, aux, halting, states)
 
 
 def _halting_prob(head: nn.Module, state: torch.Tensor) -> torch.Tensor:
