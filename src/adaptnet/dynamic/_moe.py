@@ -109,15 +109,19 @@ class MoE(nn.Module):
         flat_gate = gates.reshape(-1)
         flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         load = torch.bincount(flat_expert, minlength=E)  # (E,)
-        keep = torch.ones_like(flat_expert, dtype=torch.bool)
-        if self.capacity_factor is not None:
-            keep = _within_capacity(flat_expert, flat_gate, E,
-                                    math.ceil(self.capacity_factor * n * k / E))
 
         # Sorted dispatch: assignments grouped by expert, one call per expert.
-        kept = keep.nonzero().squeeze(1)
-        order = kept[torch.argsort(flat_expert[kept], stable=True)]
-        counts = torch.bincount(flat_expert[order], minlength=E).tolist()
+        if self.capacity_factor is None:
+            dropped = torch.zeros_like(flat_expert, dtype=torch.bool)
+            order = torch.argsort(flat_expert, stable=True)
+            counts = load.tolist()
+        else:
+            keep = _within_capacity(flat_expert, flat_gate, E,
+                                    math.ceil(self.capacity_factor * n * k / E))
+            dropped = ~keep
+            kept = keep.nonzero().squeeze(1)
+            order = kept[torch.argsort(flat_expert[kept], stable=True)]
+            counts = torch.bincount(flat_expert[order], minlength=E).tolist()
         token_sorted = flat_token[order]
         outs, start = [], 0
         tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
@@ -144,7 +148,7 @@ class MoE(nn.Module):
         else:
             aux = probs.new_zeros(())
         return MoEResult(output.reshape(*lead, *output.shape[1:]), top.reshape(*lead, k),
-                         gates.reshape(*lead, k), (~keep).reshape(*lead, k), load, aux)
+                         gates.reshape(*lead, k), dropped.reshape(*lead, k), load, aux)
 
 
 def _within_capacity(expert: torch.Tensor, gate: torch.Tensor, E: int, capacity: int
