@@ -164,15 +164,19 @@ class EarlyExit(nn.Module):
 
         A sample leaving at exit ``i`` has run stages and heads ``0..i``.
         """
-        costs, total, h = [], 0, sample[:1]
+        return list(itertools.accumulate(s + h for s, h in self._part_macs(sample)))
+
+    def _part_macs(self, sample: torch.Tensor) -> list[tuple[int, int]]:
+        """(stage, head) multiply-adds of each exit, for one sample."""
+        parts, h = [], sample[:1]
         with torch.no_grad():
             for stage, head in zip(self.stages, self.heads, strict=True):
-                with count_macs() as m:
+                with count_macs() as s:
                     h = stage(h)
+                with count_macs() as m:
                     head(h)
-                total += m.total
-                costs.append(total)
-        return costs
+                parts.append((s.total, m.total))
+        return parts
 
 
 def confident(logits: torch.Tensor, criterion: str, threshold: float) -> torch.Tensor:
@@ -243,8 +247,9 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     model.eval()
     with torch.no_grad():
         exits = model.all_exits(x)
-    costs = torch.tensor(model.exit_macs(x[:1]), dtype=torch.float64)
-    full = int(costs[-1]) - _head_macs(model, x[:1])
+    parts = model._part_macs(x[:1])
+    costs = torch.tensor(list(itertools.accumulate(s + h for s, h in parts)), dtype=torch.float64)
+    full = sum(s for s, _ in parts) + parts[-1][1]  # every stage, only the last head
     scores = torch.stack([_score(z, model.criterion) for z in exits[:-1]])  # (L-1, B)
     correct = torch.stack([z.argmax(-1) == y for z in exits]).to(torch.float64)  # (L, B)
     grid = [float("inf")]  # inf: nobody exits early
@@ -288,15 +293,3 @@ def _threshold_from_score(score: float, criterion: str) -> float:
     if score == float("inf"):  # never exit early: the strictest threshold
         return 1.0 if criterion == "max_prob" else 0.0
     return min(max(score, 1e-12), 1.0) if criterion == "max_prob" else max(-score, 0.0)
-
-
-def _head_macs(model: EarlyExit, sample: torch.Tensor) -> int:
-    """Multiply-adds of the early heads, which the network without exits does not run."""
-    total, h = 0, sample
-    with torch.no_grad():
-        for stage, head in zip(model.stages[:-1], model.heads[:-1], strict=True):
-            h = stage(h)
-            with count_macs() as m:
-                head(h)
-            total += m.total
-    return total

@@ -142,8 +142,9 @@ def load(model: M, path: str | os.PathLike) -> M:
                             "file stores different values for it")
     if not problems:
         problems += _tied_value_conflicts(groups, in_file, source, value)
+    known = dict(walk(model))
     problems += [f"modules {m!r} and {o!r}: not both submodules of the model"
-                 for m, o in modules.items() if not _has_modules(model, m, o)]
+                 for m, o in modules.items() if m not in known or o not in known]
     if missing or unexpected or problems:
         raise CheckpointMismatchError(_mismatch_message(path, model, missing, unexpected,
                                                         problems),
@@ -267,11 +268,6 @@ def _module_shares(model: nn.Module) -> dict[str, str]:
     # Submodules of a shared module are implied by it.
     return {m: o for m, o in out.items()
             if not any(m.startswith(p + ".") for p in out)}
-
-
-def _has_modules(model: nn.Module, *paths: str) -> bool:
-    known = dict(walk(model))
-    return all(p in known for p in paths)
 
 
 def _mismatch_message(path: Path, model: nn.Module, missing: list[str], unexpected: list[str],
