@@ -44,3 +44,11 @@ def test_bench_moe_quick(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True)
     run = json.loads((tmp_path / "moe-quick.json").read_text())["run"]
     assert set(run["ms"]) == {"moe", "dense"} and run["target"] == 1.3 * 2 / 8
+
+
+def test_bench_per_sample_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_per_sample.py"), "--quick", "--rounds",
+                    "1", "--out", str(tmp_path)], check=True, capture_output=True)
+    [run] = json.loads((tmp_path / "per_sample-quick.json").read_text())["runs"]
+    assert set(run["ms"]) == {"per_sample", "branch", "vmap_only", "masked", "loop"}
+    assert run["per_sample_vs_branch"] > 0 and run["loop_vs_per_sample"] > 0

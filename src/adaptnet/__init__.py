@@ -20,6 +20,7 @@ from adaptnet.dynamic import (
     branch,
     calibrate_exits,
     count_macs,
+    per_sample,
     switch,
 )
 from adaptnet.errors import (
@@ -29,6 +30,7 @@ from adaptnet.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     DynamicError,
+    PerSampleError,
     RoutingError,
     SelectionError,
     ShareError,
@@ -75,6 +77,7 @@ __all__ = [
     "MoE",
     "MoEResult",
     "ModuleRow",
+    "PerSampleError",
     "PonderNetHalting",
     "RoutingError",
     "SelectionError",
@@ -95,6 +98,7 @@ __all__ = [
     "freeze",
     "load",
     "param_groups",
+    "per_sample",
     "retie",
     "save",
     "share",

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "DynamicError",
+    "PerSampleError",
     "RoutingError",
     "SelectionError",
     "ShareError",
@@ -44,6 +45,21 @@ class DynamicError(AdaptnetError, ValueError):
 
 class RoutingError(DynamicError):
     """A per-sample routing call got a bad decision tensor, inputs, or path outputs."""
+
+
+class PerSampleError(DynamicError):
+    """``@per_sample`` cannot run a function: unsupported code, or a per-sample value it
+    cannot batch (a tensor used as a Python bool, paths that disagree in shape).
+
+    Attributes:
+        filename: the user's file.
+        lineno: the line in it.
+    """
+
+    def __init__(self, message: str, *, filename: str = "", lineno: int = 0) -> None:
+        super().__init__(message)
+        self.filename = filename
+        self.lineno = lineno
 
 
 class SelectionError(AdaptnetError, ValueError):

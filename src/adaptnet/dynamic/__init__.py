@@ -13,6 +13,7 @@ from adaptnet.dynamic._depth import (
 from adaptnet.dynamic._exit import Calibration, EarlyExit, ExitResult, calibrate_exits
 from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
+from adaptnet.dynamic._per_sample import per_sample
 from adaptnet.dynamic._route import branch, switch
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "branch",
     "calibrate_exits",
     "count_macs",
+    "per_sample",
     "switch",
 ]
