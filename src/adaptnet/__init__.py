@@ -4,7 +4,7 @@ Importing adaptnet changes nothing: no environment variables, thread
 settings, global seeds or downloads.
 """
 
-from adaptnet import dynamic, errors, sharing
+from adaptnet import dynamic, errors, init, sharing
 from adaptnet.dynamic import (
     ACTHalting,
     AdaptiveDepth,
@@ -30,6 +30,7 @@ from adaptnet.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     DynamicError,
+    InitError,
     PerSampleError,
     RoutingError,
     SelectionError,
@@ -37,6 +38,7 @@ from adaptnet.errors import (
     TieBrokenError,
     TieError,
 )
+from adaptnet.init import InitReport, InitRow, Scheme, init_report, initialize, parse_scheme
 from adaptnet.sharing import (
     FreezeReport,
     ModuleRow,
@@ -73,6 +75,9 @@ __all__ = [
     "EarlyExit",
     "ExitResult",
     "FreezeReport",
+    "InitError",
+    "InitReport",
+    "InitRow",
     "MacCount",
     "MoE",
     "MoEResult",
@@ -80,6 +85,7 @@ __all__ = [
     "PerSampleError",
     "PonderNetHalting",
     "RoutingError",
+    "Scheme",
     "SelectionError",
     "ShareError",
     "Summary",
@@ -96,8 +102,12 @@ __all__ = [
     "dynamic",
     "errors",
     "freeze",
+    "init",
+    "init_report",
+    "initialize",
     "load",
     "param_groups",
+    "parse_scheme",
     "per_sample",
     "retie",
     "save",

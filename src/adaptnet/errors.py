@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "DynamicError",
+    "InitError",
     "PerSampleError",
     "RoutingError",
     "SelectionError",
@@ -45,6 +46,10 @@ class DynamicError(AdaptnetError, ValueError):
 
 class RoutingError(DynamicError):
     """A per-sample routing call got a bad decision tensor, inputs, or path outputs."""
+
+
+class InitError(AdaptnetError, ValueError):
+    """An initialisation rule is malformed, does not fit a tensor, or conflicts on a tie."""
 
 
 class PerSampleError(DynamicError):
