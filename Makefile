@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_depth.py
 	$(PY) benchmarks/bench_moe.py
 	$(PY) benchmarks/bench_per_sample.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

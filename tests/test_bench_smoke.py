@@ -52,3 +52,12 @@ def test_bench_per_sample_quick(tmp_path):
     [run] = json.loads((tmp_path / "per_sample-quick.json").read_text())["runs"]
     assert set(run["ms"]) == {"per_sample", "branch", "vmap_only", "masked", "loop"}
     assert run["per_sample_vs_branch"] > 0 and run["loop_vs_per_sample"] > 0
+
+
+def test_bench_train_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "train-quick.json").read_text())
+    [run] = result["overhead"]
+    assert set(run["ms"]) == {"hand", "engine", "hand_again"} and run["setup_ms"] > 0
+    assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}

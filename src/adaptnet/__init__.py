@@ -4,7 +4,7 @@ Importing adaptnet changes nothing: no environment variables, thread
 settings, global seeds or downloads.
 """
 
-from adaptnet import dynamic, errors, init, sharing
+from adaptnet import dynamic, errors, init, sharing, train
 from adaptnet.dynamic import (
     ACTHalting,
     AdaptiveDepth,
@@ -29,8 +29,10 @@ from adaptnet.errors import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    ConfigError,
     DynamicError,
     InitError,
+    NonFiniteError,
     PerSampleError,
     RoutingError,
     SelectionError,
@@ -58,6 +60,7 @@ from adaptnet.sharing import (
     unfreeze,
     untie,
 )
+from adaptnet.train import FitResult, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -70,10 +73,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "ConfigError",
     "DepthResult",
     "DynamicError",
     "EarlyExit",
     "ExitResult",
+    "FitResult",
     "FreezeReport",
     "InitError",
     "InitReport",
@@ -82,6 +87,7 @@ __all__ = [
     "MoE",
     "MoEResult",
     "ModuleRow",
+    "NonFiniteError",
     "PerSampleError",
     "PonderNetHalting",
     "RoutingError",
@@ -94,6 +100,7 @@ __all__ = [
     "TieError",
     "TieGroup",
     "TieMember",
+    "TrainConfig",
     "__version__",
     "assert_tied",
     "branch",
@@ -101,6 +108,8 @@ __all__ = [
     "count_macs",
     "dynamic",
     "errors",
+    "evaluate",
+    "fit",
     "freeze",
     "init",
     "init_report",
@@ -117,6 +126,7 @@ __all__ = [
     "switch",
     "tie",
     "ties",
+    "train",
     "unfreeze",
     "untie",
 ]

@@ -13,8 +13,10 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "ConfigError",
     "DynamicError",
     "InitError",
+    "NonFiniteError",
     "PerSampleError",
     "RoutingError",
     "SelectionError",
@@ -46,6 +48,27 @@ class DynamicError(AdaptnetError, ValueError):
 
 class RoutingError(DynamicError):
     """A per-sample routing call got a bad decision tensor, inputs, or path outputs."""
+
+
+class ConfigError(AdaptnetError, ValueError):
+    """A training configuration is invalid: every problem is listed, one per line."""
+
+
+class NonFiniteError(AdaptnetError, FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; the weights were not updated.
+
+    Attributes:
+        step: the optimizer step that failed (0-based).
+        parameters: names of the parameters whose gradient was not finite.
+        checkpoint: the last good checkpoint, if one was written.
+    """
+
+    def __init__(self, message: str, *, step: int, parameters: tuple[str, ...],
+                 checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.parameters = parameters
+        self.checkpoint = checkpoint
 
 
 class InitError(AdaptnetError, ValueError):

@@ -1,0 +1,178 @@
+"""Benchmark: the training engine's per-step overhead, and checkpoint time at 10M parameters.
+
+Overhead: ``adaptnet.fit`` vs a hand-written PyTorch loop on the same model,
+data, batch order and optimizer (SGD with momentum). The hand-written loop is
+the usual one: shuffle, slice, forward, loss, ``zero_grad``, backward, step,
+and ``running_loss += loss.item()``. The engine adds its finiteness check
+(loss and gradient norm), metric accumulation and its bookkeeping; no progress
+bar, no run directory. Rounds alternate which runs first; each figure is the
+median seconds per step over rounds.
+
+Checkpoints: ``write_checkpoint`` (weights via ``adaptnet.save`` + optimizer,
+RNG and loop state via ``torch.save``, fsynced, renamed into place) and
+``load_latest`` for a 10M-parameter MLP with Adam state, vs plain
+``torch.save``/``torch.load`` of the same state dicts (no fsync).
+
+    python benchmarks/bench_train.py            # full (about 2 minutes on 2 cores)
+    python benchmarks/bench_train.py --quick    # smoke test, tiny sizes
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import machine_line, parse_args, publish
+from torch import nn
+
+import adaptnet
+from adaptnet.train._checkpoint import load_latest, write_checkpoint
+
+
+def mlp(sizes: list[int]) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def hand_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int,
+              lr: float) -> int:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    steps = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        running = 0.0
+        for idx in order.split(batch):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            steps += 1
+    return steps
+
+
+def overhead(sizes: list[int], n: int, batch: int, epochs: int, rounds: int) -> dict:
+    """Marginal seconds per step: (time of ``epochs`` + 1 epochs - time of 1 epoch) / steps.
+
+    The difference cancels what a run pays once (building the optimizer,
+    validating the configuration), leaving the cost of a step; ``setup`` is
+    the engine's one-time cost, measured as the 1-epoch time minus one
+    epoch's worth of marginal steps.
+    """
+    torch.manual_seed(0)
+    x, y = torch.randn(n, sizes[0]), torch.randint(0, sizes[-1], (n,))
+    per_epoch = -(-n // batch)
+
+    def engine(model: nn.Module, e: int) -> None:
+        adaptnet.fit(model, (x, y), loss="cross_entropy", optimizer="sgd", lr=0.01,
+                     momentum=0.9, epochs=e, batch_size=batch, progress=False,
+                     metrics=("loss",))
+
+    def hand(model: nn.Module, e: int) -> None:
+        hand_loop(model, x, y, e, batch, 0.01)
+
+    runs = {"hand": hand, "engine": engine, "hand_again": hand}
+    for fn in runs.values():  # warm-up
+        fn(mlp(sizes), 1)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    setup: list[float] = []
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            clock = []
+            for e in (1, epochs + 1):
+                model = mlp(sizes)
+                start = time.perf_counter()
+                runs[name](model, e)
+                clock.append(time.perf_counter() - start)
+            step = (clock[1] - clock[0]) / (epochs * per_epoch)
+            times[name].append(step)
+            if name == "engine":
+                setup.append(clock[0] - step * per_epoch)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() for p in mlp(sizes).parameters())
+    return {"net": "→".join(map(str, sizes)), "params": params, "batch": batch,
+            "steps_per_run": epochs * per_epoch, "rounds": rounds,
+            "ms": {k: v * 1e3 for k, v in med.items()},
+            "setup_ms": statistics.median(setup) * 1e3,
+            "overhead": med["engine"] / med["hand"] - 1,
+            "noise": med["hand_again"] / med["hand"] - 1}
+
+
+def checkpoints(width: int, rounds: int) -> dict:
+    model = mlp([width, width, width // 4])
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()  # fills Adam's two moments: 3x the parameters in total
+    state = {"optimizer": opt.state_dict(), "rng_torch": torch.get_rng_state(), "step": 1}
+    times: dict[str, list[float]] = {k: [] for k in ("save", "restore", "torch.save",
+                                                      "torch.load")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            run_dir = Path(tmp) / f"run{r}"
+            start = time.perf_counter()
+            write_checkpoint(run_dir, 1, model, state, keep=2)
+            times["save"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            load_latest(run_dir, model)
+            times["restore"].append(time.perf_counter() - start)
+            plain = Path(tmp) / f"plain{r}.pt"
+            start = time.perf_counter()
+            torch.save({"model": model.state_dict(), **state}, plain)
+            times["torch.save"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            loaded = torch.load(plain, weights_only=True)
+            model.load_state_dict(loaded["model"])
+            times["torch.load"].append(time.perf_counter() - start)
+    return {"params": params, "rounds": rounds,
+            "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
+
+
+def markdown(result: dict) -> str:
+    lines = [machine_line(result["machine"]), "",
+             "| net | params | batch | hand-written ms/step | engine ms/step | overhead | "
+             "hand-written again (noise) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["overhead"]:
+        lines.append(f"| {r['net']} | {r['params']:,} | {r['batch']} | {r['ms']['hand']:.3f} | "
+                     f"{r['ms']['engine']:.3f} | {100 * r['overhead']:+.1f}% | "
+                     f"{100 * r['noise']:+.1f}% |")
+    r0 = result["overhead"][0]
+    lines += ["", f"Marginal time per step (a run of 1 + k epochs minus a run of 1 epoch, "
+              f"{r0['steps_per_run']} steps apart), median of {r0['rounds']} rotating rounds. "
+              "The last column runs the hand-written loop a second time: the noise floor. "
+              "One-time engine setup per `fit` call: "
+              + ", ".join(f"{r['setup_ms']:.1f} ms ({r['net']})" for r in result["overhead"])
+              + ".",
+              "", "| checkpoint, {:,} params + Adam state | adaptnet save | adaptnet restore | "
+              "torch.save | torch.load |".format(result["checkpoint"]["params"]),
+              "|---|---:|---:|---:|---:|"]
+    c = result["checkpoint"]["ms"]
+    lines.append(f"| ms (median of {result['checkpoint']['rounds']}) | {c['save']:.0f} | "
+                 f"{c['restore']:.0f} | {c['torch.save']:.0f} | {c['torch.load']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    if args.quick:
+        runs = [overhead([8, 16, 3], 64, 16, 2, args.rounds or 3)]
+        ckpt = checkpoints(64, args.rounds or 2)
+    else:
+        rounds = args.rounds or 21
+        runs = [overhead([784, 512, 512, 10], 4096, 128, 2, rounds),
+                overhead([10, 50, 2], 4096, 128, 2, rounds)]
+        ckpt = checkpoints(2850, 5)
+    publish("train", args, {"overhead": runs, "checkpoint": ckpt}, markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The training configuration, validated before anything runs; every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adaptnet.errors import ConfigError
+
+__all__ = ["LOSSES", "OPTIMIZERS", "TrainConfig", "config_from"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+METRICS = ("loss", "accuracy", "perplexity", "steps", "exits")
+
+
+def _schedulers() -> list[str]:
+    mod = torch.optim.lr_scheduler
+    return sorted(n for n in dir(mod) if not n.startswith("_") and isinstance(getattr(mod, n), type)
+                  and issubclass(getattr(mod, n), mod.LRScheduler) and n not in
+                  ("LRScheduler", "SequentialLR", "ChainedScheduler", "LambdaLR",
+                   "MultiplicativeLR", "ReduceLROnPlateau"))
+
+
+def _one_of(value: Any, choices: list[str] | tuple[str, ...], what: str) -> Any:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}.{hint}")
+    return value
+
+
+class TrainConfig(BaseModel):
+    """Everything :func:`adaptnet.fit` needs besides the model and the data.
+
+    Optimizer options apply where the optimizer has them (``momentum`` and
+    ``nesterov`` for SGD, ``momentum`` and ``alpha`` for RMSprop, ``betas`` for
+    Adam/AdamW). ``weight_decay`` goes through :func:`adaptnet.param_groups`
+    (each tensor once; no decay on biases and normalisation layers).
+    ``scheduler`` names a class of ``torch.optim.lr_scheduler`` built with
+    ``scheduler_args``; it and ``warmup_steps`` (linear warmup) step once per
+    optimizer step.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    alpha: float = Field(0.99, gt=0, le=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    scheduler: str | None = None
+    scheduler_args: dict[str, Any] = Field(default_factory=dict)
+    warmup_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    drop_last: bool = False
+    loss: str = "mse"
+    metrics: tuple[str, ...] | None = None
+    early_stopping: int | None = Field(None, ge=1)
+    nonfinite: Literal["stop", "skip"] = "stop"
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "cpu"
+    run_dir: Path | None = None
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = False
+    print_every: int | None = Field(None, ge=1)
+    progress: bool | None = None
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        return _one_of(v.lower(), OPTIMIZERS, "optimizer")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"the learning rate must be positive, got {v}; e.g. lr=0.01.")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return _one_of(v, LOSSES, "loss")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for m in v or ():
+            _one_of(m, METRICS, "metric")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        return None if v is None else _one_of(v, _schedulers(), "scheduler")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            torch.device(v)
+        except RuntimeError:
+            raise ValueError(f"unknown device {v!r}; e.g. 'cpu' or 'cuda'.") from None
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0, got "
+                             f"optimizer={self.optimizer!r}, momentum={self.momentum}.")
+        if self.resume and self.run_dir is None:
+            raise ValueError("resume=True needs run_dir, the directory holding the checkpoints.")
+        if self.checkpoint_every and self.run_dir is None:
+            raise ValueError("checkpoint_every needs run_dir, where checkpoints are written.")
+        if self.scheduler_args and self.scheduler is None:
+            raise ValueError("scheduler_args given without a scheduler; name one, e.g. "
+                             "scheduler='StepLR'.")
+        return self
+
+    def resolved_metrics(self) -> tuple[str, ...]:
+        if self.metrics is not None:
+            return self.metrics
+        return ("loss", "accuracy") if self.loss == "cross_entropy" else ("loss",)
+
+
+def config_from(config: TrainConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+                ) -> TrainConfig:
+    """A validated config from a config object or mapping plus keyword overrides."""
+    if isinstance(config, TrainConfig):
+        base = config.model_dump()
+    elif config is None:
+        base = {}
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise ConfigError(f"fit(): config must be a TrainConfig or a mapping, got "
+                          f"{type(config).__name__}.")
+    merged = {**base, **overrides}
+    if merged.get("scheduler") and "optimizer" in merged and merged["optimizer"] is None:
+        raise ConfigError(f"bad training configuration:\n  scheduler: {merged['scheduler']!r} "
+                          "needs an optimizer, but optimizer is None; name one of "
+                          f"{', '.join(OPTIMIZERS)}.")
+    try:
+        return TrainConfig(**merged)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(where, list(TrainConfig.model_fields), n=1)
+                msg = "unknown option" + (f"; did you mean {close[0]!r}?" if close else ".")
+            elif "input" in err and err["type"] not in ("value_error",):
+                msg += f" (got {err['input']!r})"
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError("bad training configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,99 @@
+"""Where training reports: a ``rich`` progress bar, ``metrics.jsonl`` and TensorBoard events.
+
+The progress bar shows only on an interactive terminal and never under
+``CI``; the files are written by rank 0 only, into ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """Progress, JSONL and TensorBoard for one run (a no-op where ``active`` is False)."""
+
+    def __init__(self, run_dir: Path | None, active: bool, show_progress: bool | None,
+                 resumed_step: int | None) -> None:
+        self.active = active
+        self.jsonl = None
+        self.tb = None
+        if active and run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = run_dir / "metrics.jsonl"
+            if resumed_step is not None and path.exists():  # drop what the killed run logged
+                kept = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line).get("step", 0) <= resumed_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            elif resumed_step is None and path.exists():
+                path.unlink()
+            self.jsonl = path.open("a")
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=resumed_step + 1 if resumed_step else None)
+        if show_progress is None:
+            show_progress = sys.stderr.isatty() and not os.environ.get("CI")
+        self.progress = None
+        if active and show_progress:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                transient=False)
+            self.progress.start()
+        self.task = None
+        self.started = time.perf_counter()
+        self.samples = 0
+
+    def epoch_start(self, epoch: int, batches: int, done: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("train", total=batches, completed=done,
+                                               epoch=epoch + 1, loss="-", speed="")
+
+    def step(self, batches_done: int, samples: int, loss: float | None) -> None:
+        self.samples += samples
+        if self.progress is not None and self.task is not None:
+            rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
+            fields = {"speed": f"{rate:,.0f} samples/s"}
+            if loss is not None:
+                fields["loss"] = f"{loss:.4f}"
+            self.progress.update(self.task, completed=batches_done, **fields)
+
+    def record(self, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,440 @@
+"""The training loop: ``fit`` and ``evaluate``.
+
+One step: forward, task loss plus the auxiliary losses dynamic modules return
+(``aux_loss`` of ``DepthResult``/``MoEResult``; ``ExitResult.joint_loss`` for
+early exits), plus the L1 penalty; backward; a finiteness check of the loss and
+the gradient norm (one number, so one synchronisation); optional clipping;
+optimizer and scheduler steps. Metrics accumulate in tensors, read once per
+epoch, so a step synchronises only for the finiteness check.
+
+Determinism: the data order of epoch ``e`` is a permutation drawn from a
+generator seeded with ``(seed, e)``, so a run resumed from a checkpoint sees
+the same batches; with the model, optimizer, scheduler and RNG states restored,
+it continues bit for bit (on CPU, with ``deterministic=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from adaptnet.errors import ConfigError, NonFiniteError
+from adaptnet.sharing import param_groups
+from adaptnet.train._checkpoint import load_latest, write_checkpoint
+from adaptnet.train._config import TrainConfig, config_from
+from adaptnet.train._log import RunLog
+from adaptnet.train._optim import build_optimizer, build_scheduler
+
+__all__ = ["FitResult", "evaluate", "fit"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_WIDE = (torch.float32, torch.float64)  # summed as they are; narrower floats in float32
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        history: one dict per epoch: ``epoch``, ``step``, ``lr``, ``train/<metric>``
+            and ``val/<metric>`` values.
+        steps: optimizer steps taken (including skipped ones).
+        skipped: steps skipped for a non-finite loss or gradient (``nonfinite="skip"``).
+        stopped_early: whether early stopping ended the run.
+        checkpoint: the last checkpoint written, if any.
+        resumed_from: the checkpoint the run resumed from, if any.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    skipped: int = 0
+    stopped_early: bool = False
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+
+def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None = None,
+        config: TrainConfig | Mapping[str, Any] | None = None, **options: Any) -> FitResult:
+    """Train ``model`` on ``train``; return the per-epoch history.
+
+    Args:
+        model: any ``nn.Module``; it may return a tensor, or a ``DepthResult``,
+            ``MoEResult`` or ``ExitResult``, whose auxiliary losses are added.
+        train: ``(inputs, targets)`` tensors, a ``TensorDataset``, or any
+            map-style dataset of ``(input, target)`` pairs.
+        val: evaluation data of the same kinds, evaluated after every epoch.
+        loss_fn: a ``(prediction, target) -> scalar`` function replacing
+            ``config.loss``.
+        config: a :class:`TrainConfig` or a mapping of its fields.
+        **options: :class:`TrainConfig` fields, overriding ``config``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data parallel with
+    ``DistributedDataParallel``: each optimizer step uses a global batch of
+    ``batch_size * world_size`` samples split evenly across ranks; rank 0 logs
+    and writes checkpoints.
+
+    Raises:
+        ConfigError: invalid configuration or data, every problem listed.
+        NonFiniteError: a NaN/Inf loss or gradient with ``nonfinite="stop"``; the
+            weights are those before the failing step, and the last good
+            checkpoint is kept.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> x, y = torch.randn(64, 10), torch.randn(64, 1)
+        >>> net = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+        >>> result = adaptnet.fit(net, (x, y), optimizer="adam", lr=1e-2, epochs=5)
+        >>> result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+        True
+    """
+    return _Trainer(model, config_from(config, options), loss_fn).run(train, val)
+
+
+def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
+             metrics: tuple[str, ...] = ("loss",), batch_size: int = 256) -> dict[str, Any]:
+    """Loss and metrics of ``model`` on ``data`` in eval mode, without gradients.
+
+    Metrics: ``loss``, ``accuracy``, ``perplexity`` (exp of the cross-entropy),
+    ``steps`` (mean executed depth of a ``DepthResult``), ``exits`` (fraction of
+    samples leaving at each exit of an ``ExitResult``).
+    """
+    fn = loss if callable(loss) else _LOSSES[loss]
+    return _evaluate(model, _Data(data, "data"), fn, metrics, batch_size, torch.device("cpu"))
+
+
+class _Data:
+    """Indexable training data: tensors (fast path) or a map-style dataset."""
+
+    def __init__(self, data: Any, what: str) -> None:
+        if isinstance(data, TensorDataset):
+            data = data.tensors
+        if isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor)
+                                                          for t in data):
+            lengths = {len(t) for t in data}
+            if len(data) != 2 or len(lengths) != 1:
+                raise ConfigError(f"fit(): {what} must be (inputs, targets) with one row per "
+                                  f"sample, got {len(data)} tensor(s) with "
+                                  f"{sorted(lengths)} rows.")
+            self.tensors, self.dataset, self.n = tuple(data), None, lengths.pop()
+        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+            self.tensors, self.dataset, self.n = None, data, len(data)
+        else:
+            raise ConfigError(f"fit(): {what} must be (inputs, targets) tensors, a "
+                              f"TensorDataset, or a map-style Dataset, got "
+                              f"{type(data).__name__}.")
+        if self.n == 0:
+            raise ConfigError(f"fit(): {what} is empty.")
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+        if self.tensors is not None:
+            x, y = (t[idx] for t in self.tensors)
+        else:
+            x, y = default_collate([self.dataset[int(i)] for i in idx])
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if pred.shape != y.shape:
+        raise ConfigError(f"fit(): loss 'mse' got a prediction of shape {tuple(pred.shape)} "
+                          f"and a target of shape {tuple(y.shape)}; they would broadcast "
+                          "silently. Give the targets the prediction's shape (e.g. "
+                          "y.view(-1, 1)).")
+    return F.mse_loss(pred, y)
+
+
+def _cross_entropy(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if pred.dim() > 2:  # (B, T, V) language-model logits
+        return F.cross_entropy(pred.flatten(0, -2), y.flatten())
+    return F.cross_entropy(pred, y)
+
+
+_LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy,
+                              "bce_with_logits": F.binary_cross_entropy_with_logits}
+
+
+def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Any]:
+    """(task loss, auxiliary loss, prediction, the raw result) of one forward pass."""
+    if isinstance(out, torch.Tensor):
+        return fn(out, y), None, out, out
+    if training and getattr(out, "exit_logits", None):  # ExitResult: BranchyNet joint loss
+        return out.joint_loss(y, fn), None, out.logits, out
+    pred = getattr(out, "output", None)
+    if pred is None:
+        pred = getattr(out, "logits", None)
+    if not isinstance(pred, torch.Tensor):
+        raise ConfigError(f"fit(): the model returned {type(out).__name__}; it must return a "
+                          "tensor, or a result with an `output` or `logits` tensor.")
+    aux = getattr(out, "aux_loss", None)
+    return fn(pred, y), aux if isinstance(aux, torch.Tensor) else None, pred, out
+
+
+class _Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None) -> None:
+        self.model, self.cfg = model, cfg
+        self.fn = loss_fn or _LOSSES[cfg.loss]
+        self.metrics = cfg.resolved_metrics()
+        self.accuracy, self.steps = "accuracy" in self.metrics, "steps" in self.metrics
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(cfg.device)
+
+    def run(self, train: Any, val: Any) -> FitResult:
+        cfg = self.cfg
+        data = _Data(train, "train")
+        val_data = _Data(val, "val") if val is not None else None
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        try:
+            return self._run(data, val_data)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+    def _run(self, data: _Data, val: _Data | None) -> FitResult:
+        cfg, model = self.cfg, self.model
+        if self.world > 1 and not dist.is_initialized():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local)
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        model.to(self.device)
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.names = {id(p): n for g in self.opt.param_groups
+                      for p, n in zip(g["params"], g["param_names"], strict=True)}
+        self.l1 = [p for g in param_groups(model, weight_decay=1.0) if g["weight_decay"]
+                   for p in g["params"]] if cfg.l1 else []
+        result = FitResult()
+        pos = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
+        acc = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, correct, depth sum
+        torch.manual_seed(cfg.seed)
+        if cfg.resume:
+            found = load_latest(cfg.run_dir, model)
+            if found is not None:
+                result.resumed_from, state = found
+                self._restore(state, pos, result)
+                acc = state["acc"].clone()
+        self.net = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=True) if self.world > 1 else model
+        # find_unused_parameters: a dynamic model may leave a path unused on one rank in a
+        # step; DDP then reduces zeros for it instead of waiting for a gradient forever.
+        log = RunLog(cfg.run_dir, self.rank == 0, cfg.progress,
+                     pos["step"] if result.resumed_from else None)
+        try:
+            self.slots = acc.unbind()  # views: one add_ per metric per step, no indexing
+            self._epochs(data, val, pos, acc, result, log)
+        finally:
+            log.close()
+        result.steps = pos["step"]
+        return result
+
+    def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
+                result: FitResult, log: RunLog) -> None:
+        cfg = self.cfg
+        per_step = cfg.batch_size * self.world
+        for epoch in range(pos["epoch"], cfg.epochs):
+            order = torch.randperm(data.n, generator=torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + epoch))
+            batches = list(order.split(per_step))
+            if cfg.drop_last and len(batches) > 1 and len(batches[-1]) < per_step:
+                batches.pop()
+            start = pos["batch"] if epoch == pos["epoch"] else 0
+            log.epoch_start(epoch, len(batches), start)
+            self.model.train()
+            every = max(1, len(batches) // 50)
+            for b in range(start, len(batches)):
+                idx = batches[b] if self.world == 1 else \
+                    batches[b].tensor_split(self.world)[self.rank]
+                loss = self._step(*data.batch(idx, self.device), pos, result)
+                pos["step"] += 1
+                if (b + 1) % every == 0 or b + 1 == len(batches):
+                    log.step(b + 1, len(idx) * every, float(loss) if log.progress else None)
+                if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
+                    result.checkpoint = self._checkpoint(epoch, b + 1, pos, acc, result)
+            row = self._epoch_end(epoch, val, acc, pos)
+            acc.zero_()
+            result.history.append(row)
+            log.record(pos["step"], row)
+            if cfg.print_every and (epoch + 1) % cfg.print_every == 0 and self.rank == 0:
+                print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in row.items() if not isinstance(v, dict)))
+            stop = self._early_stop(row, pos)
+            if cfg.run_dir is not None:
+                result.checkpoint = self._checkpoint(epoch + 1, 0, pos, acc, result)
+            if stop:
+                result.stopped_early = True
+                break
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, pos: dict, result: FitResult
+              ) -> torch.Tensor:
+        cfg = self.cfg
+        task, aux, pred, out = _unpack(self.net(x), y, self.fn, True)
+        loss = task if aux is None else task + aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.l1:  # d/dp l1*|p| = l1*sign(p), added after backward: see _l1_grad
+            _l1_grad(self.l1, cfg.l1)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if cfg.clip_grad_norm:
+            check = nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+        else:  # any NaN/Inf element makes its sum non-finite; one read of each gradient
+            check = torch.stack([g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32)
+                                 for g in grads]).sum() if grads else loss.new_zeros(())
+        if not math.isfinite(float(loss.detach() + check)):
+            self._nonfinite(loss, pos, result)
+            return loss.detach()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        with torch.no_grad():
+            n = y.shape[0]
+            loss_sum, count, correct, steps = self.slots
+            loss_sum.add_(task.detach(), alpha=n)
+            count.add_(n)
+            if self.accuracy:
+                correct.add_((pred.argmax(-1) == y).sum())
+            if self.steps and hasattr(out, "steps"):
+                steps.add_(out.steps.sum())
+        return loss.detach()
+
+    def _nonfinite(self, loss: torch.Tensor, pos: dict, result: FitResult) -> None:
+        bad = tuple(self.names[id(p)] for p in self.params
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        what = f"the loss is {float(loss.detach())}" if not bool(torch.isfinite(loss)) else \
+            "the loss is finite"
+        grads = f"non-finite gradients in {', '.join(bad)}" if bad else "finite gradients"
+        if self.cfg.nonfinite == "skip":
+            self.opt.zero_grad(set_to_none=True)
+            result.skipped += 1
+            return
+        kept = str(result.checkpoint) if result.checkpoint else None
+        raise NonFiniteError(
+            f"fit(): step {pos['step']} (epoch {pos['epoch'] + 1}): {what}, with {grads}. The "
+            "weights were not updated" + (f"; the last good checkpoint is {kept}" if kept else "")
+            + ". Lower the learning rate, clip gradients (clip_grad_norm=1.0), or skip such "
+            "batches (nonfinite='skip').", step=pos["step"], parameters=bad, checkpoint=kept)
+
+    def _epoch_end(self, epoch: int, val: _Data | None, acc: torch.Tensor, pos: dict) -> dict:
+        if self.world > 1:
+            dist.all_reduce(acc)
+        count = max(float(acc[1]), 1.0)
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": pos["step"],
+                               "lr": self.opt.param_groups[0]["lr"]}
+        row["train/loss"] = float(acc[0]) / count
+        if "accuracy" in self.metrics:
+            row["train/accuracy"] = float(acc[2]) / count
+        if "perplexity" in self.metrics:
+            row["train/perplexity"] = math.exp(min(row["train/loss"], 700))
+        if "steps" in self.metrics:
+            row["train/steps"] = float(acc[3]) / count
+        if val is not None:
+            values = _evaluate(self.model, val, self.fn, self.metrics, self.cfg.batch_size,
+                               self.device)
+            row |= {f"val/{k}": v for k, v in values.items()}
+            self.model.train()
+        pos["epoch"], pos["batch"] = epoch + 1, 0
+        return row
+
+    def _early_stop(self, row: dict, pos: dict) -> bool:
+        if not self.cfg.early_stopping:
+            return False
+        value = row.get("val/loss", row["train/loss"])
+        if value < pos["best"]:
+            pos["best"], pos["bad_epochs"] = value, 0
+            return False
+        pos["bad_epochs"] += 1
+        return pos["bad_epochs"] >= self.cfg.early_stopping
+
+    def _checkpoint(self, epoch: int, batch: int, pos: dict, acc: torch.Tensor,
+                    result: FitResult) -> Path | None:
+        if self.rank != 0:
+            return None
+        state = {"format": 1, "epoch": epoch, "batch": batch, "step": pos["step"],
+                 "best": pos["best"], "bad_epochs": pos["bad_epochs"],
+                 "skipped": result.skipped, "history": result.history, "acc": acc.clone(),
+                 "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                 "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+                 else []}
+        return write_checkpoint(self.cfg.run_dir, pos["step"], self.model, state,
+                                self.cfg.keep_checkpoints)
+
+    def _restore(self, state: dict, pos: dict, result: FitResult) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["scheduler"] is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["rng_python"])
+        if state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        pos.update(epoch=state["epoch"], batch=state["batch"], step=state["step"],
+                   best=state["best"], bad_epochs=state["bad_epochs"])
+        result.history = list(state["history"])
+        result.skipped = state["skipped"]
+
+
+def _l1_grad(params: list[torch.Tensor], strength: float) -> None:
+    """Add the L1 penalty's gradient ``strength * sign(p)`` to each ``p.grad``.
+
+    The same as adding ``strength * sum |p|`` to the loss (autograd's ``abs``
+    also has gradient 0 at 0), but outside the forward pass: DDP with
+    ``find_unused_parameters`` would otherwise see a parameter it marked unused
+    (a path no sample took) receive a gradient, and fail.
+    """
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.sign(p) * strength
+            else:
+                p.grad.add_(torch.sign(p), alpha=strength)
+
+
+def _evaluate(model: nn.Module, data: _Data, fn: LossFn, metrics: tuple[str, ...],
+              batch_size: int, device: torch.device) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    total, count, correct, steps = 0.0, 0, 0, 0.0
+    exits: torch.Tensor | None = None
+    with torch.no_grad():
+        for idx in torch.arange(data.n).split(batch_size):
+            x, y = data.batch(idx, device)
+            task, _, pred, out = _unpack(model(x), y, fn, False)
+            total += float(task) * len(y)
+            count += len(y)
+            if "accuracy" in metrics:
+                correct += int((pred.argmax(-1) == y).sum())
+            if "steps" in metrics and hasattr(out, "steps"):
+                steps += float(out.steps.double().sum())
+            if "exits" in metrics and hasattr(out, "exit_index"):
+                counts = torch.bincount(out.exit_index.cpu())
+                exits = counts if exits is None else _add(exits, counts)
+    model.train(was_training)
+    values: dict[str, Any] = {"loss": total / count}
+    if "accuracy" in metrics:
+        values["accuracy"] = correct / count
+    if "perplexity" in metrics:
+        values["perplexity"] = math.exp(min(values["loss"], 700))
+    if "steps" in metrics:
+        values["steps"] = steps / count
+    if "exits" in metrics and exits is not None:
+        values["exits"] = {str(i): float(c) / count for i, c in enumerate(exits.tolist())}
+    return values
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(len(a), len(b))
+    return F.pad(a, (0, n - len(a))) + F.pad(b, (0, n - len(b)))

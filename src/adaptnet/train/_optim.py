@@ -1,0 +1,48 @@
+"""Optimizers and learning-rate schedules from a :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptnet.errors import ConfigError
+from adaptnet.sharing import param_groups
+from adaptnet.train._config import TrainConfig
+
+__all__ = ["build_optimizer", "build_scheduler"]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's unique trainable tensors."""
+    groups = param_groups(model, weight_decay=cfg.weight_decay)
+    if not groups:
+        raise ConfigError("fit(): the model has no trainable parameter; unfreeze some "
+                          "(adaptnet.unfreeze) or check requires_grad.")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
+                               momentum=cfg.momentum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The configured schedule (stepped once per optimizer step), after linear warmup."""
+    sched = torch.optim.lr_scheduler
+    main = None
+    if cfg.scheduler is not None:
+        try:
+            main = getattr(sched, cfg.scheduler)(optimizer, **cfg.scheduler_args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad training configuration:\n  scheduler_args: "
+                              f"{cfg.scheduler}({cfg.scheduler_args}) failed: {e}") from None
+    if not cfg.warmup_steps:
+        return main
+    warmup = sched.LinearLR(optimizer, start_factor=1 / (cfg.warmup_steps + 1), end_factor=1.0,
+                            total_iters=cfg.warmup_steps)
+    if main is None:
+        return warmup
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
