@@ -245,3 +245,16 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     logged = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == 4  # rank 0 alone logs
+
+
+def test_evaluate_reports_loss_accuracy_and_perplexity():
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    net = nn.Linear(4, 3)
+    values = adaptnet.evaluate(net, (x, y), loss="cross_entropy",
+                               metrics=("loss", "accuracy", "perplexity"), batch_size=16)
+    logits = net(x).detach()
+    assert values["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)))
+    assert values["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    assert values["perplexity"] == pytest.approx(torch.tensor(values["loss"]).exp().item())
+    assert net.training  # the mode is restored

@@ -287,10 +287,10 @@ class _Trainer:
         loss.backward()
         if self.l1:  # d/dp l1*|p| = l1*sign(p), added after backward: see _l1_grad
             _l1_grad(self.l1, cfg.l1)
-        grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.clip_grad_norm:
             check = nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
         else:  # any NaN/Inf element makes its sum non-finite; one read of each gradient
+            grads = [p.grad for p in self.params if p.grad is not None]
             check = torch.stack([g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32)
                                  for g in grads]).sum() if grads else loss.new_zeros(())
         if not math.isfinite(float(loss.detach() + check)):
