@@ -516,18 +516,20 @@ def test_runtime_errors_name_the_variable_and_line():
 
 
 def test_nested_per_sample_functions_are_refused():
-    @adaptnet.per_sample
-    def inner(v):
+    def double(v):
         return v * 2
+
+    inner = adaptnet.per_sample(double)
 
     @adaptnet.per_sample
     def outer(x):
         return inner(x) + 1
 
-    with pytest.raises(PerSampleError, match=r"inner\(\) was called from inside another "
-                       r"@per_sample function.*inner.__wrapped__"):
+    with pytest.raises(PerSampleError, match=r"double\(\) was called from inside another "
+                       r"@per_sample function.*double.__wrapped__"):
         outer(torch.randn(3, 2))
     assert torch.equal(inner(torch.ones(2, 1)), torch.full((2, 1), 2.0))  # fine on its own
+    assert inner.__wrapped__ is double  # the advice names the undecorated function
 
 
 def test_bad_arguments():

@@ -115,6 +115,7 @@ def per_sample(fn: F | None = None, /, *, max_iters: int = 1000) -> F | Callable
             env = dict(bound.arguments)
         return execute(program, env, _batch_size(fn, env), max_iters, fast)
 
+    batched.__wrapped__ = fn  # past torch.compiler.disable's wrapper: the undecorated function
     return batched
 
 
