@@ -118,9 +118,12 @@ def test_auxiliary_losses_and_dynamic_metrics():
     exits = adaptnet.EarlyExit([nn.Linear(8, 8), nn.Linear(8, 8)],
                                [nn.Linear(8, 3), nn.Linear(8, 3)], thresholds=0.5)
     result = adaptnet.fit(exits, (x, y), val=(x, y), loss="cross_entropy", lr=0.1, epochs=2,
-                          metrics=("loss", "accuracy", "exits"))
+                          metrics=("loss", "accuracy", "exits", "macs"))
     shares = result.history[-1]["val/exits"]
     assert sum(shares.values()) == pytest.approx(1.0)
+    first = float(shares.get("0", 0.0))  # samples leaving at exit 0 skip stage 1 and head 1
+    macs = (64 + 24) + (1 - first) * (64 + 24)
+    assert result.history[-1]["val/macs"] == pytest.approx(macs)
 
 
 def test_run_directory_logs_and_quiet_under_ci(tmp_path, capsys, monkeypatch):

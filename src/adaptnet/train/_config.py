@@ -16,7 +16,7 @@ __all__ = ["LOSSES", "OPTIMIZERS", "TrainConfig", "config_from"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LOSSES = ("mse", "cross_entropy", "bce_with_logits")
-METRICS = ("loss", "accuracy", "perplexity", "steps", "exits")
+METRICS = ("loss", "accuracy", "perplexity", "steps", "macs", "exits")
 
 
 def _schedulers() -> list[str]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from adaptnet.dynamic import count_macs
 from adaptnet.errors import ConfigError, NonFiniteError
 from adaptnet.sharing import param_groups
 from adaptnet.train._checkpoint import load_latest, write_checkpoint
@@ -106,8 +107,9 @@ def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
     """Loss and metrics of ``model`` on ``data`` in eval mode, without gradients.
 
     Metrics: ``loss``, ``accuracy``, ``perplexity`` (exp of the cross-entropy),
-    ``steps`` (mean executed depth of a ``DepthResult``), ``exits`` (fraction of
-    samples leaving at each exit of an ``ExitResult``).
+    ``steps`` (mean executed depth of a ``DepthResult``), ``macs`` (mean
+    multiply-adds executed per sample, from :func:`adaptnet.count_macs`),
+    ``exits`` (fraction of samples leaving at each exit of an ``ExitResult``).
     """
     fn = loss if callable(loss) else _LOSSES[loss]
     return _evaluate(model, _Data(data, "data"), fn, metrics, batch_size, torch.device("cpu"))
@@ -407,12 +409,18 @@ def _evaluate(model: nn.Module, data: _Data, fn: LossFn, metrics: tuple[str, ...
               batch_size: int, device: torch.device) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    total, count, correct, steps = 0.0, 0, 0, 0.0
+    total, count, correct, steps, macs = 0.0, 0, 0, 0.0, 0
     exits: torch.Tensor | None = None
     with torch.no_grad():
         for idx in torch.arange(data.n).split(batch_size):
             x, y = data.batch(idx, device)
-            task, _, pred, out = _unpack(model(x), y, fn, False)
+            if "macs" in metrics:
+                with count_macs() as counted:
+                    raw = model(x)
+                macs += counted.total
+            else:
+                raw = model(x)
+            task, _, pred, out = _unpack(raw, y, fn, False)
             total += float(task) * len(y)
             count += len(y)
             if "accuracy" in metrics:
@@ -430,6 +438,8 @@ def _evaluate(model: nn.Module, data: _Data, fn: LossFn, metrics: tuple[str, ...
         values["perplexity"] = math.exp(min(values["loss"], 700))
     if "steps" in metrics:
         values["steps"] = steps / count
+    if "macs" in metrics:
+        values["macs"] = macs / count
     if "exits" in metrics and exits is not None:
         values["exits"] = {str(i): float(c) / count for i, c in enumerate(exits.tolist())}
     return values
