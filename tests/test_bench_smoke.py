@@ -61,3 +61,5 @@ def test_bench_train_quick(tmp_path):
     [run] = result["overhead"]
     assert set(run["ms"]) == {"hand", "engine", "hand_again"} and run["setup_ms"] > 0
     assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}
+    [step] = result["step_by_step"]
+    assert set(step["ms"]) == {"hand", "engine", "hand_again"} and step["steps"] == 30

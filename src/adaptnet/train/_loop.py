@@ -2,10 +2,10 @@
 
 One step: forward, task loss plus the auxiliary losses dynamic modules return
 (``aux_loss`` of ``DepthResult``/``MoEResult``; ``ExitResult.joint_loss`` for
-early exits), plus the L1 penalty; backward; a finiteness check of the loss and
-the gradient norm (one number, so one synchronisation); optional clipping;
-optimizer and scheduler steps. Metrics accumulate in tensors, read once per
-epoch, so a step synchronises only for the finiteness check.
+early exits); backward; the L1 gradient; a finiteness check of the loss and of
+one sum per gradient (or the clipping norm); optimizer and scheduler steps. The
+loss value the check reads also feeds the running loss, kept in Python; other
+metrics accumulate in tensors, read once per epoch.
 
 Determinism: the data order of epoch ``e`` is a permutation drawn from a
 generator seeded with ``(seed, e)``, so a run resumed from a checkpoint sees
@@ -205,20 +205,7 @@ class _Trainer:
 
     def _run(self, data: _Data, val: _Data | None) -> FitResult:
         cfg, model = self.cfg, self.model
-        if self.world > 1 and not dist.is_initialized():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", local)
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        model.to(self.device)
-        self.opt = build_optimizer(model, cfg)
-        self.sched = build_scheduler(self.opt, cfg)
-        self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.names = {id(p): n for g in self.opt.param_groups
-                      for p, n in zip(g["params"], g["param_names"], strict=True)}
-        self.l1 = [p for g in param_groups(model, weight_decay=1.0) if g["weight_decay"]
-                   for p in g["params"]] if cfg.l1 else []
+        self._setup()
         result = FitResult()
         pos = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, correct, depth sum
@@ -243,6 +230,25 @@ class _Trainer:
         result.steps = pos["step"]
         return result
 
+    def _setup(self) -> None:
+        """Process group, device, optimizer, schedule, and the tensors the step works on."""
+        cfg, model = self.cfg, self.model
+        if self.world > 1 and not dist.is_initialized():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local)
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        model.to(self.device)
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.names = {id(p): n for g in self.opt.param_groups
+                      for p, n in zip(g["params"], g["param_names"], strict=True)}
+        self.l1 = [p for g in param_groups(model, weight_decay=1.0) if g["weight_decay"]
+                   for p in g["params"]] if cfg.l1 else []
+        self.loss_total, self.samples = 0.0, 0  # summed per step in Python: no tensor op
+
     def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
                 result: FitResult, log: RunLog) -> None:
         cfg = self.cfg
@@ -263,7 +269,7 @@ class _Trainer:
                 loss = self._step(*data.batch(idx, self.device), pos, result)
                 pos["step"] += 1
                 if (b + 1) % every == 0 or b + 1 == len(batches):
-                    log.step(b + 1, len(idx) * every, float(loss) if log.progress else None)
+                    log.step(b + 1, len(idx) * every, loss if log.progress else None)
                 if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
                     result.checkpoint = self._checkpoint(epoch, b + 1, pos, acc, result)
             row = self._epoch_end(epoch, val, acc, pos)
@@ -281,7 +287,7 @@ class _Trainer:
                 break
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, pos: dict, result: FitResult
-              ) -> torch.Tensor:
+              ) -> float:
         cfg = self.cfg
         task, aux, pred, out = _unpack(self.net(x), y, self.fn, True)
         loss = task if aux is None else task + aux
@@ -295,22 +301,30 @@ class _Trainer:
             grads = [p.grad for p in self.params if p.grad is not None]
             check = torch.stack([g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32)
                                  for g in grads]).sum() if grads else loss.new_zeros(())
-        if not math.isfinite(float(loss.detach() + check)):
+        value = loss.item()
+        if not (math.isfinite(value) and math.isfinite(float(check))):
             self._nonfinite(loss, pos, result)
-            return loss.detach()
+            return value
         self.opt.step()
         if self.sched is not None:
             self.sched.step()
-        with torch.no_grad():
-            n = y.shape[0]
-            loss_sum, count, correct, steps = self.slots
-            loss_sum.add_(task.detach(), alpha=n)
-            count.add_(n)
-            if self.accuracy:
-                correct.add_((pred.argmax(-1) == y).sum())
-            if self.steps and hasattr(out, "steps"):
-                steps.add_(out.steps.sum())
-        return loss.detach()
+        n = y.shape[0]
+        self.loss_total += (value if aux is None else task.item()) * n
+        self.samples += n
+        if self.accuracy or self.steps:
+            with torch.no_grad():
+                _, _, correct, steps = self.slots
+                if self.accuracy:
+                    correct.add_((pred.argmax(-1) == y).sum())
+                if self.steps and hasattr(out, "steps"):
+                    steps.add_(out.steps.sum())
+        return value
+
+    def _flush(self, acc: torch.Tensor) -> None:
+        """Move the Python running sums of loss and samples into ``acc``."""
+        acc[0] += self.loss_total
+        acc[1] += self.samples
+        self.loss_total, self.samples = 0.0, 0
 
     def _nonfinite(self, loss: torch.Tensor, pos: dict, result: FitResult) -> None:
         bad = tuple(self.names[id(p)] for p in self.params
@@ -330,6 +344,7 @@ class _Trainer:
             "batches (nonfinite='skip').", step=pos["step"], parameters=bad, checkpoint=kept)
 
     def _epoch_end(self, epoch: int, val: _Data | None, acc: torch.Tensor, pos: dict) -> dict:
+        self._flush(acc)
         if self.world > 1:
             dist.all_reduce(acc)
         count = max(float(acc[1]), 1.0)
@@ -362,6 +377,7 @@ class _Trainer:
 
     def _checkpoint(self, epoch: int, batch: int, pos: dict, acc: torch.Tensor,
                     result: FitResult) -> Path | None:
+        self._flush(acc)
         if self.rank != 0:
             return None
         state = {"format": 1, "epoch": epoch, "batch": batch, "step": pos["step"],
