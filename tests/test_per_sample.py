@@ -233,6 +233,23 @@ def test_no_grad_and_train_eval_modes():
     assert f(x).requires_grad
 
 
+def test_with_and_try_around_straight_line_code():
+    lin = nn.Linear(3, 3)
+
+    def f(x):
+        with torch.no_grad():
+            scale = x.abs().max() + 1  # a per-example constant, no gradient
+        try:
+            y = lin(x) / scale
+        except ZeroDivisionError:
+            y = x
+        if y.sum() > 0:
+            y = y * 2
+        return y
+
+    assert_matches_loop(f, list(lin.parameters()), torch.randn(12, 3))
+
+
 def test_variables_kept_across_paths_and_deleted():
     def f(x):
         y = x * 2
