@@ -383,6 +383,7 @@ OPS = [  # per-sample x: (3, 4); dims refer to the example, not the batch
     lambda x: x.ndim * x, lambda x: x.float() + x.to(torch.float64).sum(),
     lambda x: torch.zeros_like(x) + 1, lambda x: nn.functional.layer_norm(x, (4,)),
     lambda x: nn.functional.gelu(x), lambda x: x.T, lambda x: x.flip(0),
+    lambda x: x.sum().flatten(), lambda x: x.sum().view(-1),
 ]
 
 
@@ -410,6 +411,15 @@ def test_the_fast_path_is_taken_for_row_wise_code_and_not_for_the_rest():
                 bad()
     assert y.shape == (5,) and torch.equal(x, before)  # the refused x.add_(1) never ran
     torch.testing.assert_close(y, torch.relu(x).matmul(W).sum((1, 2)))
+
+
+def test_random_draws_differ_per_sample():
+    @adaptnet.per_sample
+    def noisy(x):
+        return x + torch.randn(3)  # the per-sample loop draws anew for each sample
+
+    out = noisy(torch.zeros(6, 3))
+    assert len({tuple(row.tolist()) for row in out}) == 6
 
 
 def test_conv_and_pool_per_image():

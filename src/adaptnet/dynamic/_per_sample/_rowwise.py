@@ -63,7 +63,9 @@ class _Mode(TorchFunctionMode):
                 for t in a:
                     if isinstance(t, torch.Tensor):
                         (batched if id(t) in ids else others).append(t)
-        if not batched:  # nothing per-sample involved: the same for every sample
+        if not batched:  # nothing per-sample involved: the same for every sample...
+            if name in _RANDOM:  # ...unless it draws random numbers: one draw per sample
+                raise NotRowwise(name)
             return func(*args, **kwargs)
         if rule is None:
             raise NotRowwise(name)
@@ -237,7 +239,7 @@ def _flatten(func, args, kwargs, batched, others):
     start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
     end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
     if rank == 0:
-        return x  # flattening a per-sample scalar gives shape (1,)
+        return x.unsqueeze(1)  # flattening a per-sample scalar gives shape (1,)
     return x.flatten(_shift(start, rank), _shift(end, rank))
 
 
@@ -320,6 +322,10 @@ def _prop_call(func, args, kwargs, batched, others):
     """Introspection that does not see rows (``count_macs`` hooks its outputs)."""
     return func(*args, **kwargs)
 
+
+_RANDOM = {"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial",
+           "poisson", "rand_like", "randn_like", "randint_like", "dropout", "alpha_dropout",
+           "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 
 _MUTATING = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
              "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__imatmul__",
