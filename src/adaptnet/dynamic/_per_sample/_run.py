@@ -176,12 +176,10 @@ class _Runner:
                     left.append(select(running, no))
                     running = select(running, yes)
             if steps == self.max_iters:
-                raise PerSampleError(
-                    f"@per_sample: {self.program.filename}, line {node.lineno}: the while "
-                    f"loop ran {self.max_iters} iterations and {running.n} sample(s) still "
-                    "satisfy its condition. Raise the bound with "
-                    "@per_sample(max_iters=...) or make the condition fail.",
-                    filename=self.program.filename, lineno=node.lineno)
+                raise self.error(node.lineno, f"the while loop ran {self.max_iters} "
+                                 f"iterations and {running.n} sample(s) still satisfy its "
+                                 "condition", "Raise the bound with @per_sample(max_iters=...) "
+                                 "or make the condition fail.")
             steps += 1
             normal, body_exits = self.block(node.body, running)
             again = [] if normal is None else [normal]
