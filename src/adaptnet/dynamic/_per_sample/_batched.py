@@ -63,12 +63,13 @@ def _segment(fn, args, writes, n, rows, fast, index, filename):
 
 
 def _run(fn, args, leaves, spec, batched, writes, n, fast, index, filename):
+    inputs = [v for v, b in zip(leaves, batched, strict=True) if b]
     if fast[index]:
         ledger = _LEDGER.get()
         counted = None if ledger is None else \
             {k: dict(v) for k, v in ledger.counter.flop_counts.items()}
         try:
-            with rowwise([v for v, b in zip(leaves, batched, strict=True) if b]) as mode:
+            with rowwise(inputs) as mode:
                 local_vars = fn(*args)
             return _outputs(local_vars, writes,
                             lambda t: t if mode.is_batched(t) else _repeat(t, n))
@@ -89,7 +90,6 @@ def _run(fn, args, leaves, spec, batched, writes, n, fast, index, filename):
         static["leaves"] = [None if isinstance(v, torch.Tensor) else v for v in out_leaves]
         return tuple(v for v in out_leaves if isinstance(v, torch.Tensor))
 
-    inputs = [v for v, b in zip(leaves, batched, strict=True) if b]
     try:
         if n == 0:  # vmap over 0 samples fails in some ops: run one sample of zeros, keep none
             with torch.no_grad():
@@ -120,9 +120,7 @@ def _keep(local_vars: dict[str, Any], writes: frozenset[str]) -> dict[str, Any]:
 def _outputs(local_vars: dict[str, Any], writes: frozenset[str], fix: Callable) -> dict:
     """The segment's locals, with ``fix`` applied to every tensor."""
     out = {}
-    for k, v in local_vars.items():
-        if k not in writes:
-            continue
+    for k, v in _keep(local_vars, writes).items():
         if isinstance(v, torch.Tensor):
             v = fix(v)
         elif isinstance(v, list | tuple | dict):
