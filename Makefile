@@ -9,11 +9,14 @@ STAMP  := $(VENV)/.installed-dev
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# Fashion-MNIST's idx files, from Debian, when we may install packages (best effort).
+	if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "note: dataset-fashion-mnist not installed"; fi
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,data]"
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/sharing_demo.py
+	$(VENV)/bin/adaptnet demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks

@@ -14,11 +14,16 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "DataError",
+    "DatasetNotFoundError",
     "DynamicError",
     "InitError",
+    "ModelError",
     "NonFiniteError",
     "PerSampleError",
+    "RecipeError",
     "RoutingError",
+    "RunDirError",
     "SelectionError",
     "ShareError",
     "TieBrokenError",
@@ -127,3 +132,23 @@ class CheckpointMismatchError(CheckpointError, ValueError):
         self.missing = missing
         self.unexpected = unexpected
         self.problems = problems
+
+
+class DataError(AdaptnetError, ValueError):
+    """A dataset cannot be built: unknown name, bad option, unreadable or malformed file."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A built-in dataset's files are not on disk; the message says how to get them."""
+
+
+class ModelError(AdaptnetError, ValueError):
+    """A model cannot be built: unknown builder or bad builder arguments."""
+
+
+class RecipeError(ConfigError):
+    """A recipe is invalid: every problem is listed with its path in the recipe."""
+
+
+class RunDirError(AdaptnetError, FileNotFoundError):
+    """A directory is not an adaptnet run directory (no ``config.yaml``/checkpoint)."""

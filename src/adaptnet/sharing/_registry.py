@@ -142,7 +142,11 @@ class Transposed(nn.Module):
     """
 
     def forward(self, owner: torch.Tensor) -> torch.Tensor:
-        return owner.mT
+        if torch.is_grad_enabled():
+            return owner.mT
+        # Without grad mode, a view of the parameter would claim requires_grad with no
+        # grad_fn, which torch's ModuleTracker (FlopCounterMode, count_macs) rejects.
+        return owner.detach().mT
 
     def right_inverse(self, member: torch.Tensor) -> torch.Tensor:
         return member.mT

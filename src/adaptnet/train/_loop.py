@@ -165,6 +165,31 @@ _LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy,
                               "bce_with_logits": F.binary_cross_entropy_with_logits}
 
 
+def _expected_loss(out: Any, y: torch.Tensor, fn: LossFn) -> torch.Tensor:
+    """PonderNet's ``sum_n p_n * loss(prediction after step n)``, each sample's loss per step.
+
+    ``out.step_states`` holds each step's prediction ``(B, N, ...)``; the loss
+    is computed per sample and step, so only built-in losses qualify.
+    """
+    states = out.step_states
+    B, N = states.shape[:2]
+    flat, target = states.flatten(0, 1), y.repeat_interleave(N, 0)
+    if fn is _cross_entropy:
+        per = F.cross_entropy(flat, target, reduction="none")
+    elif fn is _mse or fn is F.binary_cross_entropy_with_logits:
+        if flat.shape != target.shape:
+            raise ConfigError(f"fit(): the prediction per step has shape {tuple(flat.shape[1:])} "
+                              f"and the target {tuple(target.shape[1:])}; they must match.")
+        per = (F.mse_loss if fn is _mse else F.binary_cross_entropy_with_logits)(
+            flat, target, reduction="none")
+        per = per.flatten(1).mean(1)
+    else:
+        raise ConfigError("fit(): a PonderNet result needs a built-in loss ('cross_entropy', "
+                          "'mse' or 'bce_with_logits') for its expected loss over steps; a "
+                          "custom loss_fn returns one number per batch, not per sample.")
+    return out.expected_loss(per.view(B, N))
+
+
 def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Any]:
     """(task loss, auxiliary loss, prediction, the raw result) of one forward pass."""
@@ -172,6 +197,9 @@ def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
         return fn(out, y), None, out, out
     if training and getattr(out, "exit_logits", None):  # ExitResult: BranchyNet joint loss
         return out.joint_loss(y, fn), None, out.logits, out
+    if training and getattr(out, "halting", None) is not None and \
+            getattr(out, "step_states", None) is not None:  # PonderNet: the expected loss
+        return _expected_loss(out, y, fn), out.aux_loss, out.output, out
     pred = getattr(out, "output", None)
     if pred is None:
         pred = getattr(out, "logits", None)

@@ -1,0 +1,210 @@
+"""The ``adaptnet`` command: train, eval, summary, compare, recipes, models, demo.
+
+It only binds arguments and calls the library; every error adaptnet raises on
+purpose is printed as one message (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adaptnet.errors import AdaptnetError, RunDirError
+
+app = typer.Typer(help="Dynamic neural networks with shared and tied weights: train, evaluate "
+                  "and compare recipes.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+out = Console()
+err = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="key=value overrides of the recipe, e.g. train.lr=0.001 model.hidden=128.",
+    show_default=False)]
+Limit = Annotated[int | None, typer.Option(
+    help="Use only the first N samples of each split: a quick check that a recipe runs.")]
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except AdaptnetError as e:
+        err.print(f"[bold red]error:[/] {type(e).__name__}: ", end="", highlight=False)
+        err.print(str(e), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped recipe name.")],
+          overrides: Overrides = None,
+          run_dir: Annotated[Path | None, typer.Option(
+              help="Where the run goes (default runs/<recipe>-<time>).")] = None,
+          resume: Annotated[bool, typer.Option(
+              help="Continue from the newest checkpoint in --run-dir.")] = False,
+          limit: Limit = None) -> None:
+    """Train a recipe; write the run directory, its report and plots."""
+    from adaptnet.recipes import load_recipe, train_recipe
+
+    with _errors():
+        name, parsed = load_recipe(recipe, overrides or [])
+        if resume and run_dir is None:
+            raise AdaptnetError("--resume needs --run-dir, the run to continue.")
+        result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
+                              limit=limit)
+    _print_results(result.values)
+    out.print(f"run directory: {result.run_dir}\nreport: {result.run_dir / 'report.md'}")
+
+
+def _print_results(values: dict) -> None:
+    table = Table(title=f"{values['recipe']}: test", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in values["test"].items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}:{v:.0%}" for k, v in value.items())
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    table.add_row("unique params", f"{values['params']['unique']:,}")
+    table.add_row("train seconds", f"{values['train_seconds']:.1f}")
+    out.print(table)
+
+
+@app.command("eval")
+def eval_(run: Annotated[Path, typer.Argument(help="A run directory made by `adaptnet train`.")],
+          split: Annotated[str, typer.Option(help="train, valid or test.")] = "test") -> None:
+    """Evaluate a trained run on a split of its dataset."""
+    from adaptnet.recipes import evaluate_run
+
+    with _errors():
+        values = evaluate_run(run, split)
+    table = Table(title=f"{values.pop('recipe')}: {values.pop('split')}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
+    out.print(table)
+
+
+@app.command()
+def summary(target: Annotated[str, typer.Argument(
+        help="A recipe (file or shipped name) or a run directory.")],
+            overrides: Overrides = None) -> None:
+    """Print the sharing-aware parameter table of a recipe's or run's model."""
+    from adaptnet.recipes import load_recipe, prepare
+    from adaptnet.recipes._run import read_run_config
+    from adaptnet.sharing import summary as summarize
+
+    with _errors():
+        if Path(target).is_dir():
+            if not (Path(target) / "config.yaml").is_file():
+                raise RunDirError(f"{target} is not an adaptnet run directory: it has no "
+                                  "config.yaml.")
+            parsed = read_run_config(Path(target))[2]
+        else:
+            parsed = load_recipe(target, overrides or [])[1]
+        _, model, _ = prepare(parsed, limit=1)
+        out.print(summarize(model))
+
+
+@app.command()
+def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped name.")],
+            vary: Annotated[list[str], typer.Option(
+                help="key=v1,v2[,...]; repeat to vary several keys (every combination).")],
+            overrides: Overrides = None,
+            out_dir: Annotated[Path | None, typer.Option(
+                help="Where the variants' runs go (default runs/compare-<recipe>-<time>).")]
+            = None,
+            limit: Limit = None) -> None:
+    """Train variants of a recipe side by side; print one table and write a plot."""
+    from adaptnet.recipes import compare as run_compare
+    from adaptnet.recipes._run import variants
+
+    with _errors():
+        name = Path(recipe).stem
+        target = out_dir or _default_run_dir(f"compare-{name}")
+        rows = run_compare(recipe, variants(vary), overrides or [], target, limit=limit)
+    _print_compare(rows, target, f"compare {name}")
+
+
+def _print_compare(rows: list[dict], target: Path, title: str) -> None:
+    from adaptnet.report import compare_table, write_compare
+
+    report = write_compare(target, title)
+    head, *body = compare_table(rows)
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 0 else "right",
+                         overflow="fold" if i == 0 else "ellipsis")
+    for r in body:
+        table.add_row(*r)
+    out.print(table)
+    out.print(f"report: {report}\nplot: {target / 'compare.png'}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    from adaptnet.recipes import shipped_recipes
+
+    table = Table(title="shipped recipes (adaptnet train NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, text in shipped_recipes().items():
+        table.add_row(name, text)
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the model zoo's builders."""
+    from adaptnet.models import MODELS, describe
+
+    table = Table(title="model zoo (model.name in a recipe)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name in MODELS:
+        table.add_row(name, describe(name))
+    out.print(table)
+
+
+@app.command()
+def demo(out_dir: Annotated[Path | None, typer.Option(
+        help="Where the runs go (default runs/demo-<time>).")] = None,
+         limit: Limit = None) -> None:
+    """Train a plain CNN and its shared-stage early-exit twin on MNIST-1D; compare them."""
+    from adaptnet.recipes import compare as run_compare
+
+    target = out_dir or _default_run_dir("demo")
+    plans = {"plain CNN": {"model.share_stages": False, "model.exits": False},
+             "shared + early exit": {"model.share_stages": True, "model.exits": True}}
+    out.print("Training a plain CNN and the same CNN with shared stages and early exits on "
+              "MNIST-1D (generated locally)...")
+    with _errors():
+        rows = run_compare("mnist1d-early-exit", plans, [], target, limit=limit)
+    _print_compare(rows, target, "demo: plain CNN vs shared + early-exit CNN on MNIST-1D")
+    plain, adaptive = rows
+    out.print(f"shared + early exit: {plain['unique_params'] / adaptive['unique_params']:.2f}x "
+              f"fewer parameters, {plain['macs'] / adaptive['macs']:.2f}x fewer multiply-adds "
+              f"per sample, {plain['infer_ms_per_1k'] / adaptive['infer_ms_per_1k']:.2f}x "
+              "batched inference speed, accuracy "
+              f"{100 * (adaptive['value'] - plain['value']):+.1f} points.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Adaptive architectures: early-exit CNN, PonderNet/ACT GRU, MoE MLP, adaptive-depth MLP."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from adaptnet.dynamic import (
+    ACTHalting,
+    AdaptiveDepth,
+    DepthResult,
+    EarlyExit,
+    ExitResult,
+    MoE,
+    MoEResult,
+    PonderNetHalting,
+)
+from adaptnet.errors import ModelError
+from adaptnet.models._baselines import _Channel
+from adaptnet.models._parts import readout
+from adaptnet.sharing import share
+
+__all__ = ["EarlyExitCNN", "PonderGRU", "adaptive_depth_mlp", "early_exit_cnn", "moe_mlp",
+           "pondernet_gru"]
+
+
+class _Residual(nn.Module):
+    """``h + relu(conv(h))``: a stage that keeps its input's shape, so stages can be shared."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.relu(self.layer(h))
+
+
+class EarlyExitCNN(nn.Module):
+    """A stem, then ``EarlyExit`` over residual conv stages with a pooled classifier after each."""
+
+    def __init__(self, stem: nn.Module, exits: EarlyExit) -> None:
+        super().__init__()
+        self.stem = stem
+        self.exits = exits
+
+    def forward(self, x: torch.Tensor) -> ExitResult:  # (B, C, L) or (B, C, H, W)
+        return self.exits(self.stem(x))
+
+
+def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
+                   channels: int = 32, stages: int = 3, share_stages: bool = False,
+                   exits: bool = True, threshold: float = 0.9, pool: int = 4) -> nn.Module:
+    """A BranchyNet-style CNN (Teerapittayanon et al. 2016) for 1-D signals or 2-D images.
+
+    A strided stem conv, then ``stages`` residual 3-wide convs at one
+    resolution, each followed by an exit: adaptive average pooling to ``pool``
+    (per side) and a linear classifier. In evaluation a sample leaves at the
+    first exit whose top softmax probability reaches ``threshold``.
+
+    Args:
+        dims: 1 for ``(B, L)``/``(B, C, L)`` signals, 2 for ``(B, C, H, W)`` images.
+        share_stages: one set of stage weights applied ``stages`` times.
+        exits: ``False`` builds the same network without early exits (a plain
+            ``nn.Sequential`` ending in the last classifier): the static baseline.
+    """
+    if dims not in (1, 2):
+        raise ModelError(f"early_exit_cnn: dims must be 1 (signals) or 2 (images), got {dims}.")
+    if stages < 1:
+        raise ModelError(f"early_exit_cnn: stages must be >= 1, got {stages}.")
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    avg = nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d
+    stem = nn.Sequential(*([_Channel()] if dims == 1 else []),
+                         conv(in_channels, channels, 5, stride=2, padding=2), nn.ReLU())
+    blocks = [_Residual(conv(channels, channels, 3, padding=1)) for _ in range(stages)]
+    flat = channels * pool ** dims
+    heads = [nn.Sequential(avg(pool), nn.Flatten(), nn.Linear(flat, num_classes))
+             for _ in range(stages if exits else 1)]
+    if not exits:
+        net = nn.Sequential(stem, *blocks, heads[0])
+        if share_stages and stages > 1:
+            share(net, [str(i) for i in range(1, stages + 1)])
+        return net
+    model = EarlyExitCNN(stem, EarlyExit(blocks, heads, thresholds=threshold))
+    if share_stages and stages > 1:
+        share(model, "exits.stages")
+    return model
+
+
+class _GRUStep(nn.Module):
+    """One ponder step on the state ``[x, h]``: ``h = GRUCell(x, h)``; ``x`` is carried along."""
+
+    def __init__(self, cell: nn.GRUCell, bits: int) -> None:
+        super().__init__()
+        self.cell, self.bits = cell, bits
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:  # (b, bits + H)
+        x, h = state[:, :self.bits], state[:, self.bits:]
+        return torch.cat([x, self.cell(x, h)], 1)
+
+
+class _Hidden(nn.Module):
+    """The hidden part ``h`` of a ``[x, h]`` state, through a linear layer."""
+
+    def __init__(self, bits: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.linear = nn.Linear(hidden, out)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.linear(state[..., self.bits:])
+
+
+class PonderGRU(nn.Module):
+    """A GRU cell applied to one input until it halts (PonderNet or ACT); a classifier on ``h``."""
+
+    def __init__(self, bits: int, hidden: int, num_classes: int, max_steps: int,
+                 halting: nn.Module) -> None:
+        super().__init__()
+        self.bits, self.hidden = bits, hidden
+        self.depth = AdaptiveDepth(_GRUStep(nn.GRUCell(bits, hidden), bits), halting, max_steps)
+        self.out = _Hidden(bits, hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> DepthResult:  # (B, bits) -> logits in .output
+        state = torch.cat([x, x.new_zeros(x.shape[0], self.hidden)], 1)
+        return readout(self.depth(state), self.out)
+
+
+def pondernet_gru(bits: int = 8, hidden: int = 64, num_classes: int = 2, max_steps: int = 20,
+                  halting: str = "pondernet", lambda_p: float = 0.2, beta: float = 0.01,
+                  time_penalty: float = 0.01) -> PonderGRU:
+    """PonderNet's parity model (Banino et al. 2021): a GRU cell pondering each input.
+
+    Args:
+        halting: ``"pondernet"`` (geometric prior ``lambda_p``, KL weight ``beta``)
+            or ``"act"`` (Graves 2016, ``time_penalty``).
+    """
+    head = _Hidden(bits, hidden, 1)
+    if halting == "pondernet":
+        policy: nn.Module = PonderNetHalting(head, lambda_p=lambda_p, beta=beta)
+    elif halting == "act":
+        policy = ACTHalting(head, time_penalty=time_penalty)
+    else:
+        raise ModelError(f"pondernet_gru: halting must be 'pondernet' or 'act', got {halting!r}.")
+    return PonderGRU(bits, hidden, num_classes, max_steps, policy)
+
+
+class _Readout(nn.Module):
+    """stem -> dynamic body -> head, returning the body's result with predictions as ``output``."""
+
+    def __init__(self, stem: nn.Module, body: nn.Module, head: nn.Module, residual: bool) -> None:
+        super().__init__()
+        self.stem, self.body, self.head, self.residual = stem, body, head, residual
+
+    def forward(self, x: torch.Tensor) -> DepthResult | MoEResult:
+        h = self.stem(x)
+        result = self.body(h)
+        if self.residual:  # MoE: h + experts(h), the residual its dropped tokens rely on
+            result = dataclasses.replace(result, output=h + result.output)
+        return readout(result, self.head)
+
+
+def moe_mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 64, experts: int = 4,
+            k: int = 1, expert_hidden: int = 128, capacity_factor: float | None = None,
+            balance_weight: float = 0.01) -> nn.Module:
+    """An MLP whose middle layer is a top-``k`` mixture of ``experts`` two-layer MLPs (residual)."""
+    stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+    body = MoE([nn.Sequential(nn.Linear(hidden, expert_hidden), nn.ReLU(),
+                              nn.Linear(expert_hidden, hidden)) for _ in range(experts)],
+               nn.Linear(hidden, experts), k=k, capacity_factor=capacity_factor,
+               balance_weight=balance_weight)
+    return _Readout(stem, body, nn.Linear(hidden, num_classes), residual=True)
+
+
+def adaptive_depth_mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 64,
+                       max_steps: int = 6, time_penalty: float = 0.01) -> nn.Module:
+    """An MLP whose one shared residual block repeats per sample until ACT halts it."""
+    stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+    body = AdaptiveDepth(_Residual(nn.Linear(hidden, hidden)),
+                         ACTHalting(nn.Linear(hidden, 1), time_penalty=time_penalty), max_steps)
+    return _Readout(stem, body, nn.Linear(hidden, num_classes), residual=False)

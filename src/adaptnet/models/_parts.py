@@ -1,0 +1,62 @@
+"""Small pieces the zoo's models share: sequence inputs, pooled heads, reading out results."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PoolHead", "SequenceInput", "readout"]
+
+
+class SequenceInput(nn.Module):
+    """Token ids ``(B, T)`` (with ``vocab_size``) or values ``(B, T[, F])`` to ``(B, T, d)``.
+
+    Embeds each position (an ``Embedding`` of tokens, or a ``Linear`` of
+    ``in_features`` values), adds a learned position embedding, and projects
+    from ``embed_size`` to ``d_model`` when they differ (ALBERT's factorised
+    embedding).
+    """
+
+    def __init__(self, d_model: int, max_len: int, *, vocab_size: int | None = None,
+                 in_features: int = 1, embed_size: int | None = None) -> None:
+        super().__init__()
+        e = embed_size or d_model
+        self.tokens = vocab_size is not None
+        self.embed = nn.Embedding(vocab_size, e) if vocab_size is not None else \
+            nn.Linear(in_features, e)
+        self.position = nn.Embedding(max_len, e)
+        self.project = nn.Linear(e, d_model) if e != d_model else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T[, F]) -> (B, T, d)
+        if not self.tokens and x.dim() == 2:
+            x = x.unsqueeze(-1)
+        h = self.embed(x) + self.position.weight[: x.shape[1]]
+        return self.project(h)
+
+
+class PoolHead(nn.Module):
+    """Mean over positions, then a linear layer: ``(b, T, d) -> (b, out)``; ``(b, d)`` as is."""
+
+    def __init__(self, d_model: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_model, out_features)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.mean(1) if h.dim() == 3 else h)
+
+
+def readout(result: Any, head: nn.Module) -> Any:
+    """The dynamic result with ``head`` applied to its output (and to PonderNet's step states).
+
+    ``DepthResult``/``MoEResult`` carry states; the trainer wants predictions,
+    so the head maps ``output`` and, where present, every step's state (for
+    PonderNet's expected loss).
+    """
+    changes = {"output": head(result.output)}
+    states = getattr(result, "step_states", None)
+    if states is not None:  # (B, N, ...) -> (B, N, out)
+        changes["step_states"] = head(states.flatten(0, 1)).unflatten(0, states.shape[:2])
+    return dataclasses.replace(result, **changes)

@@ -1,0 +1,33 @@
+"""YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
+
+from adaptnet.recipes._run import (
+    RunResult,
+    compare,
+    evaluate_run,
+    load_recipe,
+    prepare,
+    shipped_recipes,
+    train_recipe,
+)
+from adaptnet.recipes._schema import (
+    Recipe,
+    apply_overrides,
+    parse_overrides,
+    read_recipe,
+    validate_recipe,
+)
+
+__all__ = [
+    "Recipe",
+    "RunResult",
+    "apply_overrides",
+    "compare",
+    "evaluate_run",
+    "load_recipe",
+    "parse_overrides",
+    "prepare",
+    "read_recipe",
+    "shipped_recipes",
+    "train_recipe",
+    "validate_recipe",
+]

@@ -1,0 +1,291 @@
+"""Running recipes: train into a run directory, evaluate a run, compare variants.
+
+A run directory holds ``config.yaml`` (the resolved recipe, written first),
+``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``model.safetensors``
+(the final weights, ties included), ``results.json`` (test metrics,
+parameters, compute, time, per-sample exit/step counts), ``summary.json``
+(parameters per module) and ``report.md`` with its PNG plots.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from adaptnet import sharing
+from adaptnet._io import atomic_path
+from adaptnet.data import DataSplits, load
+from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
+from adaptnet.init import initialize
+from adaptnet.models import MODELS, build
+from adaptnet.recipes._schema import (
+    Recipe,
+    apply_overrides,
+    parse_overrides,
+    read_recipe,
+    validate_recipe,
+)
+from adaptnet.report import write_report
+from adaptnet.train import TrainConfig, evaluate, fit
+
+__all__ = [
+    "RunResult",
+    "compare",
+    "evaluate_run",
+    "load_recipe",
+    "prepare",
+    "read_run_config",
+    "shipped_recipes",
+    "train_recipe",
+    "variants",
+]
+
+RECIPES = resources.files("adaptnet.recipes") / "shipped"
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Shipped recipe names and their one-line descriptions."""
+    out = {}
+    for f in sorted(RECIPES.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            out[f.name.removesuffix(".yaml")] = str(
+                yaml.safe_load(f.read_text(encoding="utf-8")).get("description", ""))
+    return out
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] = ()
+                ) -> tuple[str, Recipe]:
+    """``(name, recipe)`` from a file or a shipped recipe name, overrides applied, validated."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        shipped = RECIPES / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise RecipeError(f"no recipe file {str(name_or_path)!r}, and no shipped recipe of "
+                              f"that name; shipped: {', '.join(shipped_recipes())} "
+                              "(`adaptnet recipes` describes them).")
+        p = Path(str(shipped))
+    raw = read_recipe(p)
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides))
+    return p.stem, validate_recipe(apply_overrides(raw, overrides))
+
+
+def prepare(recipe: Recipe, limit: int | None = None
+            ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
+    """The dataset, the model (initialised) and the model arguments used (data-derived included)."""
+    try:
+        data = load(recipe.data.name, **recipe.args("data"))
+        if limit is not None:
+            data = _limit(data, limit)
+        args = {**derived_args(recipe.model.name, data, recipe.args("data").get("transform")),
+                **recipe.args("model")}
+        torch.manual_seed(recipe.seed)
+        model = build(recipe.model.name, **args)
+        if recipe.init:
+            initialize(model, recipe.init, seed=recipe.seed)
+    except AdaptnetError as e:  # problems only the data or the builder can see
+        raise RecipeError(f"bad recipe: {e}") from None
+    return data, model, args
+
+
+def derived_args(model: str, data: DataSplits, transform: str | None) -> dict[str, Any]:
+    """Builder arguments the data determines, for those the builder has."""
+    shape = data.input_shape[1:] if transform == "pairs" else data.input_shape
+    known: dict[str, Any] = {"in_features": math.prod(shape)}
+    if data.task == "language_model":
+        known |= {"vocab_size": data.num_classes, "max_len": shape[0]}
+    elif data.num_classes is not None:
+        known["num_classes"] = data.num_classes
+    if len(shape) == 3:  # images (C, H, W)
+        known |= {"in_channels": shape[0], "image_size": shape[-1]}
+    if len(shape) == 1:  # signals and sequences (L,)
+        known |= {"length": shape[0], "bits": shape[0], "max_len": shape[0]}
+    params = inspect.signature(MODELS[model]).parameters
+    return {k: v for k, v in known.items() if k in params}
+
+
+def _limit(data: DataSplits, n: int) -> DataSplits:
+    def cut(split: TensorDataset | None) -> TensorDataset | None:
+        return None if split is None else TensorDataset(*(t[:n] for t in split.tensors))
+
+    return data.with_splits(train=cut(data.train), valid=cut(data.valid), test=cut(data.test))
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_recipe` measured (also written to ``results.json``)."""
+
+    run_dir: Path
+    values: dict[str, Any]
+
+
+def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) -> TrainConfig:
+    metrics = ("loss", "perplexity") if data.task == "language_model" else \
+        ("loss", "accuracy") if data.task == "classification" else ("loss",)
+    base = {"loss": data.loss, "metrics": metrics, "seed": recipe.seed}
+    return TrainConfig(**{**base, **recipe.train, "run_dir": run_dir, "resume": resume})
+
+
+def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = False,
+                 limit: int | None = None) -> RunResult:
+    """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() and not resume:
+        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or give "
+                          "another --run-dir (nothing was overwritten).")
+    data, model, args = prepare(recipe, limit)
+    cfg = train_config(recipe, data, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = recipe.to_dict()
+    resolved["model"] = {"name": recipe.model.name, **args}
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"recipe": name, "limit": limit, **resolved},
+                                      sort_keys=False))
+    start = time.perf_counter()
+    history = fit(model, data.train, val=data.valid, config=cfg).history
+    train_s = time.perf_counter() - start
+    sharing.save(model, run_dir / "model.safetensors")
+    values = measure(model, data, cfg)
+    values |= {"recipe": name, "model": recipe.model.name, "dataset": data.name,
+               "samples": data.sizes(), "train_seconds": train_s,
+               "epochs": len(history), "history": history}
+    _write_json(run_dir / "results.json", values)
+    _write_json(run_dir / "summary.json", sharing.summary(model).to_dict())
+    write_report(run_dir)
+    return RunResult(run_dir, values)
+
+
+def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, Any]:
+    """Test metrics, parameters, executed compute, inference time and exit/step counts."""
+    metrics = tuple(dict.fromkeys((*cfg.resolved_metrics(), "macs")))
+    test = evaluate(model, data.test, loss=cfg.loss, metrics=metrics)
+    s = sharing.summary(model)
+    x = data.test.tensors[0][:1024]
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    counts = {}
+    for attr in ("exit_index", "steps"):
+        if isinstance(getattr(out, attr, None), torch.Tensor):
+            counts[attr] = torch.bincount(getattr(out, attr).long().flatten()).tolist()
+    return {"test": test, "params": {"unique": s.unique, "per_use": s.per_use,
+                                     "trainable": s.trainable},
+            "infer_ms_per_1k": time_inference(model, x), "counts": counts,
+            "metric": headline(test)}
+
+
+def headline(test: dict[str, Any]) -> tuple[str, float]:
+    """The metric a table shows: accuracy, else perplexity, else loss."""
+    for key in ("accuracy", "perplexity", "loss"):
+        if key in test:
+            return key, float(test[key])
+    raise AssertionError("evaluate() always reports loss")
+
+
+def time_inference(model: nn.Module, x: torch.Tensor, rounds: int = 15, batch: int = 256
+                   ) -> float:
+    """Median wall time (ms) of batched eval-mode inference, per 1,000 samples."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            start = time.perf_counter()
+            for chunk in x.split(batch):
+                model(chunk)
+            if r:  # the first pass warms up
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0 * 1000.0 / max(len(x), 1)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1, default=str) + "\n")
+
+
+def read_run_config(run: Path) -> tuple[str, int | None, Recipe]:
+    """``(recipe name, sample limit, recipe)`` from a run's ``config.yaml``."""
+    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{run / 'config.yaml'} is not a run configuration.")
+    return raw.pop("recipe", run.name), raw.pop("limit", None), validate_recipe(raw)
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """Rebuild a run's data and model, load its weights, and evaluate ``split``.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
+            weights), with what it found instead.
+    """
+    run = Path(run_dir)
+    config, weights = run / "config.yaml", run / "model.safetensors"
+    if not config.is_file():
+        what = "does not exist" if not run.exists() else \
+            f"holds {sorted(p.name for p in run.iterdir())[:6] or 'nothing'}"
+        raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml "
+                          f"({run} {what}). Give a directory made by `adaptnet train`.")
+    name, limit, recipe = read_run_config(run)
+    if not weights.is_file():
+        raise RunDirError(f"{run} has no model.safetensors: its training did not finish. "
+                          f"Resume it with `adaptnet train {name} --run-dir {run} --resume`.")
+    data, model, _ = prepare(recipe, limit)
+    sharing.load(model, weights)
+    if split not in ("train", "valid", "test") or getattr(data, split) is None:
+        raise RunDirError(f"split {split!r} is not available; this run has "
+                          f"{[k for k, v in data.sizes().items() if v]}.")
+    cfg = train_config(recipe, data, run, False)
+    metrics = tuple(dict.fromkeys((*cfg.resolved_metrics(), "macs")))
+    return {"recipe": name, "split": split,
+            **evaluate(model, getattr(data, split), loss=cfg.loss, metrics=metrics)}
+
+
+def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
+    """The cartesian product of ``key=v1,v2`` options: ``{label: overrides}``."""
+    axes = []
+    for item in vary:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise RecipeError(f"--vary {item!r} must look like key=v1,v2 (e.g. "
+                              "model.tied=true,false).")
+        axes.append([(key, parse_overrides([f"{key}={v}"])[key]) for v in values.split(",")])
+    return {",".join(f"{k.rsplit('.', 1)[-1]}={json.dumps(x)}" for k, x in combo): dict(combo)
+            for combo in itertools.product(*axes)}
+
+
+def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list[str],
+            out: Path, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Train each variant (``{label: overrides}``) of a recipe into ``out/<i>-<label>``.
+
+    Every variant is validated before the first one trains. Returns one row of
+    results per variant (also written to ``out/compare.json``).
+    """
+    base = parse_overrides(overrides)
+    checked = [(label, v, *load_recipe(name_or_path, {**base, **v}))
+               for label, v in plans.items()]
+    rows = []
+    for i, (label, v, name, recipe) in enumerate(checked):
+        slug = f"{i}-" + "".join(c if c.isalnum() else "_" for c in label)[:60]
+        res = train_recipe(name, recipe, out / slug, limit=limit)
+        metric, value = res.values["metric"]
+        rows.append({"variant": label, "overrides": v, "run_dir": str(res.run_dir),
+                     "unique_params": res.values["params"]["unique"],
+                     "per_use_params": res.values["params"]["per_use"],
+                     "metric": metric, "value": value,
+                     "macs": res.values["test"].get("macs"),
+                     "infer_ms_per_1k": res.values["infer_ms_per_1k"],
+                     "train_seconds": res.values["train_seconds"]})
+    _write_json(out / "compare.json", rows)
+    return rows

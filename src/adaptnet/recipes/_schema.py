@@ -1,0 +1,215 @@
+"""Recipes: a YAML file naming a dataset, a zoo model, init rules and training; validated up front.
+
+Validation reports every problem at once, each with its path in the recipe
+(``model.hidden: ...``), before any data is loaded or tensor allocated:
+unknown keys, wrong types (builder and dataset arguments are checked
+against their signatures), unknown names, and impossible combinations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from adaptnet.data import DATASETS, TRANSFORMS
+from adaptnet.errors import InitError, RecipeError
+from adaptnet.init import parse_scheme
+from adaptnet.models import MODELS
+from adaptnet.train import TrainConfig
+
+__all__ = ["RUN_ONLY", "Recipe", "apply_overrides", "parse_overrides", "read_recipe",
+           "validate_recipe"]
+
+RUN_ONLY = ("run_dir", "resume")  # set by the command line, not the recipe
+_CLASSES = {"cross_entropy": ("classification", "language_model"),
+            "mse": ("regression", "autoencode"), "bce_with_logits": ("regression", "autoencode")}
+
+
+class Named(BaseModel):
+    """``name`` plus the builder's or dataset's keyword arguments (checked separately)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class Recipe(BaseModel):
+    """A validated recipe.
+
+    Attributes:
+        description: one line, shown by ``adaptnet recipes``.
+        seed: seeds data order, initialisation and dropout.
+        data: ``name`` (or a path) and the dataset's options (``transform``
+            included).
+        model: ``name`` of a zoo builder and its arguments; arguments left out
+            that the data determines (``num_classes``, ``in_features``,
+            ``vocab_size``, ...) are filled in from the dataset.
+        init: ordered ``{selector: scheme}`` rules for :func:`adaptnet.initialize`.
+        train: :class:`adaptnet.TrainConfig` fields (not ``run_dir``/``resume``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    seed: int = 0
+    data: Named
+    model: Named
+    init: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    def args(self, section: str) -> dict[str, Any]:
+        """The keyword arguments of ``data`` or ``model`` (everything but ``name``)."""
+        return dict(getattr(self, section).model_extra or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a YAML recipe file (validated later, with the overrides applied)."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {p} must be a mapping (data:, model:, train: ...), got "
+                          f"{type(raw).__name__}.")
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.001", "model.tied=false"]`` to ``{"train.lr": 0.001, "model.tied": False}``.
+
+    Values are read as YAML scalars or flow collections (``0.1``, ``true``,
+    ``null``, ``[1, 2]``); anything else stays a string.
+    """
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override {item!r} must look like key=value with a dotted key, "
+                              "e.g. train.lr=0.001 or model.hidden=128.")
+        try:
+            out[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with each dotted key set (intermediate mappings created)."""
+    result = yaml.safe_load(yaml.safe_dump(dict(raw)))
+    for key, value in overrides.items():
+        node = result
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {'.'.join(parts[:i + 1])} is "
+                                  f"{node!r}, not a section.")
+        node[parts[-1]] = value
+    return result
+
+
+def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
+    """Check a raw recipe; every problem is listed with its path in one ``RecipeError``."""
+    problems: list[str] = []
+    try:
+        recipe = Recipe.model_validate(dict(raw))
+    except ValidationError as e:
+        problems += [_line(err) for err in e.errors()]
+        _raise(problems)
+    data_args, model_args = recipe.args("data"), recipe.args("model")
+    transform = data_args.pop("transform", None)
+    if transform is not None and transform not in TRANSFORMS:
+        problems.append(f"data.transform: unknown transform {transform!r}; expected one of "
+                        f"{', '.join(TRANSFORMS)}.")
+    dataset = recipe.data.name
+    if dataset in DATASETS:
+        problems += _check_args("data", DATASETS[dataset], data_args)
+    elif not Path(dataset).suffix and not Path(dataset).is_dir():
+        problems.append(f"data.name: unknown dataset {dataset!r}{_close(dataset, DATASETS)}; "
+                        f"built in: {', '.join(DATASETS)}, or a .csv/.npz file or image folder.")
+    if recipe.model.name in MODELS:
+        problems += _check_args("model", MODELS[recipe.model.name], model_args)
+    else:
+        problems.append(f"model.name: unknown model {recipe.model.name!r}"
+                        f"{_close(recipe.model.name, MODELS)}; `adaptnet models` lists the zoo.")
+    for key in RUN_ONLY:
+        if key in recipe.train:
+            problems.append(f"train.{key}: set by the command line (--run-dir, --resume), not "
+                            "the recipe.")
+    try:
+        TrainConfig(**{k: v for k, v in recipe.train.items() if k not in RUN_ONLY})
+    except ValidationError as e:
+        problems += ["train." + _line(err, TrainConfig.model_fields) for err in e.errors()]
+    for selector, scheme in recipe.init.items():
+        try:
+            parse_scheme(scheme)
+        except InitError as e:
+            problems.append(f"init.{selector}: {e}")
+    loss = recipe.train.get("loss")
+    task = "autoencode" if transform == "autoencode" else \
+        "classification" if transform == "pairs" else _task(dataset)
+    if isinstance(loss, str) and loss in _CLASSES and task and task not in _CLASSES[loss]:
+        problems.append(f"train.loss: {loss!r} does not fit {dataset!r}, a {task} dataset; "
+                        f"leave it out to use the dataset's loss.")
+    _raise(problems)
+    return recipe
+
+
+def _task(dataset: str) -> str | None:
+    return {"shakespeare": "language_model", "regression": "regression"}.get(
+        dataset, "classification" if dataset in DATASETS else None)
+
+
+def _check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
+    """Unknown or mistyped keyword arguments of ``fn``, one problem line each."""
+    hints = typing.get_type_hints(fn)
+    params = {k: p for k, p in inspect.signature(fn).parameters.items()
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k != "path"}
+    problems = []
+    for key in args:
+        if key not in params:
+            problems.append(f"{section}.{key}: unknown argument{_close(key, params)}; "
+                            f"{fn.__name__} accepts {', '.join(params)}.")
+    fields = {k: (hints.get(k, Any), p.default if p.default is not p.empty else ...)
+              for k, p in params.items() if k in args}
+    try:
+        create_model(f"{fn.__name__}_args", __config__=ConfigDict(strict=False),
+                     **fields).model_validate({k: v for k, v in args.items() if k in params})
+    except ValidationError as e:
+        problems += [f"{section}." + _line(err, params) for err in e.errors()]
+    return problems
+
+
+def _line(err: Any, fields: Any = Recipe.model_fields) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "recipe"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key" + _close(where.rsplit(".", 1)[-1], fields) + "."
+    elif err["type"] == "missing":
+        msg = "required"
+    elif "input" in err and err["type"] != "value_error":
+        msg += f" (got {err['input']!r})"
+    return f"{where}: {msg}"
+
+
+def _close(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise RecipeError(f"bad recipe ({len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}):\n"
+                          + "\n".join(f"  {p}" for p in problems))

@@ -1,0 +1,91 @@
+"""``report.md`` for a run directory and ``compare.md`` for a comparison, with their plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptnet._io import atomic_path
+from adaptnet.report._plots import bars, curves, histogram, params_by_module
+
+__all__ = ["compare_table", "write_compare", "write_report"]
+
+
+def _write(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render ``report.md`` and its PNGs from the files in ``run_dir``; return the report's path."""
+    run = Path(run_dir)
+    results = json.loads((run / "results.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    plots = run / "plots"
+    lines = [f"# Run `{results['recipe']}`", "", config.get("description") or "", "",
+             f"Model `{results['model']}` on `{results['dataset']}` "
+             f"({', '.join(f'{k} {v:,}' for k, v in results['samples'].items())} samples); "
+             f"{results['epochs']} epochs in {results['train_seconds']:.1f} s.", "",
+             "## Test results", "", "| measure | value |", "|---|---|"]
+    for key, value in results["test"].items():
+        if isinstance(value, dict):
+            value = ", ".join(f"exit {k}: {v:.1%}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:,.4g}" if key != "accuracy" else f"{value:.2%}"
+        lines.append(f"| {key} | {value} |")
+    p = results["params"]
+    lines += [f"| unique parameters | {p['unique']:,} |",
+              f"| parameters per use | {p['per_use']:,} |",
+              f"| inference, ms per 1k samples (batched, median of 15) | "
+              f"{results['infer_ms_per_1k']:.2f} |", ""]
+    if results["history"]:
+        curves(results["history"], plots / "curves.png")
+        lines += ["## Learning curves", "", "![learning curves](plots/curves.png)", ""]
+    for attr, label in (("exit_index", "exit taken"), ("steps", "steps executed")):
+        counts = results["counts"].get(attr)
+        if counts:
+            first = 1 if attr == "steps" else 0
+            histogram(counts[first:], plots / f"{attr}.png", xlabel=label, first=first)
+            lines += [f"## {label.capitalize()} per sample", "",
+                      f"![{label}](plots/{attr}.png)", ""]
+    params_by_module(summary, plots / "params.png")
+    lines += ["## Parameters by module", "", "![parameters](plots/params.png)", "",
+              "| module | type | per use | unique | shares |", "|---|---|---:|---:|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| `{row['name'] or '(root)'}` | {row['type']} | {row['per_use']:,} | "
+                     f"{row['unique']:,} | {'; '.join(row['shared'])} |")
+    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False)
+              .rstrip(), "```", ""]
+    return _write(run / "report.md", "\n".join(lines))
+
+
+def compare_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Header and rows of the comparison table, as strings."""
+    metric = rows[0]["metric"]
+    table = [["variant", "unique params", metric, "MACs/sample", "ms/1k samples", "train s"]]
+    for r in rows:
+        value = f"{r['value']:.2%}" if metric == "accuracy" else f"{r['value']:.4g}"
+        macs = f"{r['macs']:,.0f}" if r.get("macs") is not None else "-"
+        table.append([r["variant"], f"{r['unique_params']:,}", value, macs,
+                      f"{r['infer_ms_per_1k']:.2f}", f"{r['train_seconds']:.1f}"])
+    return table
+
+
+def write_compare(out_dir: str | Path, title: str) -> Path:
+    """``compare.md`` and ``compare.png`` from ``compare.json`` in ``out_dir``."""
+    out = Path(out_dir)
+    rows = json.loads((out / "compare.json").read_text())
+    bars(rows, out / "compare.png")
+    table = compare_table(rows)
+    lines = [f"# {title}", "", "| " + " | ".join(table[0]) + " |",
+             "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    lines += ["", "![comparison](compare.png)", "",
+              "Runs: " + ", ".join(f"[{r['variant']}]({Path(r['run_dir']).name}/report.md)"
+                                   for r in rows), ""]
+    return _write(out / "compare.md", "\n".join(lines))
