@@ -46,6 +46,9 @@ def write_report(run_dir: str | Path) -> Path:
     if results["history"]:
         curves(results["history"], plots / "curves.png")
         lines += ["## Learning curves", "", "![learning curves](plots/curves.png)", ""]
+        if "exit_index" in results["counts"]:
+            lines += ["The training loss is BranchyNet's joint loss, summed over the exits; the "
+                      "validation loss is that of the exit each sample took.", ""]
     for attr, label in (("exit_index", "exit taken"), ("steps", "steps executed")):
         counts = results["counts"].get(attr)
         if counts:

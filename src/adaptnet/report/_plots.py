@@ -54,20 +54,21 @@ def histogram(counts: Sequence[int], path: Path, *, xlabel: str, first: int = 0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("% of test samples")
     ax.set_title(f"{xlabel}: {total} test samples")
+    ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
 def params_by_module(summary: dict[str, Any], path: Path) -> Path:
-    """Parameters per top-level module: unique (memory) vs per use (what the layers see)."""
+    """Parameters per module (two path levels): unique (memory) vs per use (what layers see)."""
     groups: dict[str, list[int]] = {}
     for row in summary["rows"]:
-        top = row["name"].split(".")[0] or "(root)"
+        top = ".".join(row["name"].split(".")[:2]) or "(root)"
         g = groups.setdefault(top, [0, 0])
         g[0] += row["unique"]
         g[1] += row["per_use"]
     names = list(groups)
-    fig = _figure(6.4, 0.45 * len(names) + 1.6)
+    fig = _figure(6.4, 0.45 * len(names) + 1.9)
     ax = fig.subplots()
     ys = range(len(names))
     ax.barh([y + 0.2 for y in ys], [groups[n][1] for n in names], height=0.4,
@@ -79,7 +80,7 @@ def params_by_module(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("parameters")
     ax.set_title(f"{summary['model']}: {summary['unique']:,} unique, "
                  f"{summary['per_use']:,} per use")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -98,6 +99,7 @@ def bars(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.bar_label(b, labels=[_short(v) for v in values], fontsize=8)
         ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title)
+        ax.margins(y=0.12)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -107,4 +109,4 @@ def _short(v: float) -> str:
         return f"{v / 1e6:.2f}M"
     if abs(v) >= 1e4:
         return f"{v / 1e3:.1f}k"
-    return f"{v:.3g}"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
