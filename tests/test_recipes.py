@@ -19,6 +19,7 @@ from adaptnet.recipes import (
     evaluate_run,
     load_recipe,
     parse_overrides,
+    prepare,
     shipped_recipes,
     train_recipe,
     validate_recipe,
@@ -53,8 +54,7 @@ def test_every_shipped_recipe_runs_a_few_steps(name, tmp_path):
         assert (run / f).is_file(), f
     assert list((run / "tensorboard").iterdir()) and list((run / "checkpoints").iterdir())
     values = json.loads((run / "results.json").read_text())
-    assert values["params"]["unique"] == adaptnet.summary(
-        __import__("adaptnet").recipes.prepare(recipe, 1)[1]).unique
+    assert values["params"]["unique"] == adaptnet.summary(prepare(recipe, 1)[1]).unique
     assert values["epochs"] == 1 and torch.isfinite(torch.tensor(values["test"]["loss"]))
 
 
@@ -115,7 +115,7 @@ def test_impossible_combinations_and_unknown_names():
                          "train": {"run_dir": "x"}})
     _, recipe = load_recipe("shakespeare-lstm", ["model.embed_size=64", "data.max_tokens=2000"])
     with pytest.raises(RecipeError, match="tied=True needs embed_size == hidden"):
-        adaptnet.recipes.prepare(recipe)  # only the builder can see this one
+        prepare(recipe)  # only the builder can see this one
 
 
 def test_overrides():

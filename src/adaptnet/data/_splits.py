@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -51,9 +51,6 @@ class DataSplits:
         """Samples per split."""
         return {k: len(v) if v is not None else 0
                 for k, v in (("train", self.train), ("valid", self.valid), ("test", self.test))}
-
-    def with_splits(self, **splits: TensorDataset | None) -> DataSplits:
-        return replace(self, **splits)
 
 
 def split_off(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int, what: str

@@ -9,6 +9,7 @@ parameters, compute, time, per-sample exit/step counts), ``summary.json``
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import json
@@ -121,7 +122,8 @@ def _limit(data: DataSplits, n: int) -> DataSplits:
     def cut(split: TensorDataset | None) -> TensorDataset | None:
         return None if split is None else TensorDataset(*(t[:n] for t in split.tensors))
 
-    return data.with_splits(train=cut(data.train), valid=cut(data.valid), test=cut(data.test))
+    return dataclasses.replace(data, train=cut(data.train), valid=cut(data.valid),
+                               test=cut(data.test))
 
 
 @dataclass

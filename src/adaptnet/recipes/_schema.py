@@ -8,6 +8,7 @@ against their signatures), unknown names, and impossible combinations.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import typing
@@ -106,7 +107,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of ``raw`` with each dotted key set (intermediate mappings created)."""
-    result = yaml.safe_load(yaml.safe_dump(dict(raw)))
+    result = copy.deepcopy(dict(raw))
     for key, value in overrides.items():
         node = result
         parts = key.split(".")
