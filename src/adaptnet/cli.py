@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaptnet.errors import AdaptnetError, RunDirError
+from adaptnet.errors import AdaptnetError
 
 app = typer.Typer(help="Dynamic neural networks with shared and tied weights: train, evaluate "
                   "and compare recipes.", no_args_is_help=True, add_completion=False,
@@ -108,9 +108,6 @@ def summary(target: Annotated[str, typer.Argument(
 
     with _errors():
         if Path(target).is_dir():
-            if not (Path(target) / "config.yaml").is_file():
-                raise RunDirError(f"{target} is not an adaptnet run directory: it has no "
-                                  "config.yaml.")
             parsed = read_run_config(Path(target))[2]
         else:
             parsed = load_recipe(target, overrides or [])[1]

@@ -172,8 +172,7 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
 
 def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, Any]:
     """Test metrics, parameters, executed compute, inference time and exit/step counts."""
-    metrics = tuple(dict.fromkeys((*cfg.resolved_metrics(), "macs")))
-    test = evaluate(model, data.test, loss=cfg.loss, metrics=metrics)
+    test = evaluate(model, data.test, loss=cfg.loss, metrics=_eval_metrics(cfg))
     s = sharing.summary(model)
     x = data.test.tensors[0][:1024]
     model.eval()
@@ -187,6 +186,11 @@ def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, A
                                      "trainable": s.trainable},
             "infer_ms_per_1k": time_inference(model, x), "counts": counts,
             "metric": headline(test)}
+
+
+def _eval_metrics(cfg: TrainConfig) -> tuple[str, ...]:
+    """The training metrics plus the executed multiply-adds per sample."""
+    return tuple(dict.fromkeys((*cfg.resolved_metrics(), "macs")))
 
 
 def headline(test: dict[str, Any]) -> tuple[str, float]:
@@ -218,8 +222,18 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def read_run_config(run: Path) -> tuple[str, int | None, Recipe]:
-    """``(recipe name, sample limit, recipe)`` from a run's ``config.yaml``."""
-    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    """``(recipe name, sample limit, recipe)`` from a run's ``config.yaml``.
+
+    Raises:
+        RunDirError: ``run`` has no ``config.yaml`` (with what it holds instead).
+    """
+    config = run / "config.yaml"
+    if not config.is_file():
+        what = "does not exist" if not run.exists() else \
+            f"holds {sorted(p.name for p in run.iterdir())[:6] or 'nothing'}"
+        raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml "
+                          f"({run} {what}). Give a directory made by `adaptnet train`.")
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise RunDirError(f"{run / 'config.yaml'} is not a run configuration.")
     return raw.pop("recipe", run.name), raw.pop("limit", None), validate_recipe(raw)
@@ -233,12 +247,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
             weights), with what it found instead.
     """
     run = Path(run_dir)
-    config, weights = run / "config.yaml", run / "model.safetensors"
-    if not config.is_file():
-        what = "does not exist" if not run.exists() else \
-            f"holds {sorted(p.name for p in run.iterdir())[:6] or 'nothing'}"
-        raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml "
-                          f"({run} {what}). Give a directory made by `adaptnet train`.")
+    weights = run / "model.safetensors"
     name, limit, recipe = read_run_config(run)
     if not weights.is_file():
         raise RunDirError(f"{run} has no model.safetensors: its training did not finish. "
@@ -249,9 +258,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
         raise RunDirError(f"split {split!r} is not available; this run has "
                           f"{[k for k, v in data.sizes().items() if v]}.")
     cfg = train_config(recipe, data, run, False)
-    metrics = tuple(dict.fromkeys((*cfg.resolved_metrics(), "macs")))
     return {"recipe": name, "split": split,
-            **evaluate(model, getattr(data, split), loss=cfg.loss, metrics=metrics)}
+            **evaluate(model, getattr(data, split), loss=cfg.loss, metrics=_eval_metrics(cfg))}
 
 
 def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
