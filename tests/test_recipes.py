@@ -31,7 +31,7 @@ QUICK = ["train.epochs=1"]
 
 
 def _needs_data(name: str):
-    if name.startswith("fashion") and not FASHION_MNIST_DIR.is_dir():
+    if "fashion" in name and not FASHION_MNIST_DIR.is_dir():
         pytest.skip(f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
                     "dataset-fashion-mnist)")
 

@@ -65,6 +65,8 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
                               limit=limit)
     _print_results(result.values)
+    if "backbone" in result.values:
+        out.print(f"pretrained backbone: {result.values['backbone']}")
     out.print(f"run directory: {result.run_dir}\nreport: {result.run_dir / 'report.md'}")
 
 
@@ -77,6 +79,7 @@ def _print_results(values: dict) -> None:
             value = " ".join(f"{k}:{v:.0%}" for k, v in value.items())
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     table.add_row("unique params", f"{values['params']['unique']:,}")
+    table.add_row("trainable params", f"{values['params']['trainable']:,}")
     table.add_row("train seconds", f"{values['train_seconds']:.1f}")
     out.print(table)
 

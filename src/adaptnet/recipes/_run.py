@@ -10,6 +10,7 @@ parameters, compute, time, per-sample exit/step counts), ``summary.json``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import json
@@ -17,7 +18,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,24 @@ from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.init import initialize
 from adaptnet.models import MODELS, build
 from adaptnet.recipes._schema import (
+    RECIPES,
     Recipe,
     apply_overrides,
     parse_overrides,
     read_recipe,
     validate_recipe,
 )
+from adaptnet.recipes._transfer import (
+    TransferSpec,
+    adapt,
+    freeze_for,
+    target_args,
+    training_plan,
+)
 from adaptnet.report import write_report
 from adaptnet.train import TrainConfig, evaluate, fit
+from adaptnet.transfer import load_backbone, replace_head
+from adaptnet.transfer._load import run_model_spec
 
 __all__ = [
     "RunResult",
@@ -53,9 +63,6 @@ __all__ = [
     "train_recipe",
     "variants",
 ]
-
-RECIPES = resources.files("adaptnet.recipes") / "shipped"
-
 
 def shipped_recipes() -> dict[str, str]:
     """Shipped recipe names and their one-line descriptions."""
@@ -84,22 +91,68 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
     return p.stem, validate_recipe(apply_overrides(raw, overrides))
 
 
-def prepare(recipe: Recipe, limit: int | None = None
+def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None = None
             ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
-    """The dataset, the model (initialised) and the model arguments used (data-derived included)."""
+    """The dataset, the model (initialised) and the model arguments used (data-derived included).
+
+    For a transfer recipe the model has the backbone's architecture and is
+    frozen as its ``mode`` says; its weights come from the backbone run
+    ``pretrained`` when given (training), else they are fresh (scratch,
+    summaries, or a run's own weights loaded afterwards).
+    """
+    spec = recipe.transfer
     try:
         data = load(recipe.data.name, **recipe.args("data"))
         if limit is not None:
             data = _limit(data, limit)
-        args = {**derived_args(recipe.model.name, data, recipe.args("data").get("transform")),
-                **recipe.args("model")}
+        if spec is None:
+            args = {**derived_args(recipe.model.name, data, recipe.args("data").get("transform")),
+                    **recipe.args("model")}
+        else:
+            args = target_args(recipe.model.name, recipe.args("model"), spec.backbone,
+                               *_backbone_spec(spec, limit), data)
         torch.manual_seed(recipe.seed)
-        model = build(recipe.model.name, **args)
-        if recipe.init:
-            initialize(model, recipe.init, seed=recipe.seed)
+        if spec is not None and spec.mode != "scratch" and pretrained is not None:
+            model = load_backbone(pretrained).train()
+            replace_head(model, args["num_classes"])
+        else:
+            model = build(recipe.model.name, **args)
+            if recipe.init:
+                initialize(model, recipe.init, seed=recipe.seed)
+        if spec is not None:
+            model = adapt(model, args, data)
+            freeze_for(model, spec)
     except AdaptnetError as e:  # problems only the data or the builder can see
         raise RecipeError(f"bad recipe: {e}") from None
     return data, model, args
+
+
+def _backbone_spec(spec: TransferSpec, limit: int | None) -> tuple[str, dict[str, Any]]:
+    """``(builder, arguments)`` of a transfer recipe's backbone, without training it."""
+    if Path(spec.backbone).is_dir():
+        return run_model_spec(Path(spec.backbone))
+    name, recipe = load_recipe(spec.backbone)
+    if recipe.transfer is not None:
+        raise RecipeError(f"transfer.backbone {name!r} is itself a transfer recipe; train it "
+                          "and give its run directory instead.")
+    return recipe.model.name, prepare(recipe, limit)[2]
+
+
+def pretrain(spec: TransferSpec, runs: Path, limit: int | None) -> Path:
+    """The backbone's run directory; a backbone recipe is trained first, once.
+
+    A recipe trains into ``runs/backbones/<recipe>-<hash of the recipe and
+    limit>``, and a finished run there is reused (an unfinished one resumed),
+    so the variants of ``adaptnet compare`` share one pretraining.
+    """
+    if Path(spec.backbone).is_dir():
+        return Path(spec.backbone)
+    name, recipe = load_recipe(spec.backbone)
+    key = hashlib.sha256(json.dumps([recipe.to_dict(), limit], sort_keys=True).encode())
+    run = runs / "backbones" / f"{name}-{key.hexdigest()[:10]}"
+    if not (run / "model.safetensors").is_file():
+        train_recipe(name, recipe, run, resume=(run / "config.yaml").is_file(), limit=limit)
+    return run
 
 
 def derived_args(model: str, data: DataSplits, transform: str | None) -> dict[str, Any]:
@@ -148,8 +201,17 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
     if (run_dir / "config.yaml").exists() and not resume:
         raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or give "
                           "another --run-dir (nothing was overwritten).")
-    data, model, args = prepare(recipe, limit)
+    spec = recipe.transfer
+    backbone = None
+    if spec is not None and spec.mode != "scratch":
+        backbone = pretrain(spec, run_dir.parent, limit).resolve()
+        recipe = recipe.model_copy(update={"transfer": spec.model_copy(
+            update={"backbone": str(backbone)})})
+    data, model, args = prepare(recipe, limit, pretrained=backbone)
+    schedule, scale = training_plan(model, spec) if spec is not None else (None, {})
     cfg = train_config(recipe, data, run_dir, resume)
+    if scale:
+        cfg = cfg.model_copy(update={"lr_scale": {**scale, **cfg.lr_scale}})
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = recipe.to_dict()
     resolved["model"] = {"name": recipe.model.name, **args}
@@ -157,10 +219,12 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
         tmp.write_text(yaml.safe_dump({"recipe": name, "limit": limit, **resolved},
                                       sort_keys=False))
     start = time.perf_counter()
-    history = fit(model, data.train, val=data.valid, config=cfg).history
+    history = fit(model, data.train, val=data.valid, config=cfg, epoch_start=schedule).history
     train_s = time.perf_counter() - start
     sharing.save(model, run_dir / "model.safetensors")
     values = measure(model, data, cfg)
+    if backbone is not None:
+        values["backbone"] = str(backbone)
     values |= {"recipe": name, "model": recipe.model.name, "dataset": data.name,
                "samples": data.sizes(), "train_seconds": train_s,
                "epochs": len(history), "history": history}
@@ -292,6 +356,7 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
         metric, value = res.values["metric"]
         rows.append({"variant": label, "overrides": v, "run_dir": str(res.run_dir),
                      "unique_params": res.values["params"]["unique"],
+                     "trainable_params": res.values["params"]["trainable"],
                      "per_use_params": res.values["params"]["per_use"],
                      "metric": metric, "value": value,
                      "macs": res.values["test"].get("macs"),

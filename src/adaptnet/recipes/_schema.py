@@ -13,6 +13,7 @@ import difflib
 import inspect
 import typing
 from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,13 @@ from adaptnet.data import DATASETS, TRANSFORMS
 from adaptnet.errors import InitError, RecipeError
 from adaptnet.init import parse_scheme
 from adaptnet.models import MODELS
+from adaptnet.recipes._transfer import TransferSpec
 from adaptnet.train import TrainConfig
 
-__all__ = ["RUN_ONLY", "Recipe", "apply_overrides", "parse_overrides", "read_recipe",
+__all__ = ["RECIPES", "RUN_ONLY", "Recipe", "apply_overrides", "parse_overrides", "read_recipe",
            "validate_recipe"]
+
+RECIPES = resources.files("adaptnet.recipes") / "shipped"
 
 RUN_ONLY = ("run_dir", "resume")  # set by the command line, not the recipe
 _CLASSES = {"cross_entropy": ("classification", "language_model"),
@@ -53,6 +57,7 @@ class Recipe(BaseModel):
             ``vocab_size``, ...) are filled in from the dataset.
         init: ordered ``{selector: scheme}`` rules for :func:`adaptnet.initialize`.
         train: :class:`adaptnet.TrainConfig` fields (not ``run_dir``/``resume``).
+        transfer: start from a pretrained backbone (see :class:`TransferSpec`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +67,7 @@ class Recipe(BaseModel):
     model: Named
     init: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    transfer: TransferSpec | None = None
 
     def args(self, section: str) -> dict[str, Any]:
         """The keyword arguments of ``data`` or ``model`` (everything but ``name``)."""
@@ -157,6 +163,11 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
             parse_scheme(scheme)
         except InitError as e:
             problems.append(f"init.{selector}: {e}")
+    if recipe.transfer is not None:
+        backbone = recipe.transfer.backbone
+        if not (Path(backbone).exists() or (RECIPES / f"{backbone}.yaml").is_file()):
+            problems.append(f"transfer.backbone: {backbone!r} is neither a run directory, a "
+                            "recipe file nor a shipped recipe.")
     loss = recipe.train.get("loss")
     task = "autoencode" if transform == "autoencode" else \
         "classification" if transform == "pairs" else _task(dataset)

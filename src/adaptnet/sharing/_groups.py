@@ -27,13 +27,14 @@ def param_groups(
     weight_decay: float = 0.0,
     no_decay: Sequence[str] | None = None,
     rules: Mapping[str, Mapping[str, Any]] | None = None,
+    frozen: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups in which every trainable tensor appears once.
 
     Building groups from ``named_parameters()`` by hand lists a tied tensor
     under each name, and ``torch.optim`` then raises "some parameters appear in
     more than one parameter group". Here each distinct tensor is placed once,
-    under its first path; frozen tensors are left out.
+    under its first path; frozen tensors are left out unless ``frozen=True``.
 
     Precedence, for a tensor known by several paths (a tie):
 
@@ -48,6 +49,8 @@ def param_groups(
             and every parameter of a normalisation layer (BatchNorm, LayerNorm,
             GroupNorm, RMSNorm, ...).
         rules: ordered ``pattern -> optimizer options``.
+        frozen: include frozen tensors too, for a schedule that unfreezes them
+            during training (optimizers skip a tensor while its gradient is None).
 
     Returns:
         ``[{"params": [...], "param_names": [...], "weight_decay": ..., **options}, ...]``,
@@ -86,7 +89,7 @@ def param_groups(
     groups: dict[str, dict[str, Any]] = {}
     for group in group_by_tensor(slots):
         tensor = group[0].tensor
-        if not tensor.requires_grad:
+        if not (tensor.requires_grad or frozen):
             continue
         options = next((dict(o) for p, o in rules.items()
                         if any(matches(s.name, p) for s in group)), {})

@@ -39,6 +39,11 @@ class ModuleRow:
     trainable: int
     shared: tuple[str, ...]
 
+    @property
+    def frozen(self) -> int:
+        """Of ``unique``, those without ``requires_grad``."""
+        return self.unique - self.trainable
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -74,16 +79,18 @@ class Summary:
 
     def __rich__(self) -> Group:
         table = Table(title=f"{self.model}: parameters", title_justify="left")
+        frozen = self.frozen > 0  # the column appears once something is frozen
         for col, justify in (("module", "left"), ("type", "left"), ("per use", "right"),
                              ("unique", "right"), ("trainable", "right"),
-                             ("shares", "left")):
+                             *([("frozen", "right")] if frozen else []), ("shares", "left")):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for r in self.rows:
             table.add_row(r.name or "(root)", r.type, f"{r.per_use:,}", f"{r.unique:,}",
-                          f"{r.trainable:,}", "\n".join(r.shared))
+                          f"{r.trainable:,}", *([f"{r.frozen:,}"] if frozen else []),
+                          "\n".join(r.shared))
         table.add_section()
         table.add_row("total", "", f"{self.per_use:,}", f"{self.unique:,}",
-                      f"{self.trainable:,}", "")
+                      f"{self.trainable:,}", *([f"{self.frozen:,}"] if frozen else []), "")
         return Group(table, Text(self._caption()))
 
     def _caption(self) -> str:

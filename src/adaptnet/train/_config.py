@@ -42,15 +42,18 @@ class TrainConfig(BaseModel):
     ``nesterov`` for SGD, ``momentum`` and ``alpha`` for RMSprop, ``betas`` for
     Adam/AdamW). ``weight_decay`` goes through :func:`adaptnet.param_groups`
     (each tensor once; no decay on biases and normalisation layers).
-    ``scheduler`` names a class of ``torch.optim.lr_scheduler`` built with
-    ``scheduler_args``; it and ``warmup_steps`` (linear warmup) step once per
-    optimizer step.
+    ``lr_scale`` maps parameter patterns to learning-rate factors
+    (``{"features": 0.1}``: a pretrained backbone learns 10x slower); the first
+    pattern matching a tensor wins. ``scheduler`` names a class of
+    ``torch.optim.lr_scheduler`` built with ``scheduler_args``; it and
+    ``warmup_steps`` (linear warmup) step once per optimizer step.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     optimizer: str = "sgd"
     lr: float = 0.01
+    lr_scale: dict[str, float] = Field(default_factory=dict)
     momentum: float = Field(0.0, ge=0)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
@@ -89,6 +92,15 @@ class TrainConfig(BaseModel):
     def _lr(cls, v: float) -> float:
         if not v > 0:
             raise ValueError(f"the learning rate must be positive, got {v}; e.g. lr=0.01.")
+        return v
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _lr_scale(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: f for k, f in v.items() if not f > 0}
+        if bad:
+            raise ValueError(f"learning-rate factors must be positive, got {bad}; e.g. "
+                             "lr_scale={'features': 0.1}.")
         return v
 
     @field_validator("loss")

@@ -66,7 +66,8 @@ class FitResult:
 
 
 def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None = None,
-        config: TrainConfig | Mapping[str, Any] | None = None, **options: Any) -> FitResult:
+        config: TrainConfig | Mapping[str, Any] | None = None,
+        epoch_start: Callable[[int], Any] | None = None, **options: Any) -> FitResult:
     """Train ``model`` on ``train``; return the per-epoch history.
 
     Args:
@@ -78,6 +79,11 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
         loss_fn: a ``(prediction, target) -> scalar`` function replacing
             ``config.loss``.
         config: a :class:`TrainConfig` or a mapping of its fields.
+        epoch_start: called with the 0-based epoch before each epoch (and
+            again for the epoch a resumed run continues), e.g. an
+            :class:`adaptnet.transfer.GradualUnfreeze` schedule. The optimizer
+            then also holds the frozen tensors, so it may unfreeze them; it
+            must depend on the epoch only, so that a resumed run repeats it.
         **options: :class:`TrainConfig` fields, overriding ``config``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data parallel with
@@ -86,7 +92,9 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
     and writes checkpoints.
 
     Raises:
-        ConfigError: invalid configuration or data, every problem listed.
+        ConfigError: invalid configuration or data, every problem listed;
+            ``epoch_start`` under ``torchrun`` (DDP only syncs the tensors
+            trainable when it starts).
         NonFiniteError: a NaN/Inf loss or gradient with ``nonfinite="stop"``; the
             weights are those before the failing step, and the last good
             checkpoint is kept.
@@ -99,7 +107,7 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
         >>> result.history[-1]["train/loss"] < result.history[0]["train/loss"]
         True
     """
-    return _Trainer(model, config_from(config, options), loss_fn).run(train, val)
+    return _Trainer(model, config_from(config, options), loss_fn, epoch_start).run(train, val)
 
 
 def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
@@ -211,14 +219,20 @@ def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
 
 
 class _Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None,
+                 epoch_start: Callable[[int], Any] | None = None) -> None:
+        self.model, self.cfg, self.epoch_start = model, cfg, epoch_start
         self.fn = loss_fn or _LOSSES[cfg.loss]
         self.metrics = cfg.resolved_metrics()
         self.accuracy, self.steps = "accuracy" in self.metrics, "steps" in self.metrics
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = torch.device(cfg.device)
+        if epoch_start is not None and self.world > 1:
+            raise ConfigError("fit(): epoch_start (e.g. gradual unfreezing) is not supported "
+                              f"under torchrun (WORLD_SIZE={self.world}): DDP only syncs the "
+                              "tensors that are trainable when it starts. Train the stages "
+                              "as separate fit() calls instead.")
 
     def run(self, train: Any, val: Any) -> FitResult:
         cfg = self.cfg
@@ -268,13 +282,14 @@ class _Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         model.to(self.device)
-        self.opt = build_optimizer(model, cfg)
+        schedule = self.epoch_start is not None
+        self.opt = build_optimizer(model, cfg, frozen=schedule)
         self.sched = build_scheduler(self.opt, cfg)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.names = {id(p): n for g in self.opt.param_groups
                       for p, n in zip(g["params"], g["param_names"], strict=True)}
-        self.l1 = [p for g in param_groups(model, weight_decay=1.0) if g["weight_decay"]
-                   for p in g["params"]] if cfg.l1 else []
+        self.l1 = [p for g in param_groups(model, weight_decay=1.0, frozen=schedule)
+                   if g["weight_decay"] for p in g["params"]] if cfg.l1 else []
         self.loss_total, self.samples = 0.0, 0  # summed per step in Python: no tensor op
 
     def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
@@ -289,6 +304,8 @@ class _Trainer:
                 batches.pop()
             start = pos["batch"] if epoch == pos["epoch"] else 0
             log.epoch_start(epoch, len(batches), start)
+            if self.epoch_start is not None:
+                self.epoch_start(epoch)
             self.model.train()
             every = max(1, len(batches) // 50)
             for b in range(start, len(batches)):
@@ -377,7 +394,7 @@ class _Trainer:
             dist.all_reduce(acc)
         count = max(float(acc[1]), 1.0)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": pos["step"],
-                               "lr": self.opt.param_groups[0]["lr"]}
+                               "lr": max(g["lr"] for g in self.opt.param_groups)}
         row["train/loss"] = float(acc[0]) / count
         if "accuracy" in self.metrics:
             row["train/accuracy"] = float(acc[2]) / count
@@ -443,6 +460,8 @@ def _l1_grad(params: list[torch.Tensor], strength: float) -> None:
     """
     with torch.no_grad():
         for p in params:
+            if not p.requires_grad:
+                continue  # frozen for now (a schedule may unfreeze it later)
             if p.grad is None:
                 p.grad = torch.sign(p) * strength
             else:

@@ -12,10 +12,13 @@ from adaptnet.train._config import TrainConfig
 __all__ = ["build_optimizer", "build_scheduler"]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over the model's unique trainable tensors."""
-    groups = param_groups(model, weight_decay=cfg.weight_decay)
-    if not groups:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *, frozen: bool = False
+                    ) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's unique trainable tensors (frozen ones too
+    with ``frozen=True``, for a schedule that unfreezes them), ``lr_scale`` applied."""
+    rules = {pattern: {"lr": cfg.lr * factor} for pattern, factor in cfg.lr_scale.items()}
+    groups = param_groups(model, weight_decay=cfg.weight_decay, rules=rules, frozen=frozen)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ConfigError("fit(): the model has no trainable parameter; unfreeze some "
                           "(adaptnet.unfreeze) or check requires_grad.")
     if cfg.optimizer == "sgd":

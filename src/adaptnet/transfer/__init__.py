@@ -1,0 +1,36 @@
+"""Transfer learning: load a pretrained backbone, replace its head, freeze precisely, fine-tune.
+
+The textbook recipe, done with adaptnet::
+
+    model = load_backbone("runs/fashion-pretrain")   # or an nn.Module, or "resnet18"
+    replace_head(model, num_classes=5)
+    freeze_blocks(model, trainable=1)               # everything but the new head
+    print(adaptnet.summary(model))                  # trainable vs frozen, per module
+
+See docs/transfer.md for a tour.
+"""
+
+from adaptnet.transfer._adapt import InputAdapter, adapt_input
+from adaptnet.transfer._blocks import (
+    BatchNormMode,
+    FrozenBatchNorm,
+    GradualUnfreeze,
+    blocks,
+    freeze_blocks,
+)
+from adaptnet.transfer._head import find_head, replace_head
+from adaptnet.transfer._load import load_backbone, load_weights
+
+__all__ = [
+    "BatchNormMode",
+    "FrozenBatchNorm",
+    "GradualUnfreeze",
+    "InputAdapter",
+    "adapt_input",
+    "blocks",
+    "find_head",
+    "freeze_blocks",
+    "load_backbone",
+    "load_weights",
+    "replace_head",
+]

@@ -1,0 +1,202 @@
+"""Pretrained backbones: from adaptnet runs and files, torchvision, or any module."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import yaml
+from torch import nn
+
+from adaptnet import sharing
+from adaptnet.errors import (
+    AdaptnetError,
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ModelError,
+    RunDirError,
+)
+from adaptnet.models import build
+
+__all__ = ["load_backbone", "load_weights", "run_model_spec"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
+                  download: bool = False) -> nn.Module:
+    """A pretrained model to transfer from, with its original head.
+
+    Args:
+        source: one of
+            - a run directory made by ``adaptnet train`` (the zoo model it
+              names in ``config.yaml``, with its ``model.safetensors``);
+            - any ``nn.Module`` (with ``weights``, a file is loaded into it:
+              e.g. ``adaptnet.models.build("small_cnn")`` plus a file from
+              :func:`adaptnet.save`);
+            - a torchvision model name (``"resnet18"``), when the optional
+              ``vision`` extra is installed.
+        weights: for a module or a torchvision name: a file (``.safetensors``
+            from :func:`adaptnet.save` or elsewhere; a ``.pt``/``.pth``
+            state dict, read with ``weights_only=True`` so nothing is
+            unpickled), or for torchvision a weights enum or its name
+            (``"IMAGENET1K_V1"``). ``None``: the module as it is (torchvision:
+            random initialisation).
+        download: allow torchvision to download weights missing from its
+            cache (``torch.hub.get_dir()``). Off by default: nothing is
+            fetched unless asked.
+
+    Returns:
+        The model, in eval mode, ready for :func:`replace_head` and
+        :func:`freeze_blocks`.
+
+    Raises:
+        RunDirError: a directory that is not a finished run.
+        CheckpointMismatchError: the weights do not fit the model; every
+            missing, unexpected and mis-shaped name is listed.
+        CheckpointNotFoundError: no weights file there.
+        ModelError: anything else (unknown name, torchvision not installed,
+            weights not downloaded and ``download=False``, a failed download).
+
+    Example:
+        >>> import tempfile, adaptnet
+        >>> from adaptnet.models import build
+        >>> from adaptnet.transfer import load_backbone
+        >>> path = adaptnet.save(build("mlp", in_features=4), tempfile.mkdtemp() + "/m.safetensors")
+        >>> load_backbone(build("mlp", in_features=4), weights=path)[0]
+        Linear(in_features=4, out_features=100, bias=True)
+    """
+    if isinstance(source, nn.Module):
+        if weights is not None:
+            load_weights(source, weights)
+        return source.eval()
+    path = Path(source)
+    if path.is_dir():
+        if weights is not None:
+            raise ModelError(f"load_backbone(): {path} is a run directory, which brings its own "
+                             "weights (model.safetensors); weights= is for a module or a "
+                             "torchvision name.")
+        name, args = run_model_spec(path)
+        weights_file = path / "model.safetensors"
+        if not weights_file.is_file():
+            raise RunDirError(f"load_backbone(): {path} has no model.safetensors: its training "
+                              "did not finish. Finish it with `adaptnet train ... --resume`.")
+        try:
+            model = build(name, **args)
+        except AdaptnetError as e:
+            raise ModelError(f"load_backbone(): {path}/config.yaml: {e}") from None
+        return sharing.load(model, weights_file).eval()
+    if path.suffix in WEIGHT_SUFFIXES or path.is_file():
+        raise ModelError(f"load_backbone(): {str(source)!r} is a weights file; it needs its "
+                         "architecture: load_backbone(adaptnet.models.build('<name>', ...), "
+                         f"weights={str(source)!r}).")
+    return _torchvision(str(source), weights, download).eval()
+
+
+def run_model_spec(run: Path) -> tuple[str, dict[str, Any]]:
+    """``(zoo builder, its arguments)`` of the model a run directory trained."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml. "
+                          "Give a directory made by `adaptnet train`.")
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise RunDirError(f"{config} names no model (a `model: {{name: ...}}` section).")
+    args = {k: v for k, v in model.items() if k != "name"}
+    return model["name"], args
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
+    """Load a weights file into ``model``: safetensors (ties restored) or a ``.pt`` state dict.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CheckpointCorruptError: not a state dict of tensors.
+        CheckpointMismatchError: names or shapes do not fit, all listed.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"load_backbone(): no weights file at {str(path)!r}.")
+    if path.suffix == ".safetensors":
+        return sharing.load(model, path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"load_backbone(): cannot read {str(path)!r} as a PyTorch state dict with "
+            f"weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). Save it with "
+            "torch.save(model.state_dict(), path), or as safetensors.") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise CheckpointCorruptError(
+            f"load_backbone(): {str(path)!r} holds a {type(state).__name__}, not a state dict "
+            "of tensors; save it with torch.save(model.state_dict(), path).")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = [f"{k}: the file has shape {list(state[k].shape)}, the model "
+                f"{list(expected[k].shape)}" for k in sorted(set(state) & set(expected))
+                if state[k].shape != expected[k].shape]
+    if missing or unexpected or problems:
+        lines = [f"load_backbone(): {str(path)!r} does not fit {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing from the file ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected)}")
+        lines += [f"  {p}" for p in problems]
+        lines.append("Build the model with the architecture the weights were saved from; "
+                     "replace its head after loading (replace_head).")
+        raise CheckpointMismatchError("\n".join(lines), missing=tuple(missing),
+                                      unexpected=tuple(unexpected), problems=tuple(problems))
+    model.load_state_dict(state)
+    sharing.retie(model)
+    return model
+
+
+def _torchvision(name: str, weights: Any, download: bool) -> nn.Module:
+    try:
+        import torchvision.models as tvm
+    except Exception as e:
+        raise ModelError(
+            f"load_backbone(): {name!r} is not a run directory, and torchvision, which "
+            f"builds named models, is not usable here ({type(e).__name__}: {e}). Install the "
+            "vision extra (pip install 'adaptnet[vision]', a torchvision matching your torch), "
+            "or pass an nn.Module.") from None
+    try:
+        builder = tvm.get_model_builder(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, tvm.list_models(), n=3)
+        raise ModelError(f"load_backbone(): {name!r} is neither a run directory nor a "
+                         "torchvision model" + (f"; did you mean {', '.join(close)}?" if close
+                                                else "; torchvision.models.list_models() lists "
+                                                "them.")) from None
+    if weights is None:
+        return builder(weights=None)
+    if isinstance(weights, (str, os.PathLike)) and Path(weights).suffix in WEIGHT_SUFFIXES:
+        return load_weights(builder(weights=None), weights)
+    try:
+        enum = tvm.get_model_weights(name)
+        chosen = enum[weights] if isinstance(weights, str) else enum(weights)
+    except (KeyError, ValueError):
+        options = ", ".join(w.name for w in tvm.get_model_weights(name))
+        raise ModelError(f"load_backbone(): {name} has no weights {weights!r}; it has "
+                         f"{options}, or give a local file.") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(chosen.url).path).name
+    if not cached.is_file() and not download:
+        raise ModelError(f"load_backbone(): the {name} weights {chosen.name} are not in "
+                         f"torchvision's cache ({cached}), and nothing is downloaded unless you "
+                         "ask: pass download=True, or fetch the file elsewhere and pass "
+                         "weights=<the file>.")
+    try:
+        return builder(weights=chosen, progress=False)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise ModelError(f"load_backbone(): could not get the {name} weights {chosen.name} "
+                         f"from {chosen.url} ({type(e).__name__}: {e}). Fetch the file "
+                         f"elsewhere, put it at {cached} or pass weights=<the file>.") from None
