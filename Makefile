@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_moe.py
 	$(PY) benchmarks/bench_per_sample.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_transfer.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

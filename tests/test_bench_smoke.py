@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from adaptnet.data import FASHION_MNIST_DIR
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -65,3 +69,17 @@ def test_bench_train_quick(tmp_path):
     assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}
     [step] = result["step_by_step"]
     assert set(step["ms"]) == {"hand", "engine", "hand_again"} and step["steps"] == 30
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
+                    "dataset-fashion-mnist)")
+def test_bench_transfer_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_transfer.py"), "--quick", "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "transfer-quick.json").read_text())
+    assert [s["variant"] for s in result["summary"]][::5] == [
+        "frozen backbone, new head", "from scratch"]
+    assert result["summary"][0]["trainable"] == 84 * 5 + 5
+    assert len(result["runs"]) == 6 and "| 5 | from scratch |" in (
+        tmp_path / "transfer-quick.md").read_text()

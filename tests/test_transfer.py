@@ -264,10 +264,11 @@ def test_gradual_unfreezing_trains_one_more_block_per_epoch():
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     schedule = GradualUnfreeze(model, start=1, every=1)
     assert [schedule.trainable(e) for e in range(3)] == [1, 2, 3]
+    freeze_blocks(model, 1)  # as before training starts: the optimizer must still hold block 1
     before = _state(model)
     # Epoch 0 trains the head, epoch 1 the last two blocks: block 0 never moves.
-    adaptnet.fit(model, (x, y), loss="cross_entropy", optimizer="adam", lr=0.05, epochs=2,
-                 batch_size=8, epoch_start=schedule)
+    adaptnet.fit(model, (x, y), loss="cross_entropy", optimizer="adamw", lr=0.05, epochs=2,
+                 batch_size=8, weight_decay=0.1, l1=1e-3, epoch_start=schedule)
     after = model.state_dict()
     assert torch.equal(after["0.weight"], before["0.weight"])
     assert not torch.equal(after["2.weight"], before["2.weight"])

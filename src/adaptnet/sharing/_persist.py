@@ -146,10 +146,7 @@ def load(model: M, path: str | os.PathLike) -> M:
     problems += [f"modules {m!r} and {o!r}: not both submodules of the model"
                  for m, o in modules.items() if m not in known or o not in known]
     if missing or unexpected or problems:
-        raise CheckpointMismatchError(_mismatch_message(path, model, missing, unexpected,
-                                                        problems),
-                                      missing=tuple(missing), unexpected=tuple(unexpected),
-                                      problems=tuple(problems))
+        raise mismatch_error("load()", path, model, missing, unexpected, problems)
 
     for member, owner in modules.items():
         if get_module(model, member) is not get_module(model, owner):
@@ -270,9 +267,10 @@ def _module_shares(model: nn.Module) -> dict[str, str]:
             if not any(m.startswith(p + ".") for p in out)}
 
 
-def _mismatch_message(path: Path, model: nn.Module, missing: list[str], unexpected: list[str],
-                      problems: list[str]) -> str:
-    lines = [f"load(): {str(path)!r} does not fit {type(model).__name__}:"]
+def mismatch_error(caller: str, path: Path, model: nn.Module, missing: list[str],
+                   unexpected: list[str], problems: list[str]) -> CheckpointMismatchError:
+    """The error for a file that does not fit ``model``, every mismatch listed."""
+    lines = [f"{caller}: {str(path)!r} does not fit {type(model).__name__}:"]
     if missing:
         lines.append(f"  missing from the file ({len(missing)}): {', '.join(missing)}")
     if unexpected:
@@ -280,4 +278,5 @@ def _mismatch_message(path: Path, model: nn.Module, missing: list[str], unexpect
     lines += [f"  {p}" for p in problems]
     lines.append("Load into a model built with the same architecture and arguments as the one "
                  "saved; adaptnet.summary(model) lists the model's names.")
-    return "\n".join(lines)
+    return CheckpointMismatchError("\n".join(lines), missing=tuple(missing),
+                                   unexpected=tuple(unexpected), problems=tuple(problems))

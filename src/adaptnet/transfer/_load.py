@@ -17,12 +17,12 @@ from adaptnet import sharing
 from adaptnet.errors import (
     AdaptnetError,
     CheckpointCorruptError,
-    CheckpointMismatchError,
     CheckpointNotFoundError,
     ModelError,
     RunDirError,
 )
 from adaptnet.models import build
+from adaptnet.sharing._persist import mismatch_error
 
 __all__ = ["load_backbone", "load_weights", "run_model_spec"]
 
@@ -131,8 +131,8 @@ def load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
     except Exception as e:
         raise CheckpointCorruptError(
             f"load_backbone(): cannot read {str(path)!r} as a PyTorch state dict with "
-            f"weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}). Save it with "
-            "torch.save(model.state_dict(), path), or as safetensors.") from None
+            f"weights_only=True ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}). "
+            "Save it with torch.save(model.state_dict(), path), or as safetensors.") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
                                                  for v in state.values()):
         raise CheckpointCorruptError(
@@ -145,16 +145,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
                 f"{list(expected[k].shape)}" for k in sorted(set(state) & set(expected))
                 if state[k].shape != expected[k].shape]
     if missing or unexpected or problems:
-        lines = [f"load_backbone(): {str(path)!r} does not fit {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing from the file ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected)}")
-        lines += [f"  {p}" for p in problems]
-        lines.append("Build the model with the architecture the weights were saved from; "
-                     "replace its head after loading (replace_head).")
-        raise CheckpointMismatchError("\n".join(lines), missing=tuple(missing),
-                                      unexpected=tuple(unexpected), problems=tuple(problems))
+        raise mismatch_error("load_backbone()", path, model, missing, unexpected, problems)
     model.load_state_dict(state)
     sharing.retie(model)
     return model
