@@ -210,8 +210,9 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
     data, model, args = prepare(recipe, limit, pretrained=backbone)
     schedule, scale = training_plan(model, spec) if spec is not None else (None, {})
     cfg = train_config(recipe, data, run_dir, resume)
-    if scale:
-        cfg = cfg.model_copy(update={"lr_scale": {**scale, **cfg.lr_scale}})
+    if scale:  # the recipe's own train.lr_scale patterns come first: the first match wins
+        extra = {k: v for k, v in scale.items() if k not in cfg.lr_scale}
+        cfg = cfg.model_copy(update={"lr_scale": {**cfg.lr_scale, **extra}})
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = recipe.to_dict()
     resolved["model"] = {"name": recipe.model.name, **args}
