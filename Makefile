@@ -25,14 +25,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Every benchmark in turn (under an hour on 2 cores), then BENCHMARKS.md's tables are
+# regenerated from benchmarks/results/. `python benchmarks/run.py NAME` runs one.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_sharing.py
-	$(PY) benchmarks/bench_route.py
-	$(PY) benchmarks/bench_depth.py
-	$(PY) benchmarks/bench_moe.py
-	$(PY) benchmarks/bench_per_sample.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

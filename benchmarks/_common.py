@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts."""
+"""Helpers shared by the benchmark scripts: options, timing, tables and results files."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,48 +41,117 @@ def parse_args(doc: str) -> argparse.Namespace:
 
 def publish(name: str, args: argparse.Namespace, data: dict,
             markdown: Callable[[dict], str]) -> None:
-    """Write <out>/<name>[-quick].json and .md (with command and machine); print the table."""
-    result = {"command": f"python benchmarks/bench_{name}.py" + (" --quick" if args.quick else ""),
-              "machine": machine(), **data}
+    """Write <out>/<name>[-quick].json and .md and print the table.
+
+    The markdown starts with the command and the machine; ``markdown(result)``
+    gives the rest (tables that state their runs and medians).
+    """
+    command = f"python benchmarks/bench_{name}.py" + (" --quick" if args.quick else "")
+    result = {"command": command, "machine": machine(),
+              "date": time.strftime("%Y-%m-%d"), **data}
+    text = f"Command: `{command}` ({result['date']}). {machine_line(result['machine'])}\n\n" \
+        + markdown(result)
     stem = f"{name}-quick" if args.quick else name
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def machine_line(m: dict) -> str:
     return f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}."
 
 
-def time_steps(fns: dict[str, Callable[[], torch.Tensor]], params: list[torch.Tensor],
-               rounds: int, iters: int | dict[str, int],
-               loss: Callable[[torch.Tensor], torch.Tensor] = lambda out: out.square().mean(),
-               ) -> dict[str, list[float]]:
-    """Seconds per forward+backward step of each variant, one entry per round.
+_NUMBER = re.compile(r"^[-+−]?[\d.,]+\s*(×|%|x|ms|s)?$")
 
-    One warm-up step each, then ``rounds`` rounds; each round times every
-    variant for ``iters`` steps (a dict gives per-variant counts), starting from
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """A markdown table; columns whose every cell is a number are right-aligned."""
+    cells = [[c if isinstance(c, str) else f"{c}" for c in row] for row in rows]
+    right = [bool(cells) and all(_NUMBER.match(row[i]) for row in cells)
+             for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |",
+            "|" + "|".join("---:" if r else "---" for r in right) + "|",
+            *("| " + " | ".join(row) + " |" for row in cells)]
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int,
+               iters: int | dict[str, int]) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one entry per round.
+
+    One warm-up call each, then ``rounds`` rounds; each round times every
+    variant for ``iters`` calls (a dict gives per-variant counts), starting from
     a different variant each round so that order effects cancel in the median.
     """
-    def step(fn: Callable[[], torch.Tensor], n: int) -> float:
+    def timed(fn: Callable[[], object], n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            for p in params:
-                p.grad = None
-            loss(fn()).backward()
+            fn()
         return (time.perf_counter() - start) / n
 
     counts = iters if isinstance(iters, dict) else dict.fromkeys(fns, iters)
     for fn in fns.values():
-        step(fn, 1)
+        fn()
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            times[k].append(step(fns[k], counts[k]))
+            times[k].append(timed(fns[k], counts[k]))
     return times
+
+
+def time_steps(fns: dict[str, Callable[[], torch.Tensor]], params: list[torch.Tensor],
+               rounds: int, iters: int | dict[str, int],
+               loss: Callable[[torch.Tensor], torch.Tensor] = lambda out: out.square().mean(),
+               ) -> dict[str, list[float]]:
+    """Seconds per forward+backward step of each variant (see :func:`time_calls`)."""
+    def step(fn: Callable[[], torch.Tensor]) -> None:
+        for p in params:
+            p.grad = None
+        loss(fn()).backward()
+
+    return time_calls({k: (lambda f=f: step(f)) for k, f in fns.items()}, rounds, iters)
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds: list[int],
+                root: Path, limit: int | None = None) -> list[dict]:
+    """Train every variant of ``recipe`` once per seed (``adaptnet.recipes.compare``).
+
+    Returns compare's rows with a ``seed`` key; ``seed=S`` sets initialisation
+    and data order (and, where a recipe's data has one, nothing else).
+    """
+    from adaptnet.recipes import compare
+
+    rows = []
+    for seed in seeds:
+        for r in compare(recipe, plans, [*overrides, f"seed={seed}"], root / f"seed-{seed}",
+                         limit=limit):
+            rows.append({"seed": seed, **r})
+    return rows
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def show(s: dict[str, float], fmt: str = ".2%") -> str:
+    """``median (min–max)``, or just the value when there was one run."""
+    if s["min"] == s["max"]:
+        return f"{s['median']:{fmt}}"
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+def settings(result: dict) -> str:
+    """The sentence that states a training benchmark's overrides and seeds."""
+    return (f"Settings: {', '.join(result['overrides']) or 'the recipe as shipped'}; seeds "
+            f"{', '.join(map(str, result['seeds']))}, one training run per seed and variant; "
+            "median (min–max) when several.")

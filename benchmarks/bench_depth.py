@@ -22,7 +22,7 @@ Target (issue 3): adaptive ≤ 1.15 × (mean/max) × full.
 from __future__ import annotations
 
 import torch
-from _common import machine_line, medians, parse_args, publish, time_steps
+from _common import medians, parse_args, publish, table, time_steps, verdict
 from torch import nn
 
 import adaptnet
@@ -104,17 +104,16 @@ def run(batch: int, d: int, h: int, max_steps: int, rounds: int, iters: int) -> 
 def markdown(result: dict) -> str:
     r = result["run"]
     t = r["ms"]
+    rows = [[r["batch"], f"{r['mean_steps']:.2f}/{r['max_steps']} = {r['mean_over_max']:.2f}",
+             *(f"{t[k]:.1f}" for k in ("adaptive", "hand", "full", "fixed", "masked")),
+             f"{r['adaptive_vs_full']:.3f}",
+             f"≤ {r['target']:.3f}: {verdict(r['adaptive_vs_full'] <= r['target'])}",
+             f"{r['hand_vs_full']:.3f}", f"{r['adaptive_vs_hand']:.3f}",
+             f"{r['full_vs_fixed']:.3f}", f"{r['masked_vs_adaptive']:.2f}"]]
     return "\n".join([
-        machine_line(result["machine"]),
-        "",
-        "| B | mean/max steps | adaptive | hand | full | fixed loop | masked | adaptive / full | "
-        "target | hand / full | adaptive / hand | full / fixed | masked / adaptive |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {r['batch']} | {r['mean_steps']:.2f}/{r['max_steps']} = {r['mean_over_max']:.2f} | "
-        f"{t['adaptive']:.1f} | {t['hand']:.1f} | {t['full']:.1f} | {t['fixed']:.1f} | "
-        f"{t['masked']:.1f} | {r['adaptive_vs_full']:.3f} | ≤ {r['target']:.3f} | "
-        f"{r['hand_vs_full']:.3f} | {r['adaptive_vs_hand']:.3f} | {r['full_vs_fixed']:.3f} | "
-        f"{r['masked_vs_adaptive']:.2f} |",
+        *table(["B", "mean/max steps", "adaptive", "hand", "full", "fixed loop", "masked",
+                "adaptive / full", "target (1.15 × mean/max)", "hand / full",
+                "adaptive / hand", "full / fixed", "masked / adaptive"], rows),
         "",
         f"Times in ms per forward+backward step; median of {r['rounds']} interleaved rounds "
         f"of {r['iters']} steps.",

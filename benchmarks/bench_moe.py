@@ -15,7 +15,7 @@ Target (issue 3): moe ≤ 1.3 × (2/8) × dense.
 from __future__ import annotations
 
 import torch
-from _common import machine_line, medians, parse_args, publish, time_steps
+from _common import medians, parse_args, publish, table, time_steps, verdict
 from torch import nn
 
 import adaptnet
@@ -46,13 +46,13 @@ def run(tokens: int, d: int, h: int, E: int, k: int, rounds: int, iters: int) ->
 
 def markdown(result: dict) -> str:
     r = result["run"]
+    ok = r["moe_vs_dense"] <= r["target"]
     return "\n".join([
-        machine_line(result["machine"]),
-        "",
-        "| tokens | experts | k | moe (ms) | dense (ms) | moe / dense | target |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['ms']['moe']:.1f} | "
-        f"{r['ms']['dense']:.1f} | {r['moe_vs_dense']:.3f} | ≤ {r['target']:.3f} |",
+        *table(["tokens", "experts", "k", "moe (ms)", "dense (ms)", "moe / dense",
+                "target (1.3 k/E)"],
+               [[r["tokens"], r["experts"], r["k"], f"{r['ms']['moe']:.1f}",
+                 f"{r['ms']['dense']:.1f}", f"{r['moe_vs_dense']:.3f}",
+                 f"≤ {r['target']:.3f}: {verdict(ok)}"]]),
         "",
         f"Times per forward+backward step; median of {r['rounds']} interleaved rounds of "
         f"{r['iters']} steps.",

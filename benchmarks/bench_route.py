@@ -18,7 +18,7 @@ Targets (issue 3): branch ≤ 1.10× static at B=256; masked ≥ 1.8× branch; l
 from __future__ import annotations
 
 import torch
-from _common import machine_line, medians, parse_args, publish, time_steps
+from _common import medians, parse_args, publish, table, time_steps, verdict
 from torch import nn
 
 import adaptnet
@@ -71,21 +71,21 @@ def run(batch: int, d: int, h: int, rounds: int, iters: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [machine_line(result["machine"]), "",
-             "| B | static | branch | hand | masked | loop | branch / static | "
-             "branch / hand | masked / branch | loop / branch |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in result["runs"]:
         t = r["ms"]
-        lines.append(f"| {r['batch']} | {t['static']:.2f} | {t['branch']:.2f} | "
-                     f"{t['hand']:.2f} | {t['masked']:.2f} | {t['loop']:.1f} | "
-                     f"{r['branch_vs_static']:.3f} | {r['branch_vs_hand']:.3f} | "
-                     f"{r['masked_vs_branch']:.2f} | {r['loop_vs_branch']:.1f} |")
+        rows.append([r["batch"], *(f"{t[k]:.2f}" for k in ("static", "branch", "hand",
+                                                            "masked")), f"{t['loop']:.1f}",
+                     f"{r['branch_vs_static']:.3f} ({verdict(r['branch_vs_static'] <= 1.1)})",
+                     f"{r['branch_vs_hand']:.3f}",
+                     f"{r['masked_vs_branch']:.2f} ({verdict(r['masked_vs_branch'] >= 1.8)})",
+                     f"{r['loop_vs_branch']:.1f} ({verdict(r['loop_vs_branch'] >= 15)})"])
     r0 = result["runs"][0]
-    lines += ["", f"Times in ms per forward+backward step; median of {r0['rounds']} "
-                  f"interleaved rounds of {r0['iters']} steps ({max(1, r0['iters'] // 10)} "
-                  "for the loop)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        *table(["B", "static", "branch", "hand", "masked", "loop", "branch / static (≤ 1.10)",
+                "branch / hand", "masked / branch (≥ 1.8)", "loop / branch (≥ 15)"], rows),
+        "", f"Times in ms per forward+backward step; median of {r0['rounds']} interleaved "
+            f"rounds of {r0['iters']} steps ({max(1, r0['iters'] // 10)} for the loop)."]) + "\n"
 
 
 def main() -> None:

@@ -6,6 +6,9 @@
 2. Persistence: ``adaptnet.save``/``load`` vs ``torch.save``/``torch.load``
    (``weights_only=True``) of the state_dict, and safetensors'
    ``save_model``/``load_model``, on a model with 10M unique parameters.
+3. Counting: ``adaptnet.summary`` vs ``torchinfo.summary`` on the zoo's tied
+   models, against the bytes actually held (parameters counted once per
+   storage), with the time each takes.
 
 Variants are interleaved within each round; each figure is the median over
 rounds. Writes JSON and a Markdown table to ``benchmarks/results/``.
@@ -25,10 +28,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from _common import machine_line, parse_args, publish, time_steps
+import torchinfo
+from _common import medians, parse_args, publish, table, time_calls, time_steps, verdict
 from torch import nn
 
 import adaptnet
+from adaptnet import models
 
 
 class LM(nn.Module):
@@ -167,29 +172,73 @@ def persistence(rounds: int, quick: bool) -> dict:
     return out
 
 
+def held(model: nn.Module) -> int:
+    """Parameter elements actually stored: one count per distinct storage."""
+    storages = {p.untyped_storage().data_ptr(): p.numel()
+                for _, p in model.named_parameters(remove_duplicate=False)}
+    return sum(storages.values())
+
+
+def counting(rounds: int) -> list[dict]:
+    """adaptnet.summary vs torchinfo.summary (total_params) on tied zoo models."""
+    torch.manual_seed(0)
+    cases = {
+        "LSTM LM, embedding = output (lstm_lm)": (models.lstm_lm(1000, 64, 64, tied=True),
+                                                  torch.zeros(2, 5, dtype=torch.long)),
+        "autoencoder, decoder = encoderᵀ (tied_autoencoder)": (models.tied_autoencoder(64, 32),
+                                                                torch.zeros(2, 64)),
+        "ALBERT, 6 layers share one (albert_encoder)": (models.albert_encoder(sharing="all"),
+                                                        torch.zeros(2, 40)),
+        "Siamese, one encoder for both inputs (siamese)": (models.siamese(),
+                                                           torch.zeros(2, 2, 64)),
+    }
+    out = []
+    for case, (model, x) in cases.items():
+        model.eval()
+        ours = adaptnet.summary(model)
+        theirs = torchinfo.summary(model, input_data=x, verbose=0)
+        ms = medians(time_calls({"adaptnet": lambda m=model: adaptnet.summary(m),
+                                 "torchinfo": lambda m=model, x=x: torchinfo.summary(
+                                     m, input_data=x, verbose=0)}, rounds, 1))
+        out.append({"case": case, "held": held(model), "adaptnet_unique": ours.unique,
+                    "adaptnet_per_use": ours.per_use, "torchinfo_total": theirs.total_params,
+                    "adaptnet_ms": ms["adaptnet"] * 1e3, "torchinfo_ms": ms["torchinfo"] * 1e3})
+    return out
+
+
 def markdown(result: dict) -> str:
-    lines = [machine_line(result["machine"]), "",
-             "| case | shape | adaptnet (ms/step) | by hand (ms/step) | ratio | "
-             "per-round ratio, IQR |",
-             "|---|---|---:|---:|---:|---|"]
-    for r in result["overhead"]:
-        lines.append(f"| {r['case']} | {r['shape']} | {r['adaptnet_ms']:.3f} | "
-                     f"{r['hand_ms']:.3f} | {r['ratio']:.3f} | "
-                     f"{r['round_ratio_q1']:.3f} – {r['round_ratio_q3']:.3f} |")
+    rows = [[r["case"], r["shape"], f"{r['adaptnet_ms']:.3f}", f"{r['hand_ms']:.3f}",
+             f"{r['ratio']:.3f} ({verdict(r['ratio'] <= 1.02)})",
+             f"{r['round_ratio_q1']:.3f} – {r['round_ratio_q3']:.3f}"]
+            for r in result["overhead"]]
     r0 = result["overhead"][0]
-    lines += ["", f"Ratio = median of {r0['rounds']} interleaved rounds (adaptnet) / median "
-                  f"(by hand); each round times {r0['iters_per_round']} forward+backward steps.",
-              ""]
+    lines = ["**Overhead of a tied model vs the same model tied by hand.**", "",
+             *table(["case", "shape", "adaptnet (ms/step)", "by hand (ms/step)",
+                     "ratio (≤ 1.02)", "per-round ratio, IQR"], rows), "",
+             f"Ratio = median of {r0['rounds']} interleaved rounds (adaptnet) / median "
+             f"(by hand); each round times {r0['iters_per_round']} forward+backward steps.", ""]
     p = result["persistence"]
     ref = p["formats"]["torch"]
-    lines += [f"Save/load, tied LM with {p['unique_params']:,} unique parameters "
-              f"(median of {p['rounds']} rounds, page cache warm):", "",
-              "| format | save (ms) | load (ms) | file (MB) | save vs torch | load vs torch |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for k, f in p["formats"].items():
-        lines.append(f"| {k} | {f['save_ms']:.0f} | {f['load_ms']:.0f} | "
-                     f"{f['bytes'] / 1e6:.2f} | {f['save_ms'] / ref['save_ms']:.2f} | "
-                     f"{f['load_ms'] / ref['load_ms']:.2f} |")
+    rows = [[k, f"{f['save_ms']:.0f}", f"{f['load_ms']:.0f}", f"{f['bytes'] / 1e6:.2f}",
+             f"{f['save_ms'] / ref['save_ms']:.2f}", f"{f['load_ms'] / ref['load_ms']:.2f}"]
+            for k, f in p["formats"].items()]
+    lines += [f"**Save and load**, tied LM with {p['unique_params']:,} unique parameters "
+              f"(median of {p['rounds']} rounds, formats rotated, page cache warm):", "",
+              *table(["format", "save (ms)", "load (ms)", "file (MB)", "save vs torch",
+                      "load vs torch"], rows), ""]
+    rows = [[c["case"], f"{c['held']:,}", f"{c['adaptnet_unique']:,}",
+             "yes" if c["adaptnet_unique"] == c["held"] else "**no**",
+             f"{c['adaptnet_per_use']:,}", f"{c['torchinfo_total']:,}",
+             "yes" if c["torchinfo_total"] == c["held"] else "**no**",
+             f"{c['adaptnet_ms']:.2f}", f"{c['torchinfo_ms']:.2f}"]
+            for c in result["counting"]]
+    lines += ["**Counting parameters of tied models**: `adaptnet.summary` vs "
+              "`torchinfo.summary` (1.8.0, `total_params`), against the elements actually "
+              "stored (one count per distinct storage).", "",
+              *table(["model", "stored", "adaptnet unique", "right?", "adaptnet per use",
+                      "torchinfo total", "right?", "adaptnet ms", "torchinfo ms"], rows), "",
+              f"Times: median of {result['counting_rounds']} interleaved calls; torchinfo "
+              "runs a forward pass, adaptnet does not."]
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +248,7 @@ def main() -> None:
     publish("sharing", args, {
         "overhead": overhead(rounds, 5 if args.quick else 10, args.quick),
         "persistence": persistence(rounds if args.quick else 9, args.quick),
+        "counting": counting(rounds), "counting_rounds": rounds,
     }, markdown)
 
 

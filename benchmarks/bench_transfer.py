@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import machine_line, parse_args, publish
+from _common import parse_args, publish, show, spread, table
 
 from adaptnet.recipes import compare, load_recipe
 from adaptnet.recipes._run import pretrain
@@ -59,7 +59,7 @@ def run(budgets: list[int], seeds: list[int], limit: int | None, quick: list[str
             summary.append({"budget": budget, "variant": label,
                             "trainable": mine[0]["trainable_params"],
                             "unique": mine[0]["unique_params"],
-                            "median": statistics.median(acc), "min": min(acc), "max": max(acc),
+                            **spread(acc),
                             "train_seconds": statistics.median(r["train_seconds"]
                                                                for r in mine)})
     return {"seeds": seeds, "source_test_accuracy": source["test"]["accuracy"],
@@ -67,17 +67,14 @@ def run(budgets: list[int], seeds: list[int], limit: int | None, quick: list[str
 
 
 def markdown(result: dict) -> str:
-    lines = [machine_line(result["machine"]), "",
-             f"Backbone: small_cnn pretrained on classes 0-4, test accuracy "
-             f"{result['source_test_accuracy']:.2%} ({result['source_train_seconds']:.0f} s).",
-             "", "| labels / class | variant | trainable params (at the end) | test accuracy, "
-             f"median (min–max over seeds {', '.join(map(str, result['seeds']))}) | train s |",
-             "|---:|---|---:|---|---:|"]
-    for s in result["summary"]:
-        lines.append(f"| {s['budget']} | {s['variant']} | {s['trainable']:,} of {s['unique']:,} "
-                     f"| {s['median']:.2%} ({s['min']:.2%}–{s['max']:.2%}) | "
-                     f"{s['train_seconds']:.1f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[s["budget"], s["variant"], f"{s['trainable']:,} of {s['unique']:,}",
+             show(s), f"{s['train_seconds']:.1f}"] for s in result["summary"]]
+    return "\n".join([
+        f"Backbone: small_cnn pretrained on classes 0-4, test accuracy "
+        f"{result['source_test_accuracy']:.2%} ({result['source_train_seconds']:.0f} s).", "",
+        *table(["labels / class", "variant", "trainable params (at the end)",
+                f"test accuracy, median (min–max over seeds "
+                f"{', '.join(map(str, result['seeds']))})", "train s"], rows)]) + "\n"
 
 
 def main() -> None:

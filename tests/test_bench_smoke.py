@@ -83,3 +83,53 @@ def test_bench_transfer_quick(tmp_path):
     assert result["summary"][0]["trainable"] == 84 * 5 + 5
     assert len(result["runs"]) == 6 and "| 5 | from scratch |" in (
         tmp_path / "transfer-quick.md").read_text()
+
+
+def _quick(name: str, tmp_path: Path) -> dict:
+    subprocess.run([sys.executable, str(BENCH / f"bench_{name}.py"), "--quick", "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    text = (tmp_path / f"{name}-quick.md").read_text()
+    assert text.startswith(f"Command: `python benchmarks/bench_{name}.py --quick`")
+    return json.loads((tmp_path / f"{name}-quick.json").read_text())
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
+                    "dataset-fashion-mnist)")
+def test_bench_early_exit_quick(tmp_path):
+    result = _quick("early_exit", tmp_path)
+    assert [t["task"] for t in result["tasks"]] == ["Fashion-MNIST", "MNIST-1D"]
+    for task in result["tasks"]:
+        points = task["thresholds"]
+        assert len(points) == 8 and any(k.startswith("calibrated") for k in points)
+        for p in points.values():
+            assert len(p["exits"]) == 4 and abs(sum(p["exits"]) - 1) < 1e-9
+            assert p["macs_ratio"] == pytest.approx(task["plain"]["macs"] / p["macs"])
+
+
+def test_bench_mnist1d_quick(tmp_path):
+    result = _quick("mnist1d", tmp_path)
+    assert [m["model"] for m in result["models"]] == ["logreg", "mlp", "cnn", "gru"]
+    assert [m["unique_params"] for m in result["models"]] == [410, 15_210, 5_210, 5_134]
+
+
+def test_bench_albert_quick(tmp_path):
+    modes = _quick("albert", tmp_path)["modes"]
+    assert list(modes) == ["none", "attention", "ffn", "all"]
+    enc = {m: v["encoder_params"] for m, v in modes.items()}
+    # six distinct layers hold exactly six times what the all-shared encoder holds
+    assert enc["none"] == 6 * enc["all"] and enc["all"] < enc["attention"] < enc["none"]
+
+
+def test_bench_lm_tying_quick(tmp_path):
+    result = _quick("lm_tying", tmp_path)
+    tied, untied = result["variants"]["tied"], result["variants"]["untied"]
+    # width 16, vocabulary 200: the tie saves the 200 x 16 output matrix
+    assert untied["unique_params"] - tied["unique_params"] == 200 * 16
+    assert tied["valid_perplexity"]["median"] > 1
+
+
+def test_bench_ponder_quick(tmp_path):
+    variants = _quick("ponder", tmp_path)["variants"]
+    assert list(variants) == ["PonderNet", "ACT"]
+    assert all(1 <= v["steps"]["median"] <= 20 for v in variants.values())

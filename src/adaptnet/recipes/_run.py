@@ -304,8 +304,8 @@ def read_run_config(run: Path) -> tuple[str, int | None, Recipe]:
     return raw.pop("recipe", run.name), raw.pop("limit", None), validate_recipe(raw)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
-    """Rebuild a run's data and model, load its weights, and evaluate ``split``.
+def load_run(run_dir: str | Path) -> tuple[DataSplits, nn.Module, Recipe]:
+    """A finished run's data and trained model (rebuilt from ``config.yaml``), and its recipe.
 
     Raises:
         RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
@@ -319,6 +319,19 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
                           f"Resume it with `adaptnet train {name} --run-dir {run} --resume`.")
     data, model, _ = prepare(recipe, limit)
     sharing.load(model, weights)
+    return data, model, recipe
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """Rebuild a run's data and model, load its weights, and evaluate ``split``.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
+            weights), with what it found instead.
+    """
+    run = Path(run_dir)
+    name = read_run_config(run)[0]
+    data, model, recipe = load_run(run)
     if split not in ("train", "valid", "test") or getattr(data, split) is None:
         raise RunDirError(f"split {split!r} is not available; this run has "
                           f"{[k for k, v in data.sizes().items() if v]}.")

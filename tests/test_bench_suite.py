@@ -1,0 +1,95 @@
+"""benchmarks/run.py: the suite's runner and the regeneration of BENCHMARKS.md's tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    sys.path.insert(0, str(BENCH))  # run.py imports _common, as it does when run as a script
+    try:
+        spec = importlib.util.spec_from_file_location("bench_suite", BENCH / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+DOC = """# Benchmarks
+
+Prose stays.
+<!-- results/a.md -->
+old table a
+<!-- /results/a.md -->
+More prose, with a figure: 1.23.
+<!-- results/b.md -->
+<!-- /results/b.md -->
+"""
+
+
+def test_regenerate_replaces_only_the_marked_blocks(suite, tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(DOC)
+    (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    (tmp_path / "b.md").write_text("table b\n")
+    assert suite.regenerate(doc, tmp_path) == ["a.md", "b.md"]
+    text = doc.read_text()
+    assert "old table a" not in text
+    assert "<!-- results/a.md -->\n| x |\n|---|\n| 1 |\n<!-- /results/a.md -->" in text
+    assert "<!-- results/b.md -->\ntable b\n<!-- /results/b.md -->" in text
+    assert "Prose stays." in text and "More prose, with a figure: 1.23." in text
+    suite.regenerate(doc, tmp_path)
+    assert doc.read_text() == text  # idempotent
+
+
+@pytest.mark.parametrize("case", ["missing results", "unclosed"])
+def test_regenerate_refuses_and_writes_nothing(suite, tmp_path, case):
+    doc = tmp_path / "BENCHMARKS.md"
+    (tmp_path / "a.md").write_text("new\n")
+    if case == "unclosed":
+        (tmp_path / "b.md").write_text("new\n")
+        doc.write_text(DOC.replace("<!-- /results/b.md -->\n", ""))
+        expect = "no closing <!-- /results/b.md -->"
+    else:
+        doc.write_text(DOC)
+        expect = r"shows \['b.md'\], which .* does not hold; run `python benchmarks/run.py b`"
+    before = doc.read_text()
+    with pytest.raises(SystemExit, match=expect):
+        suite.regenerate(doc, tmp_path)
+    assert doc.read_text() == before
+
+
+def test_the_suite_lists_every_script_and_the_document_every_table(suite):
+    scripts = sorted(p.stem.removeprefix("bench_") for p in BENCH.glob("bench_*.py"))
+    assert sorted(suite.BENCHMARKS) == scripts
+    shown = re.findall(r"<!-- results/([\w.-]+)\.md -->", suite.DOC.read_text())
+    assert sorted(set(shown)) == sorted([*scripts, "suite"])
+    for name in shown:
+        assert (BENCH / "results" / f"{name}.md").is_file()
+        assert (BENCH / "results" / f"{name}.json").is_file()
+
+
+def test_run_quick_writes_results_and_leaves_the_document_alone(tmp_path):
+    before = (BENCH.parent / "BENCHMARKS.md").read_text()
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "moe", "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "moe-quick.json").is_file() and not (tmp_path / "suite.json").exists()
+    assert (BENCH.parent / "BENCHMARKS.md").read_text() == before
+
+
+def test_run_names_an_unknown_benchmark():
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "rout"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert "unknown benchmark 'rout'; choose from sharing, route" in proc.stderr
