@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -18,6 +19,7 @@ from adaptnet.recipes import (
     compare,
     evaluate_run,
     load_recipe,
+    load_run,
     parse_overrides,
     prepare,
     shipped_recipes,
@@ -63,6 +65,10 @@ def test_run_dir_evaluates_to_the_same_numbers_and_is_not_overwritten(tmp_path):
     res = train_recipe(name, recipe, tmp_path / "run", limit=64)
     again = evaluate_run(tmp_path / "run")
     assert again["accuracy"] == res.values["test"]["accuracy"]
+    data, model, loaded = load_run(tmp_path / "run")  # the trained weights, the same recipe
+    assert loaded == recipe and data.sizes() == prepare(recipe, 64)[0].sizes()
+    saved = safetensors.torch.load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert again["loss"] == pytest.approx(res.values["test"]["loss"], rel=1e-6)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()
     with pytest.raises(RunDirError, match="already holds a run; continue it with --resume"):
