@@ -125,8 +125,8 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
                 root: Path, limit: int | None = None) -> list[dict]:
     """Train every variant of ``recipe`` once per seed (``adaptnet.recipes.compare``).
 
-    Returns compare's rows with a ``seed`` key; ``seed=S`` sets initialisation
-    and data order (and, where a recipe's data has one, nothing else).
+    Returns compare's rows with a ``seed`` key. ``seed=S`` sets initialisation
+    and data order; the dataset itself (its own ``data.seed``) stays as the recipe has it.
     """
     from adaptnet.recipes import compare
 

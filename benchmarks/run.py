@@ -81,7 +81,8 @@ def main() -> None:
     if names == BENCHMARKS and not args.quick and not failed:
         write_suite(args.out, seconds)
     if failed:
-        raise SystemExit(f"failed: {', '.join(failed)} (their tables were left as they were)")
+        raise SystemExit(f"failed: {', '.join(failed)}; BENCHMARKS.md was not regenerated "
+                         "(after fixing them, rerun them, or `--tables-only` to publish the rest)")
     if not args.quick and args.out == RESULTS:
         print("regenerated:", ", ".join(regenerate(DOC, RESULTS)))
 
