@@ -7,12 +7,14 @@ STAMP  := $(VENV)/.installed-dev
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact versions (torch 2.14.1 + torchvision 0.29.1, ...);
+# pyproject.toml only the ranges adaptnet supports.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# Fashion-MNIST's idx files, from Debian, when we may install packages (best effort).
 	if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "note: dataset-fashion-mnist not installed"; fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,data]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,data,vision]"
 	touch $@
 
 demo: $(STAMP)

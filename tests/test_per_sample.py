@@ -553,10 +553,10 @@ def test_nested_per_sample_functions_are_refused():
         return inner(x) + 1
 
     with pytest.raises(PerSampleError, match=r"double\(\) was called from inside another "
-                       r"@per_sample function.*double.__wrapped__"):
+                       r"@per_sample function.*double.per_example"):
         outer(torch.randn(3, 2))
     assert torch.equal(inner(torch.ones(2, 1)), torch.full((2, 1), 2.0))  # fine on its own
-    assert inner.__wrapped__ is double  # the advice names the undecorated function
+    assert inner.per_example is double  # the advice names the undecorated function
 
 
 def test_bad_arguments():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from enum import Enum
@@ -61,17 +60,6 @@ class ResNetLike(nn.Module):
         return self.fc(self.avgpool(h).flatten(1))
 
 
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except Exception:  # a torchvision built for another torch raises RuntimeError
-        return False
-    return True
-
-
-TORCHVISION = _importable("torchvision.models")
-
-
 def _data(n: int = 64, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g)
@@ -110,16 +98,24 @@ def test_textbook_snippet_has_an_equivalent():
     assert "frozen" not in str(adaptnet.summary(ResNetLike())).splitlines()[2]
 
 
-@pytest.mark.skipif(not TORCHVISION, reason="torchvision is not importable here: PyPI's wheel is "
-                    "built for CUDA torch, not torch 2.13.0+cpu; docs/transfer.md says how to "
-                    "install the CPU build (the vision extra's torchvision==0.28.0)")
-def test_torchvision_resnet18_head_replacement():
-    model = load_backbone("resnet18", weights=None)
+def test_torchvision_resnet18_from_a_weights_file_frozen_with_a_new_head(tmp_path):
+    """Seed 002 with the real torchvision ResNet-18: weights from a file, freeze, new head."""
+    import torchvision
+
+    torch.manual_seed(0)
+    pretrained = torchvision.models.resnet18(weights=None)
+    torch.save(pretrained.state_dict(), tmp_path / "resnet18.pt")
+    model = load_backbone("resnet18", weights=tmp_path / "resnet18.pt")
+    assert torch.equal(model.conv1.weight, pretrained.conv1.weight)
     assert find_head(model) == "fc" and blocks(model)[-1] == "fc"
-    freeze_blocks(model, 1)
+    freeze_blocks(model, 1)  # everything but the head (the last block)
     head = replace_head(model, 10)
     assert head.in_features == 512 and model(torch.rand(2, 3, 64, 64)).shape == (2, 10)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    before = model.layer4[1].conv2.weight.clone()
+    adaptnet.fit(model, (torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))),
+                 loss="cross_entropy", optimizer="sgd", lr=0.1, epochs=1, batch_size=4)
+    assert torch.equal(model.layer4[1].conv2.weight, before)  # the backbone stayed frozen
 
 
 # ----------------------------------------------------------------------------- heads and blocks
@@ -381,8 +377,9 @@ def test_load_backbone_errors_name_the_fix(tmp_path):
         load_backbone(nn.Linear(2, 2), weights=tmp_path / "list.pt")
 
 
-@pytest.mark.skipif(TORCHVISION, reason="torchvision is importable")
-def test_torchvision_names_without_torchvision_say_how_to_get_it():
+def test_torchvision_names_without_torchvision_say_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision: ImportError
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
     with pytest.raises(ModelError, match=r"pip install 'adaptnet\[vision\]'"):
         load_backbone("resnet18")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -97,14 +98,20 @@ def per_sample(fn: F | None = None, /, *, max_iters: int = 1000) -> F | Callable
     if len(simple) != len(params):
         simple = []  # *args, keyword-only...: always bind through the signature
 
-    @torch.compiler.disable  # dynamo cannot trace the interpreter: run it eagerly (graph break)
     @functools.wraps(fn)
     def batched(*args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            raise PerSampleError(
+                f"@per_sample: {fn.__qualname__}() is being traced (torch.jit.trace or ONNX "
+                "export by tracing). A trace records the one path the example batch takes and "
+                "would replay it for every sample. Run the model eagerly or under "
+                "torch.compile; docs/dynamic.md lists the deployment paths that work.",
+                filename=program.filename, lineno=fn.__code__.co_firstlineno)
         if INSIDE.get():
             raise PerSampleError(
                 f"@per_sample: {fn.__qualname__}() was called from inside another @per_sample "
                 "function, where its arguments are single examples. Call the undecorated "
-                f"function ({fn.__qualname__}.__wrapped__) on the example, and move its "
+                f"function ({fn.__qualname__}.per_example) on the example, and move its "
                 "if/while/for into the outer function.", filename=program.filename,
                 lineno=fn.__code__.co_firstlineno)
         if not kwargs and simple and len(args) == len(simple):
@@ -115,8 +122,37 @@ def per_sample(fn: F | None = None, /, *, max_iters: int = 1000) -> F | Callable
             env = dict(bound.arguments)
         return execute(program, env, _batch_size(fn, env), max_iters, fast)
 
-    batched.__wrapped__ = fn  # past torch.compiler.disable's wrapper: the undecorated function
-    return batched
+    # No __wrapped__: torch.jit.script would compile the undecorated per-example source and
+    # decide once per batch. Without it, scripting stops at `call(*args, **kwargs)` below
+    # with torch's NotSupportedError, which quotes the comment on that line.
+    del batched.__wrapped__
+    batched.__signature__ = signature
+    batched.per_example = fn
+    return eager_under_compile(batched)
+
+
+def eager_under_compile(fn: F) -> F:
+    """``torch.compiler.disable(fn)``, applied at the first call under a loaded ``torch._dynamo``.
+
+    Decorating with ``torch.compiler.disable`` imports ``torch._dynamo`` (about 1.4
+    CPU-seconds) when the decorator runs, so importing the zoo would pay for it.
+    ``torch.compile`` imports dynamo before it traces anything, so a call made while
+    dynamo is absent is never compiled, and one made after it goes through the
+    disabled function: dynamo graph-breaks there and runs ``fn`` eagerly.
+    """
+    disabled: Callable | None = None
+
+    @functools.wraps(fn, assigned=(*functools.WRAPPER_ASSIGNMENTS, "__signature__"))
+    def call(*args: Any, **kwargs: Any) -> Any:  # adaptnet: no TorchScript; eager or compile
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    del call.__wrapped__
+    return call  # type: ignore[return-value]
 
 
 def _batch_size(fn: Callable, env: dict[str, Any]) -> int:
