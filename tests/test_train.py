@@ -174,7 +174,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     model = mlp()
-    with pytest.warns(RuntimeWarning, match=r"step-000000008 cannot be read .*falling back to "
+    with pytest.warns(RuntimeWarning, match=r"step-000000008 cannot be used .*falling back to "
                       r"the previous one"):
         result = adaptnet.fit(model, (x, y), epochs=3, batch_size=25, run_dir=tmp_path,
                               resume=True)

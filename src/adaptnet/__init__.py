@@ -1,8 +1,12 @@
 """adaptnet: dynamic neural networks with shared and tied weights, on PyTorch.
 
 Importing adaptnet changes nothing: no environment variables, thread
-settings, global seeds or downloads.
+settings, global seeds or downloads. The layers above the core (``models``,
+``data``, ``transfer``, ``recipes``, ``report``) are imported on first use, so
+``import adaptnet`` stays cheap and ``adaptnet.models.build(...)`` still works.
 """
+
+import importlib
 
 from adaptnet import dynamic, errors, init, sharing, train
 from adaptnet.dynamic import (
@@ -34,7 +38,9 @@ from adaptnet.errors import (
     InitError,
     NonFiniteError,
     PerSampleError,
+    ResumeError,
     RoutingError,
+    RunLockedError,
     SelectionError,
     ShareError,
     TieBrokenError,
@@ -64,6 +70,19 @@ from adaptnet.train import FitResult, TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
 
+_LAZY = ("data", "models", "recipes", "report", "transfer")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"adaptnet.{name}")  # also binds adaptnet.<name>
+    raise AttributeError(f"module 'adaptnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
@@ -90,7 +109,9 @@ __all__ = [
     "NonFiniteError",
     "PerSampleError",
     "PonderNetHalting",
+    "ResumeError",
     "RoutingError",
+    "RunLockedError",
     "Scheme",
     "SelectionError",
     "ShareError",
@@ -106,6 +127,7 @@ __all__ = [
     "branch",
     "calibrate_exits",
     "count_macs",
+    "data",
     "dynamic",
     "errors",
     "evaluate",
@@ -115,9 +137,12 @@ __all__ = [
     "init_report",
     "initialize",
     "load",
+    "models",
     "param_groups",
     "parse_scheme",
     "per_sample",
+    "recipes",
+    "report",
     "retie",
     "save",
     "share",
@@ -127,6 +152,7 @@ __all__ = [
     "tie",
     "ties",
     "train",
+    "transfer",
     "unfreeze",
     "untie",
 ]

@@ -22,8 +22,10 @@ __all__ = [
     "NonFiniteError",
     "PerSampleError",
     "RecipeError",
+    "ResumeError",
     "RoutingError",
     "RunDirError",
+    "RunLockedError",
     "SelectionError",
     "ShareError",
     "TieBrokenError",
@@ -152,3 +154,14 @@ class RecipeError(ConfigError):
 
 class RunDirError(AdaptnetError, FileNotFoundError):
     """A directory is not an adaptnet run directory (no ``config.yaml``/checkpoint)."""
+
+
+class RunLockedError(AdaptnetError, RuntimeError):
+    """Another process is training into the run directory (it holds the directory's lock)."""
+
+
+class ResumeError(AdaptnetError, ValueError):
+    """A run cannot be resumed: its recipe or model differs, or no checkpoint can be read.
+
+    Nothing in the run directory was changed.
+    """

@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from adaptnet import sharing
-from adaptnet._io import atomic_path
+from adaptnet._io import atomic_path, locked_dir
 from adaptnet.data import DataSplits, load
-from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
+from adaptnet.errors import AdaptnetError, RecipeError, ResumeError, RunDirError
 from adaptnet.init import initialize
 from adaptnet.models import MODELS, build
 from adaptnet.recipes._schema import (
@@ -196,11 +196,23 @@ def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) 
 
 def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = False,
                  limit: int | None = None) -> RunResult:
-    """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report."""
+    """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report.
+
+    The run directory is locked for the whole run. A resume checks first that
+    the run's ``config.yaml`` is the recipe given (same model, data, training,
+    limit); if not, it refuses and changes nothing.
+
+    Raises:
+        RunDirError: ``run_dir`` already holds a run and ``resume`` is False, or
+            cannot be written.
+        ResumeError: ``resume`` with a recipe that differs from the run's (every
+            difference listed), or no usable checkpoint.
+        RunLockedError: another process is training into ``run_dir``.
+    """
     run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists() and not resume:
-        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or give "
-                          "another --run-dir (nothing was overwritten).")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {str(run_dir)!r} is a file, not a directory; give a "
+                          "directory (it is created if missing).")
     spec = recipe.transfer
     backbone = None
     if spec is not None and spec.mode != "scratch":
@@ -213,26 +225,70 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
     if scale:  # the recipe's own train.lr_scale patterns come first: the first match wins
         extra = {k: v for k, v in scale.items() if k not in cfg.lr_scale}
         cfg = cfg.model_copy(update={"lr_scale": {**cfg.lr_scale, **extra}})
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = recipe.to_dict()
     resolved["model"] = {"name": recipe.model.name, **args}
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump({"recipe": name, "limit": limit, **resolved},
-                                      sort_keys=False))
-    start = time.perf_counter()
-    history = fit(model, data.train, val=data.valid, config=cfg, epoch_start=schedule).history
-    train_s = time.perf_counter() - start
-    sharing.save(model, run_dir / "model.safetensors")
-    values = measure(model, data, cfg)
-    if backbone is not None:
-        values["backbone"] = str(backbone)
-    values |= {"recipe": name, "model": recipe.model.name, "dataset": data.name,
-               "samples": data.sizes(), "train_seconds": train_s,
-               "epochs": len(history), "history": history}
-    _write_json(run_dir / "results.json", values)
-    _write_json(run_dir / "summary.json", sharing.summary(model).to_dict())
-    write_report(run_dir)
+    config = {"recipe": name, "limit": limit, **resolved}
+    with locked_dir(run_dir):
+        if (run_dir / "config.yaml").exists():
+            if not resume:
+                raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, "
+                                  "or give another --run-dir (nothing was overwritten).")
+            _check_same_run(run_dir, config)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        start = time.perf_counter()
+        history = fit(model, data.train, val=data.valid, config=cfg,
+                      epoch_start=schedule).history
+        train_s = time.perf_counter() - start
+        sharing.save(model, run_dir / "model.safetensors")
+        values = measure(model, data, cfg)
+        if backbone is not None:
+            values["backbone"] = str(backbone)
+        values |= {"recipe": name, "model": recipe.model.name, "dataset": data.name,
+                   "samples": data.sizes(), "train_seconds": train_s,
+                   "epochs": len(history), "history": history}
+        _write_json(run_dir / "results.json", values)
+        _write_json(run_dir / "summary.json", sharing.summary(model).to_dict())
+        write_report(run_dir)
     return RunResult(run_dir, values)
+
+
+def _check_same_run(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume ``run_dir`` with a recipe other than the one it was started with."""
+    path = run_dir / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunDirError(f"cannot resume {run_dir}: its config.yaml cannot be read "
+                          f"({type(e).__name__}); nothing was changed.") from None
+    given = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # tuples -> lists, as stored
+    diffs = _differences(stored, given)
+    if diffs:
+        shown = "\n".join(f"  {d}" for d in diffs[:20])
+        more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+        raise ResumeError(f"cannot resume {run_dir}: the recipe given differs from the run's "
+                          f"config.yaml ({len(diffs)} difference(s), run -> given):\n{shown}"
+                          f"{more}\nNothing was changed. Resume with the run's own recipe and "
+                          "overrides, or train the new recipe into another --run-dir.")
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf where the nested mappings ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in dict.fromkeys([*a, *b])
+                for d in _differences(a.get(k, _ABSENT), b.get(k, _ABSENT),
+                                      f"{path}.{k}" if path else str(k))]
+    if a == b:
+        return []
+    return [f"{path or 'config'}: {_short(a)} -> {_short(b)}"]
+
+
+_ABSENT = "(absent)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if value is not _ABSENT else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, Any]:

@@ -1,17 +1,27 @@
-"""Crash-safe checkpoints: one directory per step, complete or absent.
+"""Crash-safe, checksummed checkpoints: one directory per step, complete or absent.
 
 ``<run_dir>/checkpoints/step-000000120/`` holds ``model.safetensors`` (weights
-and ties, :func:`adaptnet.save`) and ``state.pt`` (optimizer, scheduler, RNG
-and loop position: tensors, numbers and strings only, read back with
-``torch.load(weights_only=True)``, which executes no code). Both are written
-into a hidden temporary directory, fsynced, and the directory is renamed into
-place; older checkpoints are deleted only after that, so a crash at any moment
-leaves the previous complete checkpoint. Loading tries the newest first and
-falls back, with a warning, past any that cannot be read.
+and ties, :func:`adaptnet.save`), ``state.pt`` (optimizer, scheduler, RNG and
+loop position: tensors, numbers and strings only, read back with
+``torch.load(weights_only=True)``, which executes no code) and
+``checkpoint.json`` (the step and the SHA-256 of both files). All three are
+written into a hidden temporary directory, fsynced, and the directory is
+renamed into place; older checkpoints are deleted only after that, so a crash
+at any moment leaves the previous complete checkpoint. Pruning never deletes a
+checkpoint of a later step than the one just written (such a checkpoint is one
+a resume fell back from).
+
+Loading verifies the checksums, the step recorded in ``checkpoint.json`` and
+in ``state.pt`` against the directory's name, and that the model fits, newest
+first; it falls back, with a warning, past any checkpoint that fails, and
+refuses (:class:`~adaptnet.errors.ResumeError`) when none passes rather than
+start the run again from step 0.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -25,12 +35,16 @@ import torch
 from torch import nn
 
 from adaptnet._io import atomic_path
-from adaptnet.errors import CheckpointError
+from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError
 from adaptnet.sharing import load, save
 
 __all__ = ["checkpoints", "load_latest", "write_checkpoint"]
 
 _NAME = re.compile(r"step-(\d{9})")
+MANIFEST = "checkpoint.json"
+FILES = ("model.safetensors", "state.pt")
+STATE_KEYS = ("epoch", "batch", "step", "best", "bad_epochs", "skipped", "history", "acc",
+              "optimizer", "scheduler", "rng_torch", "rng_python", "rng_cuda")
 
 
 def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
@@ -44,6 +58,10 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
         save(model, tmp / "model.safetensors")
         with atomic_path(tmp / "state.pt") as path:
             torch.save(state, path)
+        record = {"format": 2, "step": step,
+                  "sha256": {name: _sha256(tmp / name) for name in FILES}}
+        with atomic_path(tmp / MANIFEST) as path:
+            path.write_text(json.dumps(record, indent=1) + "\n")
         if final.exists():  # the same step again, after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -51,10 +69,11 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(run_dir)[:-keep]:
+    done = [p for p in checkpoints(run_dir) if _step(p) <= step]
+    for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # left by a run killed while writing (the run dir is
+        shutil.rmtree(stale, ignore_errors=True)  # locked: no other process is writing one)
     return final
 
 
@@ -67,18 +86,75 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_latest(run_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any]] | None:
-    """Load the newest readable checkpoint into ``model``; return it and its state, or None."""
-    for path in reversed(checkpoints(run_dir)):
+    """Load the newest sound checkpoint into ``model``; return it and its state.
+
+    Returns None when the run has no checkpoint at all.
+
+    Raises:
+        ResumeError: there are checkpoints, but none passes its checks (each
+            reason is listed); the model and the run directory are untouched.
+    """
+    found = checkpoints(run_dir)
+    failures = []
+    for path in reversed(found):
         try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            state = _verified_state(path)
             load(model, path / "model.safetensors")
-        except (CheckpointError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-            warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); falling back to the previous one.",
-                          RuntimeWarning, stacklevel=3)
+        except (AdaptnetError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            failures.append(f"{path.name}: {why}")
+            if path is not found[0]:
+                warnings.warn(f"checkpoint {path} cannot be used ({why}); falling back to the "
+                              "previous one.", RuntimeWarning, stacklevel=3)
             continue
         return path, state
+    if found:
+        raise ResumeError(
+            f"cannot resume {run_dir}: none of its {len(found)} checkpoint(s) can be used:\n"
+            + "\n".join(f"  {f}" for f in failures)
+            + "\nNothing was changed. If the model or recipe changed, train into a new run "
+            "directory; to start this one over, move its checkpoints/ directory away.")
     return None
+
+
+def _verified_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` of checkpoint ``path`` once its checksums and recorded steps agree."""
+    step = _step(path)
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+            sums, recorded = record["sha256"], record["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointCorruptError(f"{MANIFEST} is malformed ({e})") from None
+        if recorded != step:
+            raise CheckpointCorruptError(f"{MANIFEST} records step {recorded!r}, not {step}")
+        for name in FILES:
+            if not isinstance(sums, dict) or _sha256(path / name) != sums.get(name):
+                raise CheckpointCorruptError(f"{name} does not match its checksum (damaged, "
+                                             "or copied from another checkpoint)")
+    else:  # written before checksums existed: the steps below are all that can be checked
+        warnings.warn(f"checkpoint {path} has no {MANIFEST} (written by an older adaptnet); "
+                      "its files cannot be verified.", RuntimeWarning, stacklevel=4)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointCorruptError(f"state.pt lacks {', '.join(missing)}")
+    if state["step"] != step:
+        raise CheckpointCorruptError(f"state.pt is from step {state['step']!r}, not {step}")
+    return state
+
+
+def _step(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

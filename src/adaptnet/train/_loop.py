@@ -15,6 +15,7 @@ it continues bit for bit (on CPU, with ``deterministic=True``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from adaptnet._io import locked_dir
 from adaptnet.dynamic import count_macs
 from adaptnet.errors import ConfigError, NonFiniteError
 from adaptnet.sharing import param_groups
@@ -96,8 +98,14 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
             ``epoch_start`` under ``torchrun`` (DDP only syncs the tensors
             trainable when it starts).
         NonFiniteError: a NaN/Inf loss or gradient with ``nonfinite="stop"``; the
-            weights are those before the failing step, and the last good
-            checkpoint is kept.
+            weights and buffers are those before the failing step, and the last
+            good checkpoint is kept.
+        ResumeError: ``resume=True`` and the run has checkpoints, none of which
+            passes its checksums or fits the model.
+        RunLockedError: another process is training into ``run_dir``.
+
+    With ``run_dir``, the directory is locked (``run_dir/.lock``) for the whole
+    call; checkpoints are checksummed and verified on resume.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -240,8 +248,11 @@ class _Trainer:
         val_data = _Data(val, "val") if val is not None else None
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        lock = locked_dir(cfg.run_dir) if cfg.run_dir is not None and self.rank == 0 else \
+            contextlib.nullcontext()
         try:
-            return self._run(data, val_data)
+            with lock:  # one process writes a run directory at a time
+                return self._run(data, val_data)
         finally:
             torch.use_deterministic_algorithms(deterministic)
 

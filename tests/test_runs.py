@@ -1,0 +1,208 @@
+"""Run directories never lose work: resume checks, checksums, pruning, the lock.
+
+Each test here failed on the code before the "Trustworthy by default" issue.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import adaptnet
+from adaptnet import ResumeError, RunLockedError
+from adaptnet.cli import app
+
+runner = CliRunner()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+
+
+def data(n: int = 100):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 10, generator=g), torch.randn(n, 1, generator=g)
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+# ---------------------------------------------------------------- 1. resume with another recipe
+
+
+def test_resume_with_changed_model_args_refuses_and_touches_nothing(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "mnist1d-mlp", "train.epochs=1", "--limit", "64", "--run-dir", str(run)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = snapshot(run)
+    result = runner.invoke(app, [*args[:3], "model.hidden=17", *args[3:], "--resume"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "ResumeError" in text and "model.hidden: (absent) -> 17" in text and "Traceback" not in text
+    assert snapshot(run) == before
+    again = runner.invoke(app, [*args, "train.epochs=2", "--resume"])  # epochs differ too
+    assert again.exit_code == 2 and "train.epochs: 1 -> 2" in " ".join(again.output.split())
+    same = runner.invoke(app, [*args, "--resume"])  # the run's own recipe: resumes, finishes
+    assert same.exit_code == 0, same.output
+
+
+# ------------------------------------------------ 2. every checkpoint unreadable; pruning order
+
+
+def test_resume_with_no_usable_checkpoint_refuses_instead_of_starting_over(tmp_path):
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, checkpoint_every=3)
+    for ckpt in (tmp_path / "checkpoints").iterdir():
+        (ckpt / "state.pt").write_bytes(b"garbage")
+    before = snapshot(tmp_path)
+    model = mlp()
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ResumeError, match=r"(?s)none of its 2 checkpoint\(s\) can be used:\n  "
+                       r"step-000000008: CheckpointCorruptError: state.pt does not match its "
+                       r"checksum.*\n  step-000000006: .*Nothing was changed"), \
+            pytest.warns(RuntimeWarning, match="falling back"):
+        adaptnet.fit(model, (x, y), epochs=3, batch_size=25, run_dir=tmp_path, resume=True)
+    assert snapshot(tmp_path) == before
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights, strict=True))
+
+
+def test_pruning_never_deletes_a_later_checkpoint_than_the_one_written(tmp_path):
+    """A damaged newest checkpoint sorts after the ones written after the fall-back."""
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=25, run_dir=tmp_path, checkpoint_every=1,
+                 keep_checkpoints=2)
+    assert steps(tmp_path) == ["step-000000003", "step-000000004"]
+    damaged = tmp_path / "checkpoints" / "step-000000004" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="step-000000004 cannot be used"):
+        result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
+                              resume=True, checkpoint_every=1, keep_checkpoints=2)
+    assert result.resumed_from.name == "step-000000003" and result.steps == 8
+    # Step 4 was rewritten by this run; 5..8 came after it: the newest two are kept.
+    assert steps(tmp_path) == ["step-000000007", "step-000000008"]
+
+
+def test_fallback_checkpoint_survives_until_the_run_passes_it(tmp_path):
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=25, run_dir=tmp_path, checkpoint_every=2,
+                 keep_checkpoints=1)
+    (tmp_path / "checkpoints" / "step-000000900").mkdir()  # e.g. restored from a backup
+    with pytest.warns(RuntimeWarning, match="step-000000900 cannot be used"):
+        adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True,
+                     checkpoint_every=2, keep_checkpoints=1)
+    assert steps(tmp_path) == ["step-000000008", "step-000000900"]  # 8 kept: 900 is later
+
+
+# ---------------------------------------------------------------- 3. one process per run dir
+
+
+HOLD = """
+import sys, time
+from adaptnet._io import locked_dir
+with locked_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_process_gets_a_clear_error_and_the_first_is_untouched(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        x, y = data()
+        with pytest.raises(RunLockedError, match=rf"{tmp_path} is in use: another process "
+                           rf"\(pid {holder.pid}\) is training into it"):
+            adaptnet.fit(mlp(), (x, y), epochs=1, run_dir=tmp_path)
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+        result = runner.invoke(app, ["train", "mnist1d-mlp", "--limit", "16", "--run-dir",
+                                     str(tmp_path)])
+        assert result.exit_code == 2 and "RunLockedError" in result.output
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    adaptnet.fit(mlp(), data(), epochs=1, run_dir=tmp_path)  # released when the holder died
+
+
+def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
+    from adaptnet._io import locked_dir
+
+    with locked_dir(tmp_path), locked_dir(tmp_path / "." ):
+        assert (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HOLD.replace("60", "0"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and time.monotonic() - start < 60
+
+
+# ------------------------------------------------------- 4. checksums and the step in each file
+
+
+def test_bit_flip_in_tensor_data_falls_back_to_the_previous_checkpoint(tmp_path):
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, checkpoint_every=3)
+    weights = tmp_path / "checkpoints" / "step-000000008" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0x01  # one bit of the last tensor's data: still a valid safetensors file
+    weights.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match=r"step-000000008 cannot be used \(CheckpointCorrupt"
+                      r"Error: model.safetensors does not match its checksum"):
+        result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
+                              resume=True)
+    assert result.resumed_from.name == "step-000000006"
+
+
+def test_swapped_state_is_caught_by_checksum_and_by_the_step_inside(tmp_path):
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, checkpoint_every=3)
+    new, old = (tmp_path / "checkpoints" / f"step-00000000{s}" for s in (8, 6))
+    (new / "state.pt").write_bytes((old / "state.pt").read_bytes())
+    with pytest.warns(RuntimeWarning, match="state.pt does not match its checksum"):
+        result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
+                              resume=True)
+    assert result.resumed_from.name == "step-000000006"
+    # With the checksum updated to match, the step recorded inside state.pt still disagrees.
+    adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path / "b",
+                 checkpoint_every=3)
+    new, old = (tmp_path / "b" / "checkpoints" / f"step-00000000{s}" for s in (8, 6))
+    (new / "state.pt").write_bytes((old / "state.pt").read_bytes())
+    record = json.loads((new / "checkpoint.json").read_text())
+    record["sha256"]["state.pt"] = json.loads((old / "checkpoint.json").read_text())[
+        "sha256"]["state.pt"]
+    (new / "checkpoint.json").write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match="state.pt is from step 6, not 8"):
+        result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path / "b",
+                              resume=True)
+    assert result.resumed_from.name == "step-000000006"
+
+
+def test_state_missing_keys_is_a_damaged_checkpoint_not_a_keyerror(tmp_path):
+    from adaptnet.train._checkpoint import MANIFEST, _sha256
+
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=25, run_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step-000000004"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, ckpt / "state.pt")
+    record = json.loads((ckpt / MANIFEST).read_text())
+    record["sha256"]["state.pt"] = _sha256(ckpt / "state.pt")
+    (ckpt / MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(ResumeError, match="state.pt lacks optimizer"):
+        adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True)
