@@ -53,7 +53,8 @@ def test_resume_with_changed_model_args_refuses_and_touches_nothing(tmp_path):
     result = runner.invoke(app, [*args[:3], "model.hidden=17", *args[3:], "--resume"])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
-    assert "ResumeError" in text and "model.hidden: (absent) -> 17" in text and "Traceback" not in text
+    assert "ResumeError" in text and "model.hidden: (absent) -> 17" in text
+    assert "Traceback" not in text
     assert snapshot(run) == before
     again = runner.invoke(app, [*args, "train.epochs=2", "--resume"])  # epochs differ too
     assert again.exit_code == 2 and "train.epochs: 1 -> 2" in " ".join(again.output.split())
@@ -143,7 +144,7 @@ def test_a_second_process_gets_a_clear_error_and_the_first_is_untouched(tmp_path
 def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
     from adaptnet._io import locked_dir
 
-    with locked_dir(tmp_path), locked_dir(tmp_path / "." ):
+    with locked_dir(tmp_path), locked_dir(tmp_path / "."):
         assert (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", HOLD.replace("60", "0"), str(tmp_path)],
@@ -173,7 +174,7 @@ def test_swapped_state_is_caught_by_checksum_and_by_the_step_inside(tmp_path):
     adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, checkpoint_every=3)
     new, old = (tmp_path / "checkpoints" / f"step-00000000{s}" for s in (8, 6))
     (new / "state.pt").write_bytes((old / "state.pt").read_bytes())
-    with pytest.warns(RuntimeWarning, match="state.pt does not match its checksum"):
+    with pytest.warns(RuntimeWarning, match=r"state\.pt does not match its checksum"):
         result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
                               resume=True)
     assert result.resumed_from.name == "step-000000006"
@@ -186,7 +187,7 @@ def test_swapped_state_is_caught_by_checksum_and_by_the_step_inside(tmp_path):
     record["sha256"]["state.pt"] = json.loads((old / "checkpoint.json").read_text())[
         "sha256"]["state.pt"]
     (new / "checkpoint.json").write_text(json.dumps(record))
-    with pytest.warns(RuntimeWarning, match="state.pt is from step 6, not 8"):
+    with pytest.warns(RuntimeWarning, match=r"state\.pt is from step 6, not 8"):
         result = adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path / "b",
                               resume=True)
     assert result.resumed_from.name == "step-000000006"
@@ -204,5 +205,5 @@ def test_state_missing_keys_is_a_damaged_checkpoint_not_a_keyerror(tmp_path):
     record = json.loads((ckpt / MANIFEST).read_text())
     record["sha256"]["state.pt"] = _sha256(ckpt / "state.pt")
     (ckpt / MANIFEST).write_text(json.dumps(record))
-    with pytest.raises(ResumeError, match="state.pt lacks optimizer"):
+    with pytest.raises(ResumeError, match=r"state\.pt lacks optimizer"):
         adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True)
