@@ -188,7 +188,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_weights(tmp_path):
     model = mlp()
     with pytest.raises(NonFiniteError, match=r"step \d+ \(epoch 1\): the loss is nan, with "
                        r"non-finite gradients in 0.weight, 0.bias, 2.weight, 2.bias. The "
-                       r"weights were not updated; the last good checkpoint is .*step-0+2.*"
+                       r"weights and buffers were not updated; the last good checkpoint is "
+                       r".*step-0+2.*"
                        r"nonfinite='skip'") as info:
         adaptnet.fit(model, (x, y), epochs=1, batch_size=10, run_dir=tmp_path,
                      checkpoint_every=2)
@@ -261,3 +262,44 @@ def test_evaluate_reports_loss_accuracy_and_perplexity():
     assert values["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert values["perplexity"] == pytest.approx(torch.tensor(values["loss"]).exp().item())
     assert net.training  # the mode is restored
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_nonfinite_step_restores_batchnorm_statistics_too():
+    x, y = data()
+    x[3, 0] = float("nan")  # in the first batch of epoch 1 (batch_size=100: one batch)
+    model = bn_net()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match="weights and buffers were not updated"):
+        adaptnet.fit(model, (x, y), epochs=1, batch_size=100)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    x2, y2 = data(200)
+    x2[150, 2] = float("nan")
+    model = bn_net()
+    result = adaptnet.fit(model, (x2, y2), epochs=2, batch_size=50, nonfinite="skip")
+    assert result.skipped == 2
+    bn = model[1]
+    assert bool(torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all())
+    assert int(bn.num_batches_tracked) == 6  # 8 batches, the 2 skipped ones not counted
+    model.eval()
+    assert bool(torch.isfinite(model(torch.randn(8, 10))).all())
+
+
+def test_pondernet_with_a_nan_sample_is_skipped_not_a_sampling_crash():
+    from adaptnet.models import build
+
+    torch.manual_seed(0)
+    net = build("pondernet_gru", bits=8)
+    x = torch.randint(0, 2, (64, 8)).float()
+    y = (x.sum(1) % 2).long()
+    x[5, 0] = float("nan")
+    result = adaptnet.fit(net, (x, y), epochs=1, batch_size=32, loss="cross_entropy",
+                          nonfinite="skip")
+    assert result.skipped == 1 and result.steps == 2
+    with pytest.raises(NonFiniteError, match=r"step 1 .*non-finite gradients in depth"):
+        adaptnet.fit(build("pondernet_gru", bits=8), (x, y), epochs=1, batch_size=32,
+                     loss="cross_entropy")

@@ -331,7 +331,9 @@ class AdaptiveDepth(nn.Module):
                                                             torch.cat([t[2] for t in trace]))
         halting, states = halting.view(B, S), states.view(B, S, *x.shape[1:])
         if self.halting.training:  # the output follows the halting distribution
-            sampled = torch.multinomial(halting.detach(), 1).squeeze(1)
+            # A NaN row (a non-finite sample) would make multinomial raise; sampled
+            # uniformly instead, its NaN output reaches the loss and the trainer's guard.
+            sampled = torch.multinomial(halting.detach().nan_to_num(1.0), 1).squeeze(1)
             output = states[torch.arange(B, device=x.device), sampled]
         aux = self.halting.beta * self.halting.kl_to_prior(halting)
         return DepthResult(output, steps, ponder, aux, halting, states)

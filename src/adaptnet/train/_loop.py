@@ -299,9 +299,19 @@ class _Trainer:
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.names = {id(p): n for g in self.opt.param_groups
                       for p, n in zip(g["params"], g["param_names"], strict=True)}
+        self._watch_buffers()
         self.l1 = [p for g in param_groups(model, weight_decay=1.0, frozen=schedule)
                    if g["weight_decay"] for p in g["params"]] if cfg.l1 else []
         self.loss_total, self.samples = 0.0, 0  # summed per step in Python: no tensor op
+
+    def _watch_buffers(self) -> None:
+        """Buffers a forward pass may change (BatchNorm statistics), and room to save them.
+
+        A step whose loss or gradient is not finite puts them back, so that
+        ``nonfinite="skip"`` and ``"stop"`` leave no NaN in running statistics.
+        """
+        self.buffers = [b for b in self.model.buffers() if b.numel()]
+        self.saved = [torch.empty_like(b) for b in self.buffers]
 
     def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
                 result: FitResult, log: RunLog) -> None:
@@ -317,6 +327,7 @@ class _Trainer:
             log.epoch_start(epoch, len(batches), start)
             if self.epoch_start is not None:
                 self.epoch_start(epoch)
+                self._watch_buffers()  # a schedule may swap modules (e.g. FrozenBatchNorm)
             self.model.train()
             every = max(1, len(batches) // 50)
             for b in range(start, len(batches)):
@@ -345,6 +356,8 @@ class _Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor, pos: dict, result: FitResult
               ) -> float:
         cfg = self.cfg
+        for saved, b in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(b)
         task, aux, pred, out = _unpack(self.net(x), y, self.fn, True)
         loss = task if aux is None else task + aux
         self.opt.zero_grad(set_to_none=True)
@@ -388,6 +401,9 @@ class _Trainer:
         what = f"the loss is {float(loss.detach())}" if not bool(torch.isfinite(loss)) else \
             "the loss is finite"
         grads = f"non-finite gradients in {', '.join(bad)}" if bad else "finite gradients"
+        with torch.no_grad():  # undo what the forward pass did to running statistics
+            for saved, b in zip(self.saved, self.buffers, strict=True):
+                b.copy_(saved)
         if self.cfg.nonfinite == "skip":
             self.opt.zero_grad(set_to_none=True)
             result.skipped += 1
@@ -395,7 +411,8 @@ class _Trainer:
         kept = str(result.checkpoint) if result.checkpoint else None
         raise NonFiniteError(
             f"fit(): step {pos['step']} (epoch {pos['epoch'] + 1}): {what}, with {grads}. The "
-            "weights were not updated" + (f"; the last good checkpoint is {kept}" if kept else "")
+            "weights and buffers were not updated"
+            + (f"; the last good checkpoint is {kept}" if kept else "")
             + ". Lower the learning rate, clip gradients (clip_grad_norm=1.0), or skip such "
             "batches (nonfinite='skip').", step=pos["step"], parameters=bad, checkpoint=kept)
 
