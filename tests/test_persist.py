@@ -224,3 +224,62 @@ def test_shared_modules_are_declared_after_load(tmp_path):
     fresh = adaptnet.load(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), path)
     assert fresh[2] is fresh[0]
     assert all(m.declared for g in adaptnet.ties(fresh) for m in g.members)
+
+
+# ------------------------------------------------ dtypes, module claims, state dicts (issue 14)
+
+
+def _relabel(path, name: str, old: str, new: str) -> None:
+    """Rewrite one tensor's dtype in a safetensors header (same byte width: still valid)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    assert header[name]["dtype"] == old
+    header[name]["dtype"] = new
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+
+
+def test_float_bytes_relabelled_as_int32_are_refused(tmp_path):
+    path = adaptnet.save(nn.Linear(3, 2), tmp_path / "m.safetensors")
+    _relabel(path, "weight", "F32", "I32")
+    with pytest.raises(CheckpointMismatchError, match=r"weight: the file has dtype int32, the "
+                       r"model float32 \(pass cast=True to convert\)"):
+        adaptnet.load(nn.Linear(3, 2), path)
+
+
+def test_a_dtype_change_is_an_error_unless_asked_for(tmp_path):
+    src = nn.Linear(3, 2).double()
+    path = adaptnet.save(src, tmp_path / "m.safetensors")
+    target = nn.Linear(3, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(CheckpointMismatchError, match=r"weight: the file has dtype float64"):
+        adaptnet.load(target, path)
+    assert torch.equal(target.weight, before)
+    adaptnet.load(target, path, cast=True)
+    assert target.weight.dtype == torch.float32 and torch.equal(target.weight,
+                                                                 src.weight.float())
+
+
+def test_manifest_claiming_one_module_over_different_values_is_refused(tmp_path):
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    tensors = {"0.weight": a.weight.detach(), "0.bias": a.bias.detach(),
+               "2.weight": b.weight.detach(), "2.bias": b.bias.detach()}
+    manifest = {"version": 1, "aliases": {}, "modules": {"2": "0"}}
+    path = tmp_path / "claim.safetensors"
+    safetensors.torch.save_file(tensors, path, metadata={"adaptnet": json.dumps(manifest)})
+    with pytest.raises(CheckpointMismatchError, match=r"2.weight: the manifest says module '2' "
+                       r"is '0', but the file holds different values for '2.weight' and "
+                       r"'0.weight'"):
+        adaptnet.load(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)), path)
+
+
+def test_state_dicts_get_the_same_checks(tmp_path):
+    lm = tied_lm()
+    state = {k: v.clone() for k, v in TinyLM().state_dict().items()}  # untied: values differ
+    with pytest.raises(CheckpointMismatchError, match=r"head.weight: the model ties it to "
+                       r"'embed.weight', but the file holds different values"):
+        adaptnet.load(lm, state)
+    same = {k: v.clone() for k, v in lm.state_dict().items()}
+    loaded = adaptnet.load(tied_lm(), same)
+    assert loaded.head.weight is loaded.embed.weight

@@ -526,3 +526,20 @@ def test_transfer_recipe_errors(image_recipes, tmp_path):
         prepare(load_recipe(target, ["model.name=mlp"])[1])
     with pytest.raises(RecipeError, match=r"model.image_size=32 \(the backbone has 28\)"):
         prepare(load_recipe(target, ["model.image_size=32"])[1])
+
+
+def test_pt_weights_get_the_safetensors_checks(tmp_path):
+    """A .pt state dict: tie conflicts and dtype changes refused, as for safetensors (issue 14)."""
+    from conftest import TinyLM, tied_lm
+
+    torch.save(TinyLM().state_dict(), tmp_path / "untied.pt")  # embed != head
+    with pytest.raises(CheckpointMismatchError, match=r"untied\.pt.*\n.*head.weight: the model "
+                       r"ties it to 'embed.weight', but the file holds different values"):
+        load_backbone(tied_lm(), weights=tmp_path / "untied.pt")
+    ints = {k: (v * 100).long() for k, v in nn.Linear(4, 2).state_dict().items()}
+    torch.save(ints, tmp_path / "ints.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"weight: the file has dtype int64, the "
+                       r"model float32 \(pass cast=True to convert\)"):
+        load_backbone(nn.Linear(4, 2), weights=tmp_path / "ints.pt")
+    net = load_backbone(nn.Linear(4, 2), weights=tmp_path / "ints.pt", cast=True)
+    assert torch.equal(net.weight, ints["weight"].float())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,7 +92,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load(model: M, path: str | os.PathLike) -> M:
+def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
+         cast: bool = False) -> M:
     """Load a file written by :func:`save` into ``model``, restoring its ties.
 
     The model may be built with or without the ties: those in the file are
@@ -100,7 +102,16 @@ def load(model: M, path: str | os.PathLike) -> M:
     from the file, so ``with torch.device("meta"): model = build()`` followed by
     ``load`` allocates once. Everything is checked before the model is
     touched; all problems are reported together. Plain safetensors files (no
-    manifest) load too. Nothing is unpickled.
+    manifest) load too, and so does a state dict (``{name: tensor}``, e.g. from
+    ``torch.load(..., weights_only=True)``), with the same checks. Nothing is
+    unpickled.
+
+    Args:
+        model: the model to load into.
+        path: a safetensors file, or a state dict.
+        cast: allow stored tensors whose dtype differs from the model's (they
+            are converted). Off by default: a float32 model does not silently
+            take int64 or relabelled bytes.
 
     Returns:
         ``model``, loaded.
@@ -108,14 +119,18 @@ def load(model: M, path: str | os.PathLike) -> M:
     Raises:
         CheckpointNotFoundError: no file at ``path``.
         CheckpointCorruptError: truncated, not safetensors, or a bad manifest.
-        CheckpointMismatchError: missing or unexpected names, shape mismatches,
-            or tensors tied in the model (or claimed tied in the file) whose
-            stored values differ.
+        CheckpointMismatchError: missing or unexpected names, shape or dtype
+            mismatches, tensors tied in the model (or claimed tied, or claimed
+            one module, in the file) whose stored values differ.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"load(): no checkpoint at {str(path)!r}.")
-    stored, aliases, modules = _read(path)
+    if isinstance(path, Mapping):
+        stored, aliases, modules = dict(path), {}, {}
+        path = Path("<state dict>")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"load(): no checkpoint at {str(path)!r}.")
+        stored, aliases, modules = _read(path)
 
     def source(name: str) -> tuple[str, str | None]:  # (stored name, transform)
         return (name, None) if name in stored else (aliases[name][0], aliases[name][1])
@@ -140,11 +155,18 @@ def load(model: M, path: str | os.PathLike) -> M:
         if stored[name].shape != via.shape or not torch.equal(stored[name], via):
             problems.append(f"{name}: the manifest ties it to {aliases[name][0]!r}, but the "
                             "file stores different values for it")
+    if not cast:
+        problems += [f"{n}: the file has dtype {str(value(n).dtype).removeprefix('torch.')}, "
+                     f"the model {str(target[n].tensor.dtype).removeprefix('torch.')} (pass "
+                     "cast=True to convert)" for n in sorted(in_file & set(target))
+                     if value(n).dtype != target[n].tensor.dtype]
     if not problems:
         problems += _tied_value_conflicts(groups, in_file, source, value)
     known = dict(walk(model))
     problems += [f"modules {m!r} and {o!r}: not both submodules of the model"
                  for m, o in modules.items() if m not in known or o not in known]
+    if not problems:
+        problems += _module_claim_conflicts(modules, in_file, value)
     if missing or unexpected or problems:
         raise mismatch_error("load()", path, model, missing, unexpected, problems)
 
@@ -235,6 +257,20 @@ def _tied_value_conflicts(groups: list[list[Slot]], in_file: set[str], source, v
                     "values for them (load into a model built without this tie, or "
                     "adaptnet.untie it first)"
                 )
+    return out
+
+
+def _module_claim_conflicts(modules: dict[str, str], in_file: set[str], value) -> list[str]:
+    """Module shares the manifest claims but the stored values contradict."""
+    out = []
+    for member, owner in modules.items():
+        for name in sorted(n for n in in_file if n.startswith(member + ".")):
+            twin = owner + name[len(member):]
+            if twin in in_file and (value(name).shape != value(twin).shape
+                                    or not torch.equal(value(name), value(twin))):
+                out.append(f"{name}: the manifest says module {member!r} is {owner!r}, but the "
+                           f"file holds different values for {name!r} and {twin!r} (the file "
+                           "was altered or not written by adaptnet.save)")
     return out
 
 

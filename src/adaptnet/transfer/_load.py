@@ -17,6 +17,7 @@ from adaptnet import sharing
 from adaptnet.errors import (
     AdaptnetError,
     CheckpointCorruptError,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     ModelError,
     RunDirError,
@@ -30,7 +31,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
-                  download: bool = False) -> nn.Module:
+                  download: bool = False, cast: bool = False) -> nn.Module:
     """A pretrained model to transfer from, with its original head.
 
     Args:
@@ -51,6 +52,8 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
         download: allow torchvision to download weights missing from its
             cache (``torch.hub.get_dir()``). Off by default: nothing is
             fetched unless asked.
+        cast: accept a weights file whose dtypes differ from the model's
+            (converted on load); otherwise that is a ``CheckpointMismatchError``.
 
     Returns:
         The model, in eval mode, ready for :func:`replace_head` and
@@ -74,7 +77,7 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
     """
     if isinstance(source, nn.Module):
         if weights is not None:
-            load_weights(source, weights)
+            load_weights(source, weights, cast=cast)
         return source.eval()
     path = Path(source)
     if path.is_dir():
@@ -96,7 +99,7 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
         raise ModelError(f"load_backbone(): {str(source)!r} is a weights file; it needs its "
                          "architecture: load_backbone(adaptnet.models.build('<name>', ...), "
                          f"weights={str(source)!r}).")
-    return _torchvision(str(source), weights, download).eval()
+    return _torchvision(str(source), weights, download, cast).eval()
 
 
 def run_model_spec(run: Path) -> tuple[str, dict[str, Any]]:
@@ -113,19 +116,24 @@ def run_model_spec(run: Path) -> tuple[str, dict[str, Any]]:
     return model["name"], args
 
 
-def load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
+def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = False
+                 ) -> nn.Module:
     """Load a weights file into ``model``: safetensors (ties restored) or a ``.pt`` state dict.
+
+    Both go through :func:`adaptnet.load`'s checks (names, shapes, dtypes unless
+    ``cast``, values of tensors the model ties).
 
     Raises:
         CheckpointNotFoundError: no such file.
         CheckpointCorruptError: not a state dict of tensors.
-        CheckpointMismatchError: names or shapes do not fit, all listed.
+        CheckpointMismatchError: names, shapes or dtypes do not fit, or tied
+            tensors get different values; all listed.
     """
     path = Path(weights)
     if not path.is_file():
         raise CheckpointNotFoundError(f"load_backbone(): no weights file at {str(path)!r}.")
     if path.suffix == ".safetensors":
-        return sharing.load(model, path)
+        return sharing.load(model, path, cast=cast)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -138,20 +146,14 @@ def load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
         raise CheckpointCorruptError(
             f"load_backbone(): {str(path)!r} holds a {type(state).__name__}, not a state dict "
             "of tensors; save it with torch.save(model.state_dict(), path).")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    problems = [f"{k}: the file has shape {list(state[k].shape)}, the model "
-                f"{list(expected[k].shape)}" for k in sorted(set(state) & set(expected))
-                if state[k].shape != expected[k].shape]
-    if missing or unexpected or problems:
-        raise mismatch_error("load_backbone()", path, model, missing, unexpected, problems)
-    model.load_state_dict(state)
-    sharing.retie(model)
-    return model
+    try:
+        return sharing.load(model, state, cast=cast)
+    except CheckpointMismatchError as e:  # name the file, not "<state dict>"
+        raise mismatch_error("load_backbone()", path, model, list(e.missing),
+                             list(e.unexpected), list(e.problems)) from None
 
 
-def _torchvision(name: str, weights: Any, download: bool) -> nn.Module:
+def _torchvision(name: str, weights: Any, download: bool, cast: bool) -> nn.Module:
     try:
         import torchvision.models as tvm
     except Exception as e:
@@ -171,7 +173,7 @@ def _torchvision(name: str, weights: Any, download: bool) -> nn.Module:
     if weights is None:
         return builder(weights=None)
     if isinstance(weights, (str, os.PathLike)) and Path(weights).suffix in WEIGHT_SUFFIXES:
-        return load_weights(builder(weights=None), weights)
+        return load_weights(builder(weights=None), weights, cast=cast)
     try:
         enum = tvm.get_model_weights(name)
         chosen = enum[weights] if isinstance(weights, str) else enum(weights)
