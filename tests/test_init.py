@@ -147,3 +147,19 @@ def test_bad_rules(rules, error, message):
         model.w = nn.Parameter(torch.empty(2, 3, 4))
     with pytest.raises(error, match=message):
         adaptnet.initialize(model, rules)
+
+
+@pytest.mark.parametrize(("scheme", "message"), [
+    ("normal(std=-1)", r"std is a standard deviation and must be >= 0, got -1"),
+    ("normal(std=1e999)", r"std must be finite, got inf"),
+    ("uniform(a=1, b=0)", r"a must not exceed b, got a=1, b=0"),
+    ("constant(val=1e999)", r"val must be finite"),
+    ("kaiming_normal(nonlinearity=rellu)", r"unknown nonlinearity 'rellu'"),
+    ("sparse(sparsity=1.5)", r"sparsity is a fraction in \[0, 1\]"),
+])
+def test_bad_arguments_are_refused_before_any_tensor_is_written(scheme, message):
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(InitError, match=message):
+        adaptnet.initialize(net, {"bias": "zeros", "0.weight": "ones", "1.weight": scheme})
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -183,4 +183,44 @@ def _checked(name: Any, kwargs: dict, spec: Any, where: str) -> Scheme:
     if missing:
         raise InitError(f"initialize(): {where}{name} needs {', '.join(missing)}, e.g. "
                         f"'{name}({missing[0]}=0.1)'.")
+    problems = _argument_problems(name, kwargs)
+    if problems:
+        raise InitError(f"initialize(): {where}{spec!r}: {'; '.join(problems)}.")
     return Scheme(name, kwargs)
+
+
+_NONNEGATIVE = {"std": "a standard deviation", "sparsity": "a fraction"}
+
+
+def _argument_problems(name: str, kw: dict[str, Any]) -> list[str]:
+    """Why the arguments would fail or misbehave when applied (checked before any write)."""
+    out = []
+    for key, v in kw.items():
+        if key in ("mode", "nonlinearity"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            out.append(f"{key} must be a number, got {v!r}")
+        elif not math.isfinite(v):
+            out.append(f"{key} must be finite, got {v!r}")
+        elif key in _NONNEGATIVE and v < 0:
+            out.append(f"{key} is {_NONNEGATIVE[key]} and must be >= 0, got {v!r}")
+    if out:
+        return out
+    if name == "trunc_normal" and kw.get("std", 1.0) == 0:
+        out.append("std must be > 0")
+    low, high = (0.0, 1.0) if name == "uniform" else (-2.0, 2.0)
+    if name in ("uniform", "trunc_normal") and kw.get("a", low) > kw.get("b", high):
+        out.append(f"a must not exceed b, got a={kw.get('a', low)!r}, b={kw.get('b', high)!r}")
+    if name == "sparse" and kw["sparsity"] > 1:
+        out.append(f"sparsity is a fraction in [0, 1], got {kw['sparsity']!r}")
+    if name == "dirac" and (not isinstance(kw.get("groups", 1), int) or kw.get("groups", 1) < 1):
+        out.append(f"groups must be a positive int, got {kw['groups']!r}")
+    if "mode" in kw and kw["mode"] not in ("fan_in", "fan_out"):
+        out.append(f"mode must be 'fan_in' or 'fan_out', got {kw['mode']!r}")
+    if "nonlinearity" in kw:
+        try:
+            nn.init.calculate_gain(kw["nonlinearity"], kw.get("a", 0))
+        except (ValueError, TypeError):
+            out.append(f"unknown nonlinearity {kw['nonlinearity']!r} (torch.nn.init."
+                       "calculate_gain knows relu, leaky_relu, tanh, sigmoid, linear, ...)")
+    return out
