@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import adaptnet
 from adaptnet import SelectionError
@@ -66,3 +67,22 @@ def test_unfreeze_is_symmetric_and_quiet_when_nothing_changes():
 def test_patterns_that_match_nothing_are_refused_with_a_suggestion():
     with pytest.raises(SelectionError, match=r"'hed' match no parameter.*Did you mean"):
         adaptnet.freeze(tied_lm(), ["embed", "hed"])
+
+
+def test_plain_module_reuse_unties_for_real_or_refuses_with_the_fix():
+    """Seed 003's ``nn.Sequential(s, nn.ReLU(), s)``: one module object at two paths."""
+    s = nn.Linear(3, 3)
+    net = nn.Sequential(s, nn.ReLU(), s)
+    with pytest.raises(adaptnet.TieError, match=r"'2.weight' belongs to module '2', which is "
+                       r"the same module object as '0'.*adaptnet.untie\(model, '2'\)"):
+        adaptnet.untie(net, "2.weight")
+    assert net[0] is net[2]
+    with pytest.raises(adaptnet.TieError, match=r"adaptnet.untie\(model, '2'\)"):
+        adaptnet.freeze(net, "2.weight", untie=True)  # half of the module: refused too
+    report = adaptnet.freeze(net, "2", untie=True)
+    assert report.untied == ("2.weight", "2.bias") and report.collateral == ()
+    assert net[0] is not net[2] and torch.equal(net[0].weight, net[2].weight)
+    assert net[0].weight.requires_grad and not net[2].weight.requires_grad
+    t = nn.Linear(3, 3)
+    other = nn.Sequential(t, nn.ReLU(), t)
+    assert adaptnet.untie(other, "0") == ["0"] and other[0] is not other[2]

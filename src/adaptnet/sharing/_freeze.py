@@ -13,6 +13,7 @@ from adaptnet.sharing._slots import (
     iter_slots,
     matches,
     relative_transform,
+    walk,
 )
 from adaptnet.sharing._tie import tie, untie
 
@@ -74,6 +75,26 @@ def unfreeze(model: nn.Module, patterns: str | Sequence[str], *, untie: bool = F
     return _set(model, patterns, True, untie, "unfreeze()")
 
 
+def _reused_modules_matched(model: nn.Module, slots: list, hit) -> list[str]:
+    """Paths of a reused module (one object at several paths) whose parameters all match,
+    where the module's other paths do not all match."""
+    paths: dict[int, list[str]] = {}
+    for path, module in walk(model):
+        paths.setdefault(id(module), []).append(path)
+
+    def all_hit(path: str) -> bool:
+        under = [s for s in slots if s.module_path == path
+                 or s.module_path.startswith(path + ".")]
+        return bool(under) and all(hit(s.name) for s in under)
+
+    out: list[str] = []
+    for group in paths.values():
+        if len(group) > 1 and not all(all_hit(p) for p in group):
+            out += [p for p in group if all_hit(p)
+                    and not any(p.startswith(q + ".") for q in out)]
+    return out
+
+
 def _set(model: nn.Module, patterns: str | Sequence[str], value: bool, do_untie: bool,
          caller: str) -> FreezeReport:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -85,6 +106,11 @@ def _set(model: nn.Module, patterns: str | Sequence[str], value: bool, do_untie:
 
     untied: list[str] = []
     if do_untie:
+        for path in _reused_modules_matched(model, slots, hit):
+            untie(model, path)  # module reuse: the matched path gets its own module
+            untied += [s.name for s in slots if s.module_path == path
+                       or s.module_path.startswith(path + ".")]
+        slots = list(iter_slots(model))
         for group in group_by_tensor(slots):
             matched = [s for s in group if hit(s.name)]
             if matched and len(matched) < len(group) and group[0].tensor.requires_grad != value:

@@ -265,6 +265,14 @@ def _untie_one(model: nn.Module, name: str) -> bool:
                  if any(s.name == name for s in g))
     if len(group) == 1:
         return False
+    reused = [p for p, m in walk(model) if m is slot.module and p != slot.module_path]
+    if reused and slot.transform is None:
+        raise TieError(
+            f"untie(): {name!r} belongs to module {slot.module_path!r}, which is the same "
+            f"module object as {reused[0]!r} (the module is reused, not its parameter tied); "
+            f"a parameter of it cannot get its own copy alone. Untie the module: "
+            f"adaptnet.untie(model, {slot.module_path!r}) gives {slot.module_path!r} its own "
+            "copy of every parameter.")
     _detach(slot)
     for prefix, holder, reg in registries(model):
         if prefix and not name.startswith(prefix + "."):
