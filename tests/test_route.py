@@ -211,3 +211,15 @@ X = torch.randn(4, 3)
 def test_bad_input_is_a_routing_error_naming_the_argument_and_fix(call, match):
     with pytest.raises(RoutingError, match=match):
         call()
+
+
+def test_a_parameter_passed_as_input_is_refused_not_split():
+    """A shared tensor that happens to have B rows: a Parameter is caught (issue 14, item 10)."""
+    w = nn.Parameter(torch.randn(3, 3))
+    x = torch.randn(3, 3)
+    with pytest.raises(RoutingError, match=r"input\(s\) \[\(1, \[3, 3\]\)\] .* are "
+                       r"nn.Parameters.*use it inside the path functions"):
+        adaptnet.branch(x[:, 0] > 0, lambda v, m: v @ m, lambda v, m: -v @ m, x, w)
+    out = adaptnet.branch(x[:, 0] > 0, lambda v: v @ w, lambda v: -v @ w, x)  # the fix
+    expected = torch.where((x[:, 0] > 0)[:, None], x @ w, -x @ w)
+    torch.testing.assert_close(out, expected)

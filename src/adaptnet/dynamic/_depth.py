@@ -26,6 +26,7 @@ from torch import nn
 
 from adaptnet.dynamic._ledger import active_rows
 from adaptnet.dynamic._route import merge_rows
+from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError
 
 __all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
@@ -272,6 +273,7 @@ class AdaptiveDepth(nn.Module):
         self.order = tuple(order)
 
     def forward(self, x: torch.Tensor) -> DepthResult:  # (B, ...) -> DepthResult
+        refuse_tracing("AdaptiveDepth")
         B = x.shape[0]
         ids = torch.arange(B, device=x.device)
         state = x

@@ -19,6 +19,7 @@ from torch import nn
 
 from adaptnet.dynamic._ledger import active_rows, count_macs
 from adaptnet.dynamic._route import merge_rows
+from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError
 
 __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
@@ -135,6 +136,7 @@ class EarlyExit(nn.Module):
             exits = self.all_exits(x)
             index = torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
             return ExitResult(exits[-1], index, tuple(exits), self.weights)
+        refuse_tracing("EarlyExit in eval mode")
         B = x.shape[0]
         ids, h, parts = torch.arange(B, device=x.device), x, []
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree  # what torch.func and torch.export use
+from torch import nn
 
 from adaptnet.dynamic._ledger import active_rows
+from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import RoutingError
 
 __all__ = ["branch", "switch"]
@@ -33,16 +35,21 @@ def branch(pred: torch.Tensor, then_fn: Callable, else_fn: Callable, *inputs: An
             return tensors (or tuples/lists/dicts of tensors) with a leading
             batch dimension; both must agree in structure, ``shape[1:]`` and dtype.
         *inputs: tensors with a leading batch dimension ``B``, or nested
-            tuples/lists/dicts of them; each is split per sample. Python values
-            and 0-d tensors are passed whole. Tensors shared by the whole batch
-            (weights, biases) belong in the paths' closures or modules.
+            tuples/lists/dicts of them; every tensor of one or more dimensions
+            is split per sample (its first dimension must be ``B``). Python
+            values and 0-d tensors are passed whole. Tensors shared by the whole
+            batch (weights, biases, buffers) belong in the paths' closures or
+            modules: an ``nn.Parameter`` input is refused; any other tensor
+            with ``B`` rows is taken as per-sample, since adaptnet cannot tell
+            it from one.
 
     Returns:
         The paths' outputs merged in the original sample order.
 
     Raises:
         RoutingError: ``pred`` not a 1-D bool tensor, a tensor input without
-            ``B`` rows, or paths whose outputs disagree.
+            ``B`` rows, an ``nn.Parameter`` input, or paths whose outputs disagree.
+        DynamicError: called under ``torch.jit.trace``.
 
     Example:
         >>> import torch, adaptnet
@@ -103,9 +110,16 @@ def _route(index: torch.Tensor, fns: Sequence[Callable], inputs: tuple, names: t
     if index.dim() != 1:
         raise RoutingError(f"{caller}(): {arg} must have shape (B,), got {list(index.shape)}; "
                            f"give one decision per sample (e.g. {arg}.view(-1) or {arg}.any(1)).")
+    refuse_tracing(f"{caller}()")
     B = index.shape[0]
     leaves, spec = pytree.tree_flatten(inputs)
     batched = [isinstance(v, torch.Tensor) and v.dim() >= 1 for v in leaves]
+    shared = [(j, list(v.shape)) for j, v in enumerate(leaves) if isinstance(v, nn.Parameter)]
+    if shared:
+        raise RoutingError(
+            f"{caller}(): input(s) {shared} (position, shape) are nn.Parameters. Every tensor "
+            "input is split per sample, and a parameter is shared by the whole batch: use it "
+            "inside the path functions (close over it or its module) instead of passing it.")
     if not any(batched):
         raise RoutingError(
             f"{caller}(): got no tensor inputs to split; pass the per-sample tensors after "

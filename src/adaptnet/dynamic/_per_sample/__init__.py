@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from adaptnet.dynamic._per_sample._batched import INSIDE
 from adaptnet.dynamic._per_sample._lower import lower
 from adaptnet.dynamic._per_sample._run import execute
+from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError, PerSampleError
 
 __all__ = ["per_sample"]
@@ -100,13 +101,7 @@ def per_sample(fn: F | None = None, /, *, max_iters: int = 1000) -> F | Callable
 
     @functools.wraps(fn)
     def batched(*args: Any, **kwargs: Any) -> Any:
-        if torch.jit.is_tracing():
-            raise PerSampleError(
-                f"@per_sample: {fn.__qualname__}() is being traced (torch.jit.trace or ONNX "
-                "export by tracing). A trace records the one path the example batch takes and "
-                "would replay it for every sample. Run the model eagerly or under "
-                "torch.compile; docs/dynamic.md lists the deployment paths that work.",
-                filename=program.filename, lineno=fn.__code__.co_firstlineno)
+        refuse_tracing(f"@per_sample {fn.__qualname__}()")
         if INSIDE.get():
             raise PerSampleError(
                 f"@per_sample: {fn.__qualname__}() was called from inside another @per_sample "
