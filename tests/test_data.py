@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import adaptnet.data as D
-from adaptnet.errors import DataError, DatasetNotFoundError
+from adaptnet.errors import DataError, DatasetNotFoundError, RecipeError
 
 
 def _same(a, b) -> bool:
@@ -200,3 +200,45 @@ def test_pairs_and_autoencode():
     assert torch.equal(ae.train.tensors[0], ae.train.tensors[1])
     with pytest.raises(DataError, match="needs a classification dataset"):
         D.load("regression", transform="pairs")
+
+
+def _write_csv(path, targets) -> None:
+    g = np.random.default_rng(0)
+    rows = [f"{a:.3f},{b:.3f},{t}" for (a, b), t in zip(g.normal(size=(len(targets), 2)),
+                                                       targets, strict=True)]
+    path.write_text("a,b,y\n" + "\n".join(rows) + "\n")
+
+
+def test_csv_task_is_inferred_from_the_target(tmp_path):
+    """A float target was read as hundreds of classes (issue 14, item 12)."""
+    g = np.random.default_rng(1)
+    _write_csv(tmp_path / "float.csv", [f"{v:.4f}" for v in g.normal(size=600)])
+    data = D.csv(tmp_path / "float.csv")
+    assert data.task == "regression" and data.num_classes is None and data.loss == "mse"
+    assert data.train.tensors[1].dtype == torch.float32
+    _write_csv(tmp_path / "ints.csv", [i % 3 for i in range(60)])
+    assert D.csv(tmp_path / "ints.csv").num_classes == 3
+    _write_csv(tmp_path / "counts.csv", list(range(600)))
+    with pytest.raises(DataError, match=r"600 distinct whole numbers: classes or a quantity\? "
+                       r"Say which with task='classification' or task='regression'"):
+        D.csv(tmp_path / "counts.csv")
+    assert D.csv(tmp_path / "counts.csv", task="regression").task == "regression"
+    _write_csv(tmp_path / "nan.csv", ["nan", *range(59)])
+    with pytest.raises(DataError, match="non-finite values"):
+        D.csv(tmp_path / "nan.csv")
+
+
+def test_a_zoo_model_on_regression_csv_gets_one_output_and_trains(tmp_path):
+    from adaptnet.recipes import load_recipe, train_recipe
+
+    g = np.random.default_rng(2)
+    _write_csv(tmp_path / "r.csv", [f"{v:.4f}" for v in g.normal(size=200)])
+    recipe = {"data": {"name": str(tmp_path / "r.csv")}, "model": {"name": "mlp"},
+              "train": {"epochs": 1}}
+    (tmp_path / "r.yaml").write_text(__import__("yaml").safe_dump(recipe))
+    name, parsed = load_recipe(tmp_path / "r.yaml")
+    result = train_recipe(name, parsed, tmp_path / "run")
+    assert result.values["metric"][0] == "loss"
+    with pytest.raises(RecipeError, match=r"model.hidden: must be a positive "
+                       r"int \(a size or count\), got -3"):
+        load_recipe(tmp_path / "r.yaml", ["model.hidden=-3"])

@@ -40,8 +40,38 @@ def _splits(name: str, x: torch.Tensor, y: torch.Tensor, task: str, valid: float
                       num_classes, classes)
 
 
-def _targets(raw: np.ndarray, task: str, name: str) -> tuple[torch.Tensor, int | None,
-                                                             tuple[str, ...]]:
+MAX_INFERRED_CLASSES = 100
+
+
+def infer_task(raw: np.ndarray, name: str) -> str:
+    """``"classification"`` or ``"regression"`` from the target values; ambiguous ones refused.
+
+    Text labels are classes; numbers with a fractional part are a regression
+    target; whole numbers are classes when there are at most
+    ``MAX_INFERRED_CLASSES`` of them (more look like counts or ids: refused).
+    """
+    try:
+        values = raw.astype(np.float64)
+    except ValueError:
+        return "classification"
+    if not np.isfinite(values).all():
+        raise DataError(f"{name}: the target has non-finite values (NaN or inf); clean them "
+                        "or drop those rows.")
+    if (values != np.round(values)).any():
+        return "regression"
+    distinct = np.unique(values).size
+    if distinct > MAX_INFERRED_CLASSES:
+        raise DataError(f"{name}: the target has {distinct} distinct whole numbers: classes or "
+                        "a quantity? Say which with task='classification' or "
+                        "task='regression' (data.task in a recipe).")
+    return "classification"
+
+
+def _targets(raw: np.ndarray, task: str | None, name: str) -> tuple[torch.Tensor, int | None,
+                                                                    tuple[str, ...], str]:
+    """``(targets, number of classes, class names, task)``."""
+    if task is None:
+        task = infer_task(raw, name)
     if task == "classification":
         labels, y = np.unique(raw.astype(str), return_inverse=True)
         if labels.size < 2:
@@ -50,29 +80,33 @@ def _targets(raw: np.ndarray, task: str, name: str) -> tuple[torch.Tensor, int |
         if all(s.lstrip("-").isdigit() for s in labels):  # numeric labels sort as numbers
             order = np.argsort(labels.astype(int))
             labels, y = labels[order], np.argsort(order)[y]
-        return torch.from_numpy(y.astype(np.int64)), int(labels.size), tuple(labels.tolist())
+        return (torch.from_numpy(y.astype(np.int64)), int(labels.size), tuple(labels.tolist()),
+                task)
     if task == "regression":
         try:
             values = raw.astype(np.float32)
         except ValueError:
             raise DataError(f"{name}: task='regression' needs numeric targets; got values like "
                             f"{raw[:3].tolist()}. Use task='classification'.") from None
-        return torch.from_numpy(values).view(len(values), -1), None, ()
+        return torch.from_numpy(values).view(len(values), -1), None, (), task
     raise DataError(f"{name}: task must be 'classification' or 'regression', got {task!r}.")
 
 
-def csv(path: str | os.PathLike, *, target: str | int = -1, task: str = "classification",
+def csv(path: str | os.PathLike, *, target: str | int = -1, task: str | None = None,
         valid: float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
     """A CSV file with a header row: numeric feature columns and one target column.
 
     Args:
         target: the target column's name or index (default: the last column).
         task: ``"classification"`` (labels may be strings; classes sorted) or
-            ``"regression"``.
+            ``"regression"``; ``None`` infers it from the target (see
+            :func:`infer_task`: a float target is a regression, not hundreds of
+            classes).
 
     Raises:
         DataError: no header, unknown target column, ragged or non-numeric rows
-            (the message names the line and column).
+            (the message names the line and column), or a target whose task is
+            ambiguous.
     """
     p = _exists(path, "csv")
     with open(p, newline="", encoding="utf-8") as f:
@@ -101,7 +135,7 @@ def csv(path: str | os.PathLike, *, target: str | int = -1, task: str = "classif
             raise DataError(f"csv: {p} line {line}, column {header[bad]!r}: {row[bad]!r} is "
                             "not a number; features must be numeric.") from None
     x = torch.tensor(feats, dtype=torch.float32)
-    y, k, classes = _targets(np.array([r[col] for r in body]), task, "csv")
+    y, k, classes, task = _targets(np.array([r[col] for r in body]), task, "csv")
     return _splits(p.name, x, y, task, valid, test, seed, k, classes)
 
 
@@ -113,13 +147,14 @@ def _is_float(v: str) -> bool:
     return True
 
 
-def npz(path: str | os.PathLike, *, x: str = "x", y: str = "y", task: str = "classification",
+def npz(path: str | os.PathLike, *, x: str = "x", y: str = "y", task: str | None = None,
         valid: float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
     """A NumPy ``.npz`` archive with arrays ``x`` and ``y`` (names configurable).
 
     If it also holds ``x_test`` and ``y_test`` those are the test split;
     otherwise ``test`` of the rows are held out. Loaded with
-    ``allow_pickle=False``: an archive of object arrays is refused.
+    ``allow_pickle=False``: an archive of object arrays is refused. ``task``
+    as in :func:`csv` (inferred when ``None``).
     """
     p = _exists(path, "npz")
     try:
@@ -135,10 +170,10 @@ def npz(path: str | os.PathLike, *, x: str = "x", y: str = "y", task: str = "cla
     if len(xs) != len(arrays[y]):
         raise DataError(f"npz: {x!r} has {len(xs)} rows and {y!r} has {len(arrays[y])}; they "
                         "must match.")
-    ys, k, classes = _targets(arrays[y], task, "npz")
+    ys, k, classes, task = _targets(arrays[y], task, "npz")
     test_xy = None
     if f"{x}_test" in arrays and f"{y}_test" in arrays:
-        yt, _, _ = _targets(arrays[f"{y}_test"], task, "npz")
+        yt = _targets(arrays[f"{y}_test"], task, "npz")[0]
         test_xy = (torch.from_numpy(arrays[f"{x}_test"].astype(np.float32)), yt)
     return _splits(p.name, xs, ys, task, valid, test, seed, k, classes, test_xy)
 

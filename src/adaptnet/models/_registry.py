@@ -78,5 +78,7 @@ def build(name: str, **kwargs: Any) -> nn.Module:
         return fn(**kwargs)
     except ModelError:
         raise
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ModelError(f"model {name!r} with {kwargs}: {e}") from e
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError) as e:
+        shown = {k: (v if len(repr(v)) <= 40 else f"{repr(v)[:37]}...") for k, v in kwargs.items()}
+        raise ModelError(f"model {name!r} with {shown}: {type(e).__name__}: "
+                         f"{str(e)[:300]}") from None

@@ -163,6 +163,9 @@ def derived_args(model: str, data: DataSplits, transform: str | None) -> dict[st
         known |= {"vocab_size": data.num_classes, "max_len": shape[0]}
     elif data.num_classes is not None:
         known["num_classes"] = data.num_classes
+    elif data.task == "regression":  # one output per target column
+        width = math.prod(data.train.tensors[1].shape[1:])
+        known |= {"num_classes": width, "out_features": width}
     if len(shape) == 3:  # images (C, H, W)
         known |= {"in_channels": shape[0], "image_size": shape[-1]}
     if len(shape) == 1:  # signals and sequences (L,)

@@ -193,6 +193,13 @@ def _check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
         if key not in params:
             problems.append(f"{section}.{key}: unknown argument{_close(key, params)}; "
                             f"{fn.__name__} accepts {', '.join(params)}.")
+    for key, value in args.items():  # sizes: an int argument whose default is positive
+        p = params.get(key)
+        if p is not None and hints.get(key) is int and isinstance(p.default, int) and \
+                p.default >= 1 and isinstance(value, int) and not isinstance(value, bool) and \
+                value < 1:
+            problems.append(f"{section}.{key}: must be a positive int (a size or count), got "
+                            f"{value}; the default is {p.default}.")
     fields = {k: (hints.get(k, Any), p.default if p.default is not p.empty else ...)
               for k, p in params.items() if k in args}
     try:
