@@ -26,29 +26,39 @@ __all__ = [
 class BranchNet(nn.Module):
     """10 -> 50 -> 1 with a per-sample branch: the output layer reads ``h`` or ``-h``.
 
-    Each sample takes its own path (``@per_sample``): a sample whose hidden
-    activations sum to more than 0 goes through ``out(h)``, any other through
-    ``out(-h)``; both paths share the output layer.
+    Each sample takes its own path (``@per_sample``): a sample whose mean hidden
+    activation exceeds ``threshold`` goes through ``out(h)``, any other through
+    ``out(-h)``; both paths share the output layer. (The textbook's
+    ``if relu(h).sum() > 0`` never takes its else path with a non-zero ``h``:
+    there ``-h`` is ``h``. The default 0.25 splits standard-normal inputs
+    roughly in half at initialisation.)
     """
 
-    def __init__(self, in_features: int = 10, hidden: int = 50, out_features: int = 1) -> None:
+    def __init__(self, in_features: int = 10, hidden: int = 50, out_features: int = 1,
+                 threshold: float = 0.25) -> None:
         super().__init__()
         self.hidden = nn.Linear(in_features, hidden)
         self.out = nn.Linear(hidden, out_features)
+        self.threshold = threshold
 
     @per_sample
     def forward(self, x):  # one sample: (in_features,) -> (out_features,)
         h = torch.relu(self.hidden(x))
-        if h.sum() > 0:
+        if h.mean() > self.threshold:
             y = self.out(h)
         else:
             y = self.out(-h)
         return y
 
+    def takes_first_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: which samples of ``x`` (B, in_features) take ``out(h)``."""
+        return torch.relu(self.hidden(x)).mean(1) > self.threshold
 
-def branch_net(in_features: int = 10, hidden: int = 50, out_features: int = 1) -> BranchNet:
+
+def branch_net(in_features: int = 10, hidden: int = 50, out_features: int = 1,
+               threshold: float = 0.25) -> BranchNet:
     """The dynamic branch network (10 -> 50 -> 1, a per-sample ``if`` around a shared layer)."""
-    return BranchNet(in_features, hidden, out_features)
+    return BranchNet(in_features, hidden, out_features, threshold)
 
 
 class TwoInputNet(nn.Module):
