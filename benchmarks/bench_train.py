@@ -20,6 +20,7 @@ RNG and loop state via ``torch.save``, fsynced, renamed into place) and
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 import tempfile
 import time
@@ -167,7 +168,10 @@ def checkpoints(width: int, rounds: int) -> dict:
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, width)).sum().backward()
     opt.step()  # fills Adam's two moments: 3x the parameters in total
-    state = {"optimizer": opt.state_dict(), "rng_torch": torch.get_rng_state(), "step": 1}
+    state = {"optimizer": opt.state_dict(), "rng_torch": torch.get_rng_state(), "step": 1,
+             "epoch": 0, "batch": 1, "best": float("inf"), "bad_epochs": 0, "skipped": 0,
+             "history": [], "acc": torch.zeros(4, dtype=torch.float64), "scheduler": None,
+             "rng_python": random.getstate(), "rng_cuda": []}  # what fit() checkpoints
     times: dict[str, list[float]] = {k: [] for k in ("save", "restore", "torch.save",
                                                       "torch.load")}
     with tempfile.TemporaryDirectory() as tmp:

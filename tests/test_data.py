@@ -240,5 +240,5 @@ def test_a_zoo_model_on_regression_csv_gets_one_output_and_trains(tmp_path):
     result = train_recipe(name, parsed, tmp_path / "run")
     assert result.values["metric"][0] == "loss"
     with pytest.raises(RecipeError, match=r"model.hidden: must be a positive "
-                       r"int \(a size or count\), got -3"):
+                       r"int \(a size or count\) up to 2\*\*31, got -3"):
         load_recipe(tmp_path / "r.yaml", ["model.hidden=-3"])

@@ -152,7 +152,7 @@ def test_eager_parity_under_torch_compile():
         (lambda: MoE([nn.Linear(D, D)] * 3, nn.Linear(D, 3), capacity_factor=0),
          r"capacity_factor must be > 0 \(or None for no limit\), got 0"),
         (lambda: MoE([nn.Linear(D, D)] * 3, nn.Linear(D, 3), balance_weight=-1),
-         "balance_weight must be >= 0"),
+         "balance_weight must be finite and >= 0"),
         (lambda: MoE([nn.Linear(D, D)] * 3, nn.Linear(D, 4))(torch.randn(5, D)),
          r"router must return \(n, 3\) logits for n = 5 tokens and 3 experts, got \[5, 4\]"),
         (lambda: MoE([nn.Linear(D, 2), nn.Linear(D, 3)], nn.Linear(D, 2), k=2)(

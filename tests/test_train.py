@@ -202,7 +202,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_weights(tmp_path):
 @pytest.mark.parametrize(("options", "message"), [
     ({"optimizer": "adamw2"}, r"optimizer: unknown optimizer 'adamw2'; expected one of sgd, "
      r"adam, adamw, rmsprop. Did you mean 'adamw'\?"),
-    ({"lr": -0.1}, r"lr: the learning rate must be positive, got -0.1"),
+    ({"lr": -0.1}, r"lr: the learning rate must be positive and finite, got -0.1"),
     ({"optimizer": None, "scheduler": "StepLR"}, r"scheduler: 'StepLR' needs an optimizer, but "
      r"optimizer is None"),
     ({"scheduler": "StepLr"}, r"unknown scheduler 'StepLr'.*Did you mean 'StepLR'\?"),

@@ -1,9 +1,10 @@
-"""Crash-safe file writing and run-directory locks."""
+"""Crash-safe file writing, run-directory locks, and bounded echoes of user input."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import reprlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +93,14 @@ def locked_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         del _HELD[key]
         os.close(fd)  # releases the lock
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+_REPR.maxlong = 40
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A ``repr`` of user input short enough for an error message (never the whole input)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

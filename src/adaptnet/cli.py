@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaptnet.errors import AdaptnetError
+from adaptnet.errors import AdaptnetError, RunDirError
 
 app = typer.Typer(help="Dynamic neural networks with shared and tied weights: train, evaluate "
                   "and compare recipes.", no_args_is_help=True, add_completion=False,
@@ -30,7 +30,7 @@ Overrides = Annotated[list[str] | None, typer.Argument(
     help="key=value overrides of the recipe, e.g. train.lr=0.001 model.hidden=128.",
     show_default=False)]
 Limit = Annotated[int | None, typer.Option(
-    help="Use only the first N samples of each split: a quick check that a recipe runs.")]
+    min=1, help="Use only the first N samples of each split: a quick check that a recipe runs.")]
 
 
 @contextlib.contextmanager
@@ -62,6 +62,9 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
         name, parsed = load_recipe(recipe, overrides or [])
         if resume and run_dir is None:
             raise AdaptnetError("--resume needs --run-dir, the run to continue.")
+        if run_dir is not None and run_dir.resolve() == Path.cwd().resolve():
+            raise RunDirError(f"--run-dir {str(run_dir)!r} is the current directory; give "
+                              "a directory of its own for the run, e.g. --run-dir runs/mine.")
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
                               limit=limit)
     _print_results(result.values)

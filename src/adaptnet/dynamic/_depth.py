@@ -24,9 +24,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from adaptnet.dynamic._guards import check_batched, refuse_tracing
 from adaptnet.dynamic._ledger import active_rows
 from adaptnet.dynamic._route import merge_rows
-from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError
 
 __all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
@@ -140,8 +140,9 @@ class ACTHalting(nn.Module):
         if not 0.0 < float(eps) < 1.0:
             raise DynamicError(f"ACTHalting: eps must lie in (0, 1), got {eps!r}; Graves uses "
                                "0.01.")
-        if float(time_penalty) < 0:
-            raise DynamicError(f"ACTHalting: time_penalty must be >= 0, got {time_penalty!r}.")
+        if not 0 <= float(time_penalty) < math.inf:
+            raise DynamicError(f"ACTHalting: time_penalty must be finite and >= 0, got "
+                               f"{time_penalty!r}.")
         self.head = head
         self.eps = float(eps)
         self.time_penalty = float(time_penalty)
@@ -188,8 +189,8 @@ class PonderNetHalting(nn.Module):
             if not 0.0 < float(value) < 1.0:
                 raise DynamicError(f"PonderNetHalting: {name} must lie in (0, 1), got "
                                    f"{value!r}.")
-        if float(beta) < 0:
-            raise DynamicError(f"PonderNetHalting: beta must be >= 0, got {beta!r}.")
+        if not 0 <= float(beta) < math.inf:
+            raise DynamicError(f"PonderNetHalting: beta must be finite and >= 0, got {beta!r}.")
         self.head = head
         self.lambda_p, self.beta, self.eps = float(lambda_p), float(beta), float(eps)
 
@@ -274,6 +275,7 @@ class AdaptiveDepth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> DepthResult:  # (B, ...) -> DepthResult
         refuse_tracing("AdaptiveDepth")
+        check_batched(x, "AdaptiveDepth")
         B = x.shape[0]
         ids = torch.arange(B, device=x.device)
         state = x

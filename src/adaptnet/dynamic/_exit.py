@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet.dynamic._guards import check_batched, refuse_tracing
 from adaptnet.dynamic._ledger import active_rows, count_macs
 from adaptnet.dynamic._route import merge_rows
-from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError
 
 __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
@@ -137,6 +137,7 @@ class EarlyExit(nn.Module):
             index = torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
             return ExitResult(exits[-1], index, tuple(exits), self.weights)
         refuse_tracing("EarlyExit in eval mode")
+        check_batched(x, "EarlyExit")
         B = x.shape[0]
         ids, h, parts = torch.arange(B, device=x.device), x, []
         for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
@@ -145,6 +146,11 @@ class EarlyExit(nn.Module):
             with active_rows(ids):
                 h = stage(h)
                 logits = head(h)
+            if logits.dim() != 2:
+                raise DynamicError(
+                    f"EarlyExit: head {i} returned logits of shape {list(logits.shape)}; each "
+                    "head must return (B, C) logits, one row per sample. Per-token (B, T, C) "
+                    "exits are not supported yet: pool over T in the head (e.g. mean(1)).")
             if i == last:
                 parts.append((ids, logits, i))
                 break

@@ -1,6 +1,8 @@
-"""Refusing ``torch.jit.trace``: a trace would freeze one batch's data-dependent paths."""
+"""Input guards every dynamic construct shares: no tracing, and a batch, not one example."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -19,3 +21,11 @@ def refuse_tracing(what: str) -> None:
             "trace records the paths the example batch took and would replay them for every "
             "input. Deploy the eager model or torch.compile it; docs/dynamic.md lists the "
             "deployment paths that work.")
+
+
+def check_batched(x: Any, what: str) -> None:
+    """Refuse a non-tensor or a single unbatched example (a 0-d or 1-D tensor)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DynamicError(f"{what}: expected a batch (B, features...), got {got}. For one "
+                           "example, add the batch dimension: x.unsqueeze(0).")

@@ -87,8 +87,9 @@ class MoE(nn.Module):
         if capacity_factor is not None and not float(capacity_factor) > 0:
             raise DynamicError(f"MoE: capacity_factor must be > 0 (or None for no limit), got "
                                f"{capacity_factor!r}; 1.25 is a common choice.")
-        if float(balance_weight) < 0:
-            raise DynamicError(f"MoE: balance_weight must be >= 0, got {balance_weight!r}.")
+        if not 0 <= float(balance_weight) < math.inf:
+            raise DynamicError(f"MoE: balance_weight must be finite and >= 0, got "
+                               f"{balance_weight!r}.")
         self.experts = nn.ModuleList(experts)
         self.router = router
         self.k = k
@@ -96,6 +97,9 @@ class MoE(nn.Module):
         self.balance_weight = float(balance_weight)
 
     def forward(self, x: torch.Tensor) -> MoEResult:  # (..., d_in) -> MoEResult
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            got = "a 0-d tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DynamicError(f"MoE: expected tokens of shape (..., d_in), got {got}.")
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (n, d_in)
         n, E, k = tokens.shape[0], len(self.experts), self.k
         logits = self.router(tokens)  # (n, E)

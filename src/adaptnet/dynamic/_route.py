@@ -18,8 +18,8 @@ import torch
 import torch.utils._pytree as pytree  # what torch.func and torch.export use
 from torch import nn
 
+from adaptnet.dynamic._guards import refuse_tracing
 from adaptnet.dynamic._ledger import active_rows
-from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import RoutingError
 
 __all__ = ["branch", "switch"]
@@ -65,6 +65,10 @@ def branch(pred: torch.Tensor, then_fn: Callable, else_fn: Callable, *inputs: An
             f"branch(): pred must be a bool tensor of shape (B,), got {got}; compare to "
             "make one (e.g. x.sum(1) > 0), or use switch() for integer paths."
         )
+    if not (callable(then_fn) and callable(else_fn)):
+        raise RoutingError(f"branch(): then_fn and else_fn must be callables (functions or "
+                           f"modules), got {type(then_fn).__name__} and "
+                           f"{type(else_fn).__name__}.")
     return _route(pred, (else_fn, then_fn), inputs, ("else_fn", "then_fn"), "branch", "pred")
 
 
@@ -135,12 +139,12 @@ def _route(index: torch.Tensor, fns: Sequence[Callable], inputs: tuple, names: t
             "(weights, biases) in the path functions instead of passing them."
         )
     n = len(fns)
+    key = index.long()  # also for uint16/32/64, which have no min/max kernels
     if B and caller == "switch":
-        lo, hi = int(index.min()), int(index.max())
+        lo, hi = int(key.min()), int(key.max())
         if lo < 0 or hi >= n:
             raise RoutingError(f"switch(): index values must lie in [0, {n}) for {n} fns, got "
                                f"values from {lo} to {hi}.")
-    key = index.long()
     parts, taken, outs = [], [], []
     for k in range(n):
         idx = (key == k).nonzero().squeeze(1)  # (B_k,), ascending

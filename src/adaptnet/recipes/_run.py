@@ -148,6 +148,9 @@ def pretrain(spec: TransferSpec, runs: Path, limit: int | None) -> Path:
     if Path(spec.backbone).is_dir():
         return Path(spec.backbone)
     name, recipe = load_recipe(spec.backbone)
+    if recipe.transfer is not None:
+        raise RecipeError(f"transfer.backbone {name!r} is itself a transfer recipe; train it "
+                          "and give its run directory instead.")
     key = hashlib.sha256(json.dumps([recipe.to_dict(), limit], sort_keys=True).encode())
     run = runs / "backbones" / f"{name}-{key.hexdigest()[:10]}"
     if not (run / "model.safetensors").is_file():
@@ -357,10 +360,20 @@ def read_run_config(run: Path) -> tuple[str, int | None, Recipe]:
             f"holds {sorted(p.name for p in run.iterdir())[:6] or 'nothing'}"
         raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml "
                           f"({run} {what}). Give a directory made by `adaptnet train`.")
-    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    try:
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise RunDirError(f"{config} cannot be read ({type(e).__name__}); the run directory "
+                          "is damaged. Restore config.yaml from a backup.") from None
     if not isinstance(raw, dict):
-        raise RunDirError(f"{run / 'config.yaml'} is not a run configuration.")
-    return raw.pop("recipe", run.name), raw.pop("limit", None), validate_recipe(raw)
+        raise RunDirError(f"{config} is not a run configuration (a mapping); the run "
+                          "directory is damaged.")
+    name, limit = raw.pop("recipe", run.name), raw.pop("limit", None)
+    try:
+        recipe = validate_recipe(raw)
+    except RecipeError as e:
+        raise RunDirError(f"{config} does not hold a valid recipe: {e}") from None
+    return str(name), limit if isinstance(limit, int) and limit > 0 else None, recipe
 
 
 def load_run(run_dir: str | Path) -> tuple[DataSplits, nn.Module, Recipe]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from adaptnet._io import shown
 from adaptnet.data import DATASETS, TRANSFORMS
 from adaptnet.errors import InitError, RecipeError
 from adaptnet.init import parse_scheme
@@ -62,7 +64,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     data: Named
     model: Named
     init: dict[str, Any] = Field(default_factory=dict)
@@ -77,19 +79,68 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json")
 
 
+MAX_VALUES = 10_000  # a recipe is small: more values, after YAML aliases, is an attack or a mistake
+MAX_DEPTH = 20
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The raw mapping in a YAML recipe file (validated later, with the overrides applied)."""
+    """The raw mapping in a YAML recipe file (validated later, with the overrides applied).
+
+    Raises:
+        RecipeError: unreadable, not UTF-8, not YAML, not a mapping, nested
+            deeper than ``MAX_DEPTH`` or holding more than ``MAX_VALUES`` values
+            once YAML aliases are expanded.
+    """
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"cannot read recipe {p}: {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {p} is not UTF-8 text (byte {e.start}); save it as "
+                          "UTF-8.") from None
+    raw = _yaml(text, f"recipe {p}")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {p} must be a mapping (data:, model:, train: ...), got "
                           f"{type(raw).__name__}.")
     return raw
+
+
+def _yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` whose every failure is a RecipeError, and bounded in size and depth."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{what} is not valid YAML: {short(str(e), 300)}") from None
+    except (ValueError, RecursionError) as e:  # int digits over Python's limit; deep nesting
+        raise RecipeError(f"{what} cannot be read: {type(e).__name__}: "
+                          f"{short(str(e), 200)}.") from None
+    _check_size(value, what)
+    return value
+
+
+def _check_size(value: Any, what: str) -> None:
+    """Refuse alias bombs and deep nesting without expanding them (shared nodes counted once
+    per reference, iteratively)."""
+    counted = 0
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        counted += 1
+        if counted > MAX_VALUES:
+            raise RecipeError(f"{what} holds more than {MAX_VALUES:,} values (YAML aliases "
+                              "expanded); a recipe is a few dozen settings.")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{what} is nested more than {MAX_DEPTH} levels deep.")
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: messages never echo large input whole."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -105,9 +156,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise RecipeError(f"override {item!r} must look like key=value with a dotted key, "
                               "e.g. train.lr=0.001 or model.hidden=128.")
         try:
-            out[key] = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            out[key] = value
+            out[key] = _yaml(value, f"override {short(item)!r}") if value else ""
+        except RecipeError as e:
+            if "not valid YAML" not in str(e):
+                raise
+            out[key] = value  # not YAML: a plain string
     return out
 
 
@@ -129,11 +182,18 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
     """Check a raw recipe; every problem is listed with its path in one ``RecipeError``."""
     problems: list[str] = []
+    raw = dict(raw)
     try:
-        recipe = Recipe.model_validate(dict(raw))
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         problems += [_line(err) for err in e.errors()]
-        _raise(problems)
+        # Drop the top-level keys at fault and check the rest, so that every problem is
+        # reported in one pass (an unknown key does not hide a bad model argument).
+        bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+        try:
+            recipe = Recipe.model_validate({k: v for k, v in raw.items() if k not in bad})
+        except ValidationError:
+            _raise(problems)
     data_args, model_args = recipe.args("data"), recipe.args("model")
     transform = data_args.pop("transform", None)
     if transform is not None and transform not in TRANSFORMS:
@@ -154,8 +214,9 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
         if key in recipe.train:
             problems.append(f"train.{key}: set by the command line (--run-dir, --resume), not "
                             "the recipe.")
-    try:
-        TrainConfig(**{k: v for k, v in recipe.train.items() if k not in RUN_ONLY})
+    try:  # the command line gives run_dir (checkpoint_every needs one)
+        TrainConfig(**{k: v for k, v in recipe.train.items() if k not in RUN_ONLY},
+                    run_dir=Path("run"))
     except ValidationError as e:
         problems += ["train." + _line(err, TrainConfig.model_fields) for err in e.errors()]
     for selector, scheme in recipe.init.items():
@@ -193,13 +254,16 @@ def _check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
         if key not in params:
             problems.append(f"{section}.{key}: unknown argument{_close(key, params)}; "
                             f"{fn.__name__} accepts {', '.join(params)}.")
-    for key, value in args.items():  # sizes: an int argument whose default is positive
+    for key, value in args.items():
         p = params.get(key)
-        if p is not None and hints.get(key) is int and isinstance(p.default, int) and \
-                p.default >= 1 and isinstance(value, int) and not isinstance(value, bool) and \
-                value < 1:
-            problems.append(f"{section}.{key}: must be a positive int (a size or count), got "
-                            f"{value}; the default is {p.default}.")
+        if p is None or isinstance(value, bool):
+            continue
+        if hints.get(key) is int and isinstance(p.default, int) and p.default >= 1 and \
+                isinstance(value, int) and not 1 <= value <= 2**31:  # a size or count
+            problems.append(f"{section}.{key}: must be a positive int (a size or count) up "
+                            f"to 2**31, got {shown(value)}; the default is {p.default}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{section}.{key}: must be a finite number, got {value}.")
     fields = {k: (hints.get(k, Any), p.default if p.default is not p.empty else ...)
               for k, p in params.items() if k in args}
     try:
@@ -218,7 +282,7 @@ def _line(err: Any, fields: Any = Recipe.model_fields) -> str:
     elif err["type"] == "missing":
         msg = "required"
     elif "input" in err and err["type"] != "value_error":
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {shown(err['input'])})"
     return f"{where}: {msg}"
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from adaptnet.errors import SelectionError
+from adaptnet.errors import ConfigError, SelectionError
 from adaptnet.sharing._slots import check_patterns, group_by_tensor, iter_slots, matches
 
 __all__ = ["param_groups"]
@@ -58,6 +59,7 @@ def param_groups(
 
     Raises:
         SelectionError: a pattern in ``rules`` or ``no_decay`` matches no parameter.
+        ConfigError: ``weight_decay`` negative or not finite.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -67,6 +69,10 @@ def param_groups(
         [(['0.weight'], 0.1), (['0.bias', '1.weight', '1.bias'], 0.0)]
         >>> opt = torch.optim.AdamW(groups, lr=1e-3)
     """
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or \
+            not 0 <= weight_decay < math.inf:
+        raise ConfigError(f"param_groups(): weight_decay must be a finite number >= 0, got "
+                          f"{weight_decay!r}.")
     slots = list(iter_slots(model))
     names = [s.name for s in slots]
     rules = dict(rules or {})

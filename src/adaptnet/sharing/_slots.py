@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from adaptnet.errors import SelectionError
+from adaptnet.errors import ModelError, SelectionError
 from adaptnet.sharing._registry import Transposed, compose
 
 
@@ -56,7 +56,13 @@ def ours(module: nn.Module, attr: str) -> bool:
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Every (path, module), shared modules once per path; hides parametrization internals."""
+    """Every (path, module), shared modules once per path; hides parametrization internals.
+
+    Raises:
+        ModelError: ``model`` is not an ``nn.Module``.
+    """
+    if not prefix and not isinstance(model, nn.Module):
+        raise ModelError(f"expected the model, an nn.Module, got {type(model).__name__}.")
     yield prefix, model
     for name, child in model._modules.items():
         if child is None:

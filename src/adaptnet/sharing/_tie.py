@@ -70,6 +70,10 @@ def tie(model: nn.Module, member: str, owner: str, transform: str | None = None)
         >>> lm["head"].weight is lm["embed"].weight
         True
     """
+    for what, path in (("member", member), ("owner", owner)):
+        if not isinstance(path, str):
+            raise TieError(f"tie(): {what} must be a dotted parameter path (str), got "
+                           f"{type(path).__name__}.")
     try:
         transform = normalize_transform(transform)
     except ValueError as e:

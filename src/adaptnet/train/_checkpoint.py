@@ -120,6 +120,9 @@ def load_latest(run_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any]] 
 def _verified_state(path: Path) -> dict[str, Any]:
     """``state.pt`` of checkpoint ``path`` once its checksums and recorded steps agree."""
     step = _step(path)
+    absent = [name for name in FILES if not (path / name).is_file()]
+    if absent:
+        raise CheckpointCorruptError(f"incomplete: no {', '.join(absent)}")
     manifest = path / MANIFEST
     if manifest.is_file():
         try:

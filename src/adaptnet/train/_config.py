@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adaptnet._io import shown
 from adaptnet.errors import ConfigError
 
 __all__ = ["LOSSES", "OPTIMIZERS", "TrainConfig", "config_from"]
@@ -17,6 +19,7 @@ __all__ = ["LOSSES", "OPTIMIZERS", "TrainConfig", "config_from"]
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LOSSES = ("mse", "cross_entropy", "bce_with_logits")
 METRICS = ("loss", "accuracy", "perplexity", "steps", "macs", "exits")
+_BIG = 2**31  # counts beyond this overflow torch's index arithmetic
 
 
 def _schedulers() -> list[str]:
@@ -31,7 +34,8 @@ def _one_of(value: Any, choices: list[str] | tuple[str, ...], what: str) -> Any:
     if value not in choices:
         close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}.{hint}")
+        raise ValueError(f"unknown {what} {shown(value)}; expected one of "
+                         f"{', '.join(choices)}.{hint}")
     return value
 
 
@@ -64,22 +68,22 @@ class TrainConfig(BaseModel):
     clip_grad_norm: float | None = Field(None, gt=0)
     scheduler: str | None = None
     scheduler_args: dict[str, Any] = Field(default_factory=dict)
-    warmup_steps: int = Field(0, ge=0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
+    warmup_steps: int = Field(0, ge=0, le=_BIG)
+    epochs: int = Field(1, ge=1, le=_BIG)
+    batch_size: int = Field(32, ge=1, le=_BIG)
     drop_last: bool = False
     loss: str = "mse"
     metrics: tuple[str, ...] | None = None
-    early_stopping: int | None = Field(None, ge=1)
+    early_stopping: int | None = Field(None, ge=1, le=_BIG)
     nonfinite: Literal["stop", "skip"] = "stop"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     deterministic: bool = True
     device: str = "cpu"
     run_dir: Path | None = None
-    checkpoint_every: int | None = Field(None, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, le=_BIG)
+    keep_checkpoints: int = Field(2, ge=1, le=_BIG)
     resume: bool = False
-    print_every: int | None = Field(None, ge=1)
+    print_every: int | None = Field(None, ge=1, le=_BIG)
     progress: bool | None = None
 
     @field_validator("optimizer")
@@ -90,8 +94,16 @@ class TrainConfig(BaseModel):
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"the learning rate must be positive, got {v}; e.g. lr=0.01.")
+        if not 0 < v < math.inf:
+            raise ValueError(f"the learning rate must be positive and finite, got {v}; e.g. "
+                             "lr=0.01.")
+        return v
+
+    @field_validator("momentum", "alpha", "eps", "weight_decay", "l1", "clip_grad_norm")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}.")
         return v
 
     @field_validator("lr_scale")
@@ -124,9 +136,19 @@ class TrainConfig(BaseModel):
     @classmethod
     def _device(cls, v: str) -> str:
         try:
-            torch.device(v)
+            device = torch.device(v)
         except RuntimeError:
             raise ValueError(f"unknown device {v!r}; e.g. 'cpu' or 'cuda'.") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (
+                device.index is not None and device.index >= torch.cuda.device_count())):
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"device {v!r} is not available here ({have} CUDA device(s)); "
+                             "use device='cpu'.")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {v!r} is not available here (no Apple MPS); use "
+                             "device='cpu'.")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {v!r}: fit() trains on 'cpu', 'cuda' or 'mps'.")
         return v
 
     @model_validator(mode="after")
@@ -177,6 +199,6 @@ def config_from(config: TrainConfig | Mapping[str, Any] | None, overrides: Mappi
                 close = difflib.get_close_matches(where, list(TrainConfig.model_fields), n=1)
                 msg = "unknown option" + (f"; did you mean {close[0]!r}?" if close else ".")
             elif "input" in err and err["type"] not in ("value_error",):
-                msg += f" (got {err['input']!r})"
+                msg += f" (got {shown(err['input'])})"
             lines.append(f"  {where}: {msg}")
         raise ConfigError("bad training configuration:\n" + "\n".join(lines)) from None

@@ -7,6 +7,7 @@ The progress bar shows only on an interactive terminal and never under
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,16 @@ from rich.progress import (
 __all__ = ["RunLog"]
 
 
+def _step_of(line: str) -> float:
+    """A logged row's step; a torn or damaged line (a kill mid-write) counts as never logged."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = row.get("step", 0) if isinstance(row, dict) else math.inf
+    return step if isinstance(step, int | float) else math.inf
+
+
 class RunLog:
     """Progress, JSONL and TensorBoard for one run (a no-op where ``active`` is False)."""
 
@@ -38,8 +49,8 @@ class RunLog:
             run_dir.mkdir(parents=True, exist_ok=True)
             path = run_dir / "metrics.jsonl"
             if resumed_step is not None and path.exists():  # drop what the killed run logged
-                kept = [line for line in path.read_text().splitlines()
-                        if line and json.loads(line).get("step", 0) <= resumed_step]
+                kept = [line for line in path.read_text(errors="replace").splitlines()
+                        if _step_of(line) <= resumed_step]
                 path.write_text("".join(line + "\n" for line in kept))
             elif resumed_step is None and path.exists():
                 path.unlink()

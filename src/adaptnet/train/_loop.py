@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from adaptnet._io import locked_dir
+from adaptnet._io import locked_dir, shown
 from adaptnet.dynamic import count_macs
 from adaptnet.errors import ConfigError, NonFiniteError
 from adaptnet.sharing import param_groups
 from adaptnet.train._checkpoint import load_latest, write_checkpoint
-from adaptnet.train._config import TrainConfig, config_from
+from adaptnet.train._config import METRICS, TrainConfig, config_from
 from adaptnet.train._log import RunLog
 from adaptnet.train._optim import build_optimizer, build_scheduler
 
@@ -115,6 +115,8 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
         >>> result.history[-1]["train/loss"] < result.history[0]["train/loss"]
         True
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"fit(): model must be an nn.Module, got {type(model).__name__}.")
     return _Trainer(model, config_from(config, options), loss_fn, epoch_start).run(train, val)
 
 
@@ -127,8 +129,20 @@ def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
     multiply-adds executed per sample, from :func:`adaptnet.count_macs`),
     ``exits`` (fraction of samples leaving at each exit of an ``ExitResult``).
     """
+    if not callable(loss) and loss not in _LOSSES:
+        raise ConfigError(f"evaluate(): unknown loss {shown(loss)}; expected one of "
+                          f"{', '.join(_LOSSES)}, or a (prediction, target) -> scalar function.")
+    unknown = [m for m in metrics if m not in METRICS] if isinstance(metrics, tuple | list) \
+        else [metrics]
+    if unknown:
+        raise ConfigError(f"evaluate(): unknown metric(s) {', '.join(map(shown, unknown))}; "
+                          f"metrics is a tuple of {', '.join(METRICS)}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"evaluate(): batch_size must be a positive int, got "
+                          f"{shown(batch_size)}.")
     fn = loss if callable(loss) else _LOSSES[loss]
-    return _evaluate(model, _Data(data, "data"), fn, metrics, batch_size, torch.device("cpu"))
+    return _evaluate(model, _Data(data, "data"), fn, tuple(metrics), batch_size,
+                     torch.device("cpu"))
 
 
 class _Data:
@@ -206,11 +220,27 @@ def _expected_loss(out: Any, y: torch.Tensor, fn: LossFn) -> torch.Tensor:
     return out.expected_loss(per.view(B, N))
 
 
+def _loss(fn: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``fn(pred, y)``; a prediction and targets that do not fit is a ConfigError."""
+    try:
+        return fn(pred, y)
+    except (IndexError, ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"fit(): the loss cannot compare the model's output {tuple(pred.shape)} "
+            f"{str(pred.dtype).removeprefix('torch.')} with the targets {tuple(y.shape)} "
+            f"{str(y.dtype).removeprefix('torch.')} ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}). Check that the model's outputs "
+            "match the data (e.g. num_classes covers every label) and the loss fits the "
+            "task.") from None
+
+
 def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Any]:
     """(task loss, auxiliary loss, prediction, the raw result) of one forward pass."""
     if isinstance(out, torch.Tensor):
-        return fn(out, y), None, out, out
+        return _loss(fn, out, y), None, out, out
     if training and getattr(out, "exit_logits", None):  # ExitResult: BranchyNet joint loss
         return out.joint_loss(y, fn), None, out.logits, out
     if training and getattr(out, "halting", None) is not None and \
@@ -223,7 +253,7 @@ def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
         raise ConfigError(f"fit(): the model returned {type(out).__name__}; it must return a "
                           "tensor, or a result with an `output` or `logits` tensor.")
     aux = getattr(out, "aux_loss", None)
-    return fn(pred, y), aux if isinstance(aux, torch.Tensor) else None, pred, out
+    return _loss(fn, pred, y), aux if isinstance(aux, torch.Tensor) else None, pred, out
 
 
 class _Trainer:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from adaptnet._io import shown
 from adaptnet.errors import ConfigError
 from adaptnet.sharing import param_groups
 from adaptnet.train._config import TrainConfig
@@ -38,10 +41,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig
     main = None
     if cfg.scheduler is not None:
         try:
+            _probe(getattr(sched, cfg.scheduler), optimizer, cfg.scheduler_args)
             main = getattr(sched, cfg.scheduler)(optimizer, **cfg.scheduler_args)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError, IndexError, KeyError) as e:
             raise ConfigError(f"bad training configuration:\n  scheduler_args: "
-                              f"{cfg.scheduler}({cfg.scheduler_args}) failed: {e}") from None
+                              f"{cfg.scheduler}({shown(cfg.scheduler_args)}) failed: "
+                              f"{type(e).__name__}: {shown(str(e), 200)}") from None
     if not cfg.warmup_steps:
         return main
     warmup = sched.LinearLR(optimizer, start_factor=1 / (cfg.warmup_steps + 1), end_factor=1.0,
@@ -49,3 +54,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig
     if main is None:
         return warmup
     return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
+
+
+def _probe(cls: type, optimizer: torch.optim.Optimizer, args: dict) -> None:
+    """Build the schedule on a stand-in optimizer and step it a few times.
+
+    Some arguments fail only when the schedule steps (``CosineAnnealingLR``
+    with ``T_max=0`` divides by zero), which would be mid-training.
+    """
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+              for g in optimizer.param_groups]
+    stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], **g}
+                                for g in groups], lr=groups[0]["lr"])
+    schedule = cls(stand_in, **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        for _ in range(3):
+            stand_in.step()
+            schedule.step()

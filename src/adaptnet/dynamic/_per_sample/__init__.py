@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import torch
 import torch.utils._pytree as pytree
 
+from adaptnet.dynamic._guards import refuse_tracing
 from adaptnet.dynamic._per_sample._batched import INSIDE
 from adaptnet.dynamic._per_sample._lower import lower
 from adaptnet.dynamic._per_sample._run import execute
-from adaptnet.dynamic._trace import refuse_tracing
 from adaptnet.errors import DynamicError, PerSampleError
 
 __all__ = ["per_sample"]
