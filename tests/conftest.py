@@ -62,3 +62,15 @@ def tied_ae() -> AE:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def mlp():
+    """The seeded 10 -> 50 -> 1 MLP the training tests use."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+
+
+def regression_xy(n: int = 100):
+    """``(inputs (n, 10), targets (n, 1))``, seeded."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 10, generator=g), torch.randn(n, 1, generator=g)

@@ -13,24 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 import adaptnet
 from adaptnet import ResumeError, RunLockedError
 from adaptnet.cli import app
+from conftest import mlp
+from conftest import regression_xy as data
 
 runner = CliRunner()
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
-
-
-def data(n: int = 100):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 10, generator=g), torch.randn(n, 1, generator=g)
 
 
 def snapshot(run: Path) -> dict[str, bytes]:

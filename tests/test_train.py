@@ -19,20 +19,11 @@ from torch import nn
 
 import adaptnet
 from adaptnet import ConfigError, NonFiniteError
-from conftest import tied_lm
+from conftest import mlp, tied_lm
+from conftest import regression_xy as data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "train_script.py"
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
-
-
-def data(n: int = 100):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 10, generator=g), torch.randn(n, 1, generator=g)
 
 
 def test_textbook_example_runs_with_every_optimizer():
