@@ -132,8 +132,10 @@ def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
     if not callable(loss) and loss not in _LOSSES:
         raise ConfigError(f"evaluate(): unknown loss {shown(loss)}; expected one of "
                           f"{', '.join(_LOSSES)}, or a (prediction, target) -> scalar function.")
-    unknown = [m for m in metrics if m not in METRICS] if isinstance(metrics, tuple | list) \
-        else [metrics]
+    if not isinstance(metrics, tuple | list):
+        raise ConfigError(f"evaluate(): metrics must be a tuple of names, e.g. ('loss', "
+                          f"'accuracy'), got {shown(metrics)}.")
+    unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"evaluate(): unknown metric(s) {', '.join(map(shown, unknown))}; "
                           f"metrics is a tuple of {', '.join(METRICS)}.")
@@ -340,7 +342,9 @@ class _Trainer:
         A step whose loss or gradient is not finite puts them back, so that
         ``nonfinite="skip"`` and ``"stop"`` leave no NaN in running statistics.
         """
-        self.buffers = [b for b in self.model.buffers() if b.numel()]
+        unique = {id(b): b for m in self.model.modules() for name, b in m._buffers.items()
+                  if b is not None and b.numel() and name not in m._non_persistent_buffers_set}
+        self.buffers = list(unique.values())  # persistent ones: masks and caches are not state
         self.saved = [torch.empty_like(b) for b in self.buffers]
 
     def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
