@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from adaptnet import sharing
-from adaptnet._io import atomic_path, locked_dir
+from adaptnet._io import atomic_path, locked_dir, shown
 from adaptnet.data import DataSplits, load
 from adaptnet.errors import AdaptnetError, RecipeError, ResumeError, RunDirError
 from adaptnet.init import initialize
@@ -270,10 +270,10 @@ def _check_same_run(run_dir: Path, config: dict[str, Any]) -> None:
     given = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # tuples -> lists, as stored
     diffs = _differences(stored, given)
     if diffs:
-        shown = "\n".join(f"  {d}" for d in diffs[:20])
+        listed = "\n".join(f"  {d}" for d in diffs[:20])
         more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
         raise ResumeError(f"cannot resume {run_dir}: the recipe given differs from the run's "
-                          f"config.yaml ({len(diffs)} difference(s), run -> given):\n{shown}"
+                          f"config.yaml ({len(diffs)} difference(s), run -> given):\n{listed}"
                           f"{more}\nNothing was changed. Resume with the run's own recipe and "
                           "overrides, or train the new recipe into another --run-dir.")
 
@@ -286,15 +286,11 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
                                       f"{path}.{k}" if path else str(k))]
     if a == b:
         return []
-    return [f"{path or 'config'}: {_short(a)} -> {_short(b)}"]
+    return [f"{path or 'config'}: {_ABSENT if a is _ABSENT else shown(a)} -> "
+            f"{_ABSENT if b is _ABSENT else shown(b)}"]
 
 
 _ABSENT = "(absent)"
-
-
-def _short(value: Any) -> str:
-    text = repr(value) if value is not _ABSENT else value
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, Any]:
