@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptnet.errors import DynamicError
+
 __all__ = ["MacCount", "active_rows", "count_macs"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -114,6 +116,10 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
         >>> macs.total
         600
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 0):
+        raise DynamicError(f"count_macs(): batch_size must be the number of input rows (an int "
+                           f">= 0) or None, got {batch_size!r}.")
     result = MacCount()
     counter = FlopCounterMode(display=False)
     pending: dict[int, tuple[int, set[str], int]] = {}

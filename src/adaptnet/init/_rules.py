@@ -92,6 +92,16 @@ def initialize(model: nn.Module, rules: Rules, *, seed: int | None = None) -> In
         >>> [r.scheme for r in report.rows][:2]
         ["kaiming_uniform(nonlinearity='relu')", 'zeros']
     """
+    if not isinstance(rules, Mapping | list | tuple) or (
+            not isinstance(rules, Mapping) and not all(
+                isinstance(r, list | tuple) and len(r) == 2 for r in rules)):
+        raise InitError(f"initialize(): rules must be {{selector: scheme}} or a list of "
+                        f"(selector, scheme) pairs, got {type(rules).__name__}; e.g. "
+                        "{'Linear.weight': 'kaiming_uniform', 'bias': 'zeros'}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**63):
+        raise InitError(f"initialize(): seed must be an int in [0, 2**63) or None, got "
+                        f"{seed!r}.")
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     schemes = [parse_scheme(spec, f"rule {sel!r}: ") for sel, spec in pairs]
     slots = list(iter_slots(model))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from adaptnet.errors import SelectionError
 from adaptnet.sharing._slots import (
+    as_names,
     check_patterns,
     group_by_tensor,
     iter_slots,
@@ -97,7 +99,7 @@ def _reused_modules_matched(model: nn.Module, slots: list, hit) -> list[str]:
 
 def _set(model: nn.Module, patterns: str | Sequence[str], value: bool, do_untie: bool,
          caller: str) -> FreezeReport:
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    patterns = as_names(patterns, caller, SelectionError)
     slots = list(iter_slots(model))
     check_patterns(patterns, [s.name for s in slots], caller)
 

@@ -64,6 +64,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         >>> fresh[0] is fresh[1]
         True
     """
+    if not isinstance(path, str | os.PathLike) or Path(path).is_dir():
+        what = "a directory" if isinstance(path, str | os.PathLike) else type(path).__name__
+        raise CheckpointError(f"save(): path must be a file path (e.g. 'model.safetensors'), "
+                              f"got {what}.")
     slots = list(iter_slots(model, buffers=True))
     meta = [s.name for s in slots if s.tensor.device.type == "meta"]
     if meta:
@@ -125,7 +129,15 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
     """
     if isinstance(path, Mapping):
         stored, aliases, modules = dict(path), {}, {}
+        bad = [str(k) for k, v in stored.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointCorruptError(f"load(): a state dict maps names (str) to tensors; "
+                                         f"{', '.join(bad[:5])} do not.")
         path = Path("<state dict>")
+    elif not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"load(): expected a file path or a state dict, got "
+                              f"{type(path).__name__}.")
     else:
         path = Path(path)
         if not path.is_file():

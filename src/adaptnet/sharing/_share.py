@@ -8,7 +8,7 @@ from torch import nn
 
 from adaptnet.errors import ShareError
 from adaptnet.sharing._registry import ensure_registry
-from adaptnet.sharing._slots import get_module, iter_slots, join, suggest, walk
+from adaptnet.sharing._slots import as_names, get_module, iter_slots, join, suggest, walk
 from adaptnet.sharing._tie import retie
 
 __all__ = ["share"]
@@ -102,7 +102,7 @@ def _layer_paths(model: nn.Module, modules: str | Sequence[str]) -> list[str]:
                                                                     "submodules"))
         container = known[modules]
         return [join(modules, n) for n, c in container._modules.items() if c is not None]
-    paths = list(modules)
+    paths = as_names(modules, "share()", ShareError)
     unknown = [p for p in paths if p not in known]
     if unknown:
         raise ShareError("share(): not submodules of " + type(model).__name__ + ": "

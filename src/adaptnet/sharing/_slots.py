@@ -155,6 +155,16 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_module(model, parent_path), name, module)
 
 
+def as_names(value: object, caller: str, error: type[Exception]) -> list[str]:
+    """``value`` (a name or a sequence of names) as a list of strings, or ``error``."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise error(f"{caller}: expected a name or a list of names (str), got "
+                f"{type(value).__name__}.")
+
+
 def matches(name: str, pattern: str) -> bool:
     """Glob match on a dotted path; a module path also matches everything under it."""
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")

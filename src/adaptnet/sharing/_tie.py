@@ -19,6 +19,7 @@ from adaptnet.sharing._registry import (
 )
 from adaptnet.sharing._slots import (
     Slot,
+    as_names,
     get_module,
     group_by_tensor,
     iter_slots,
@@ -131,7 +132,7 @@ def untie(model: nn.Module, names: str | Sequence[str]) -> list[str]:
         TieError: unknown name, or a parameter inside a shared module (untie
             the module instead).
     """
-    names = [names] if isinstance(names, str) else list(names)
+    names = as_names(names, "untie()", TieError)
     done = []
     for name in names:
         if _untie_one(model, name):

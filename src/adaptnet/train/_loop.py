@@ -117,6 +117,9 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"fit(): model must be an nn.Module, got {type(model).__name__}.")
+    for name, fn in (("loss_fn", loss_fn), ("epoch_start", epoch_start)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"fit(): {name} must be a function, got {type(fn).__name__}.")
     return _Trainer(model, config_from(config, options), loss_fn, epoch_start).run(train, val)
 
 

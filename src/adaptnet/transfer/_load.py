@@ -79,6 +79,9 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
         if weights is not None:
             load_weights(source, weights, cast=cast)
         return source.eval()
+    if not isinstance(source, str | os.PathLike):
+        raise ModelError(f"load_backbone(): source must be a module, a run directory or a "
+                         f"torchvision name, got {type(source).__name__}.")
     path = Path(source)
     if path.is_dir():
         if weights is not None:
