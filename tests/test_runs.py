@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 import adaptnet
@@ -198,3 +199,32 @@ def test_state_missing_keys_is_a_damaged_checkpoint_not_a_keyerror(tmp_path):
     (ckpt / MANIFEST).write_text(json.dumps(record))
     with pytest.raises(ResumeError, match=r"state\.pt lacks optimizer"):
         adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True)
+
+
+def test_a_manifest_whose_share_claim_fails_is_skipped_on_resume(tmp_path):
+    """A ShareError from a checkpoint's tie manifest is one more reason to fall back."""
+    import safetensors
+    import safetensors.torch
+
+    from adaptnet.train._checkpoint import MANIFEST, _sha256
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+
+    x, y = data()
+    adaptnet.fit(net(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step-000000008"
+    weights = ckpt / "model.safetensors"
+    with safetensors.safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        manifest = json.loads(f.metadata()["adaptnet"])
+    manifest["modules"] = {"1": "0"}  # ReLU "is" the Linear: share() refuses
+    safetensors.torch.save_file(tensors, weights, metadata={"adaptnet": json.dumps(manifest)})
+    record = json.loads((ckpt / MANIFEST).read_text())
+    record["sha256"]["model.safetensors"] = _sha256(weights)  # the checksum agrees
+    (ckpt / MANIFEST).write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match=r"step-000000008 cannot be used \(ShareError"):
+        result = adaptnet.fit(net(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
+                              resume=True)
+    assert result.resumed_from.name == "step-000000004"
