@@ -100,7 +100,11 @@ _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 
 _REPR.maxlong = 40
 
 
+def short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: messages never echo large input whole."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A ``repr`` of user input short enough for an error message (never the whole input)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return short(_REPR.repr(value), limit)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from adaptnet._io import shown
+from adaptnet._io import short, shown
 from adaptnet.data import DATASETS, TRANSFORMS
 from adaptnet.errors import InitError, RecipeError
 from adaptnet.init import parse_scheme
@@ -106,11 +106,19 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` whose every failure is a RecipeError, and bounded in size and depth."""
+_NOT_YAML = object()
+
+
+def _yaml(text: str, what: str, not_yaml: Any = _NOT_YAML) -> Any:
+    """``yaml.safe_load`` whose every failure is a RecipeError, and bounded in size and depth.
+
+    Text that is not YAML at all is ``not_yaml`` when given, else an error.
+    """
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
+        if not_yaml is not _NOT_YAML:
+            return not_yaml
         raise RecipeError(f"{what} is not valid YAML: {short(str(e), 300)}") from None
     except (ValueError, RecursionError) as e:  # int digits over Python's limit; deep nesting
         raise RecipeError(f"{what} cannot be read: {type(e).__name__}: "
@@ -138,11 +146,6 @@ def _check_size(value: Any, what: str) -> None:
             stack += [(v, depth + 1) for v in node]
 
 
-def short(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters: messages never echo large input whole."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["train.lr=0.001", "model.tied=false"]`` to ``{"train.lr": 0.001, "model.tied": False}``.
 
@@ -155,12 +158,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not eq or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} must look like key=value with a dotted key, "
                               "e.g. train.lr=0.001 or model.hidden=128.")
-        try:
-            out[key] = _yaml(value, f"override {short(item)!r}") if value else ""
-        except RecipeError as e:
-            if "not valid YAML" not in str(e):
-                raise
-            out[key] = value  # not YAML: a plain string
+        # A value that is not YAML stays a plain string.
+        out[key] = _yaml(value, f"override {short(item)!r}", not_yaml=value) if value else ""
     return out
 
 

@@ -140,8 +140,8 @@ def _verified_state(path: Path) -> dict[str, Any]:
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written by an older adaptnet); "
                       "its files cannot be verified.", RuntimeWarning, stacklevel=4)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
-        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
         raise CheckpointCorruptError(f"state.pt lacks {', '.join(missing)}")
     if state["step"] != step:
         raise CheckpointCorruptError(f"state.pt is from step {state['step']!r}, not {step}")

@@ -132,7 +132,7 @@ def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
     multiply-adds executed per sample, from :func:`adaptnet.count_macs`),
     ``exits`` (fraction of samples leaving at each exit of an ``ExitResult``).
     """
-    if not callable(loss) and loss not in _LOSSES:
+    if not callable(loss) and not (isinstance(loss, str) and loss in _LOSSES):
         raise ConfigError(f"evaluate(): unknown loss {shown(loss)}; expected one of "
                           f"{', '.join(_LOSSES)}, or a (prediction, target) -> scalar function.")
     if not isinstance(metrics, tuple | list):
