@@ -201,7 +201,7 @@ def test_eager_parity_under_torch_compile():
          "order must list 3 block indices"),
         (lambda: AdaptiveDepth([], ACTHalting(nn.Linear(D, 1)), 3), "blocks is empty"),
         (lambda: AdaptiveDepth(Block(), nn.Linear(D, 1), 3),
-         "halting must be ThresholdHalting, ACTHalting or PonderNetHalting, got Linear"),
+         "halting must be an nn.Module implementing HaltingPolicy .* got Linear"),
         (lambda: PonderNetHalting(nn.Linear(D, 1), lambda_p=0.0),
          r"lambda_p must lie in \(0, 1\), got 0.0"),
         (lambda: PonderNetHalting(nn.Linear(D, 1), eps=1.0), r"eps must lie in \(0, 1\)"),

@@ -9,9 +9,13 @@ maximum.
 
 How it works: the loop carries the active samples' ids, states and the
 halting policy's per-sample carry, all aligned row by row. After each step the
-policy marks which rows finish; their results are set aside and the rest are
-kept by indexing (which autograd follows). At the end the finished rows are
-merged back into the original order with one gather.
+policy decides which rows halt; every active row's result is written into the
+``(B, ...)`` outputs (the rows that go on are overwritten later) and the rest
+are kept by one ``nonzero`` and a gather, which autograd follows.
+
+Halting policies implement :class:`HaltingPolicy`; ``capacity=`` replaces
+their halting decision by a fixed share of rows going on (the least halted),
+which keeps every shape static (see ``adaptnet.dynamic._partition``).
 """
 
 from __future__ import annotations
@@ -19,32 +23,74 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from adaptnet.dynamic._guards import check_batched, refuse_tracing
-from adaptnet.dynamic._ledger import active_rows
-from adaptnet.dynamic._route import merge_rows
+from adaptnet.dynamic._ledger import charged
+from adaptnet.dynamic._partition import (
+    capacity_rows,
+    check_capacity,
+    fill_rows,
+    least,
+    take,
+    write_rows,
+)
+from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
-__all__ = ["ACTHalting", "AdaptiveDepth", "DepthResult", "PonderNetHalting", "ThresholdHalting"]
+__all__ = ["ACTHalting", "AdaptiveDepth", "Decision", "DepthResult", "HaltingPolicy",
+           "PonderNetHalting", "Step", "ThresholdHalting"]
+
+
+class Decision(NamedTuple):
+    """What a halting policy wants for the active rows after one step."""
+
+    done: torch.Tensor  # (b,) bool: halts now (always True on the last step)
+    halted: torch.Tensor  # (b,) how far each row is towards halting; capacity mode lets the
+    #                       rows with the lowest values go on
+    h: torch.Tensor  # (b,) the step's halting probability (or whatever settle() needs)
 
 
 class Step(NamedTuple):
-    """A halting policy's decision for the active rows after one step."""
+    """A halting policy's result for the active rows, once ``done`` is final."""
 
-    done: torch.Tensor  # (b,) bool: halts now
     weight: torch.Tensor | None  # (b,) weight of this state in the output; None: output = state
     carry: dict[str, torch.Tensor]  # per-row policy state, row-aligned
     cost: torch.Tensor  # (b,) contribution to the ponder cost
-    prob: torch.Tensor | None = None  # (b,) halting probability of this step (PonderNet)
+    prob: torch.Tensor | None = None  # (b,) halting probability of this step (per_step policies)
 
 
+@runtime_checkable
+class HaltingPolicy(Protocol):
+    """What :class:`AdaptiveDepth` asks of a halting policy (ThresholdHalting, ACT, PonderNet).
+
+    ``decide`` says which rows want to halt after a step; ``settle`` gives
+    their weights, carry and cost once ``done`` is final (capacity mode may
+    overrule ``decide``). ``per_step`` policies keep every step's halting
+    probability and state in the result (PonderNet's expected loss) and pick
+    the output from them.
+    """
+
+    per_step: bool
+
+    def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def decide(self, state: torch.Tensor, carry: dict[str, torch.Tensor],
+               last: torch.Tensor) -> Decision: ...
+
+    def settle(self, decision: Decision, carry: dict[str, torch.Tensor],
+               done: torch.Tensor) -> Step: ...
+
+    def aux_loss(self, ponder: torch.Tensor, halting: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@export_as_pytree
 @dataclass(frozen=True)
 class DepthResult:
-    """What :class:`AdaptiveDepth` returns.
+    """What :class:`AdaptiveDepth` returns (a :class:`~adaptnet.DynamicResult`).
 
     Attributes:
         output: ``(B, ...)`` the final state (threshold) or the halting-weighted
@@ -89,6 +135,31 @@ class DepthResult:
         mask = self.halting > 0  # keep 0 * NaN from unexecuted steps out of the sum
         return torch.where(mask, self.halting * per_step_loss, 0.0).sum(1).mean()
 
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.output
+
+    def task_loss(self, target: torch.Tensor, loss_fn: LossFn,
+                  per_sample: LossFn | None = None) -> torch.Tensor:
+        """``loss_fn(output, target)``; PonderNet: the expected loss over steps.
+
+        The expected loss needs ``per_sample``, a loss giving one value per row.
+
+        Raises:
+            DynamicError: a PonderNet result and no ``per_sample`` loss.
+        """
+        if self.halting is None or self.step_states is None:
+            return loss_fn(self.output, target)
+        if per_sample is None:
+            raise DynamicError("a PonderNet result needs a per-sample loss for its expected "
+                               "loss over steps; a loss_fn returns one number per batch.")
+        B, N = self.step_states.shape[:2]
+        per = per_sample(self.step_states.flatten(0, 1), target.repeat_interleave(N, 0))
+        return self.expected_loss(per.view(B, N))
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"steps": self.steps}
+
 
 class ThresholdHalting(nn.Module):
     """Halt a sample after the first step whose confidence reaches ``threshold``.
@@ -113,11 +184,18 @@ class ThresholdHalting(nn.Module):
     def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
-    def step(self, state, carry, last):
-        done = (_halting_prob(self.head, state) >= self.threshold) | last
+    per_step = False
+
+    def decide(self, state, carry, last) -> Decision:
+        h = _halting_prob(self.head, state)
+        return Decision((h >= self.threshold) | last, h, h)
+
+    def settle(self, decision, carry, done) -> Step:
         # weight None: the output is the last executed state itself (no 0 * state arithmetic)
-        return Step(done, None, carry, torch.ones(done.shape, dtype=state.dtype,
-                                                  device=state.device))
+        return Step(None, carry, torch.ones_like(decision.h))
+
+    def aux_loss(self, ponder, halting) -> torch.Tensor:
+        return ponder.new_zeros(())
 
 
 class ACTHalting(nn.Module):
@@ -150,14 +228,27 @@ class ACTHalting(nn.Module):
     def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"cum": like.new_zeros(b)}
 
-    def step(self, state, carry, last):
+    per_step = False
+
+    def decide(self, state, carry, last) -> Decision:
         h = _halting_prob(self.head, state)
-        cum = carry["cum"]
-        done = (cum + h >= 1.0 - self.eps) | last
+        reached = carry["cum"] + h
+        return Decision((reached >= 1.0 - self.eps) | last, reached, h)
+
+    def settle(self, decision, carry, done) -> Step:
+        cum, h = carry["cum"], decision.h
         remainder = 1.0 - cum
-        weight = torch.where(done, remainder, h)
+        # A row that goes on adds h; capped at the remainder, so that capacity mode (which
+        # may keep a row that wanted to halt) never weighs states by more than 1 in all.
+        # In exact mode a row goes on only while cum + h < 1 - eps, so the cap never binds.
+        weight = torch.where(done, remainder, torch.minimum(h, remainder))
         cost = torch.where(done, 1.0 + remainder, torch.ones_like(h))  # sums to N + R
-        return Step(done, weight, {"cum": cum + h}, cost)
+        return Step(weight, {"cum": cum + weight}, cost)
+
+    def aux_loss(self, ponder, halting) -> torch.Tensor:
+        if not self.time_penalty or ponder.numel() == 0:
+            return ponder.new_zeros(())
+        return self.time_penalty * ponder.mean()
 
 
 class PonderNetHalting(nn.Module):
@@ -197,19 +288,36 @@ class PonderNetHalting(nn.Module):
     def start(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"unhalted": like.new_ones(b)}
 
-    def step(self, state, carry, last):
+    per_step = True
+
+    def decide(self, state, carry, last) -> Decision:
         lam = torch.where(last, torch.ones_like(last, dtype=state.dtype),
                           _halting_prob(self.head, state))
-        unhalted = carry["unhalted"]
+        left = carry["unhalted"] * (1.0 - lam)
+        # training: run until the unhalted mass is at most eps; evaluation: the median
+        done = (left <= (self.eps if self.training else 0.5)) | last
+        return Decision(done, -left, lam)
+
+    def settle(self, decision, carry, done) -> Step:
+        unhalted, lam = carry["unhalted"], decision.h
         p = unhalted * lam
-        left = unhalted * (1.0 - lam)
         if self.training:
-            done = (left <= self.eps) | last
             p = torch.where(done, unhalted, p)  # the remaining mass goes to the last step
-        else:
-            done = (left <= 0.5) | last  # the median of the halting distribution
-        cost = torch.ones(done.shape, dtype=state.dtype, device=state.device)
-        return Step(done, None, {"unhalted": left}, cost, p)
+        return Step(None, {"unhalted": unhalted * (1.0 - lam)}, torch.ones_like(lam), p)
+
+    def aux_loss(self, ponder, halting) -> torch.Tensor:
+        return self.beta * self.kl_to_prior(halting) if halting.shape[0] else \
+            halting.new_zeros(())
+
+    def output(self, output: torch.Tensor, halting: torch.Tensor, states: torch.Tensor
+               ) -> torch.Tensor:
+        """Training: the state at a halting step sampled from ``halting``; else ``output``."""
+        if not self.training:
+            return output
+        # A NaN row (a non-finite sample) would make multinomial raise; sampled
+        # uniformly instead, its NaN output reaches the loss and the trainer's guard.
+        sampled = torch.multinomial(halting.detach().nan_to_num(1.0), 1).squeeze(1)
+        return states[torch.arange(states.shape[0], device=states.device), sampled]
 
     def kl_to_prior(self, halting: torch.Tensor) -> torch.Tensor:
         """``mean_b KL(halting[b] || truncated Geometric(lambda_p))``."""
@@ -227,18 +335,28 @@ class AdaptiveDepth(nn.Module):
     Args:
         blocks: one block (shared by every step) or a sequence of blocks, each
             mapping a ``(b, ...)`` state to a state of the same shape.
-        halting: :class:`ThresholdHalting`, :class:`ACTHalting` or
-            :class:`PonderNetHalting`.
+        halting: :class:`ThresholdHalting`, :class:`ACTHalting`,
+            :class:`PonderNetHalting`, or any :class:`HaltingPolicy`.
         max_steps: the bound on every sample's loop.
         order: block index for each step, ``len(order) == max_steps``; default
             cycles through the blocks (``t % len(blocks)``).
+        capacity: ``None`` for exact mode (each sample halts when its policy
+            says). A fraction in (0, 1] selects *capacity mode*: of the ``b``
+            rows active after a step, exactly ``ceil(capacity * b)`` go on, the
+            least halted by the policy's ``Decision.halted`` (threshold: lowest
+            halting probability; ACT: lowest cumulative halting; PonderNet:
+            most unhalted mass; among equal values, topk's choice), and the others
+            halt, whatever they wanted. Shapes depend only on ``B``, so the
+            forward compiles with ``fullgraph=True`` and exports.
 
     Returns (from ``forward(x)``):
         A :class:`DepthResult`.
 
     Raises:
-        DynamicError: ``max_steps < 1``, a bad ``order``, a block that changes
-            the state's shape, or a halting head of the wrong output shape.
+        DynamicError: ``max_steps < 1``, a bad ``order``, a halting policy
+            without the :class:`HaltingPolicy` methods, a capacity outside
+            (0, 1], a block that changes the state's shape, or a halting head of
+            the wrong output shape.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -250,8 +368,8 @@ class AdaptiveDepth(nn.Module):
     """
 
     def __init__(self, blocks: nn.Module | Sequence[nn.Module],
-                 halting: ThresholdHalting | ACTHalting | PonderNetHalting, max_steps: int,
-                 order: Sequence[int] | None = None) -> None:
+                 halting: HaltingPolicy, max_steps: int, order: Sequence[int] | None = None,
+                 capacity: float | None = None) -> None:
         super().__init__()
         pool = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -265,82 +383,84 @@ class AdaptiveDepth(nn.Module):
                 f"AdaptiveDepth: order must list {max_steps} block indices (one per step) in "
                 f"[0, {len(pool)}), got {order!r}."
             )
-        if not isinstance(halting, ThresholdHalting | ACTHalting | PonderNetHalting):
-            raise DynamicError(f"AdaptiveDepth: halting must be ThresholdHalting, ACTHalting "
-                               f"or PonderNetHalting, got {type(halting).__name__}.")
+        if not isinstance(halting, nn.Module) or not isinstance(halting, HaltingPolicy):
+            raise DynamicError(f"AdaptiveDepth: halting must be an nn.Module implementing "
+                               f"HaltingPolicy (per_step, start, decide, settle, aux_loss), "
+                               f"e.g. ThresholdHalting, ACTHalting or PonderNetHalting; got "
+                               f"{type(halting).__name__}.")
         self.blocks = nn.ModuleList(pool)
         self.halting = halting
         self.max_steps = max_steps
         self.order = tuple(order)
+        self.capacity = check_capacity(capacity, "AdaptiveDepth")
 
     def forward(self, x: torch.Tensor) -> DepthResult:  # (B, ...) -> DepthResult
-        refuse_tracing("AdaptiveDepth")
+        if self.capacity is None:
+            refuse_tracing("AdaptiveDepth")
         check_batched(x, "AdaptiveDepth")
-        B = x.shape[0]
-        ids = torch.arange(B, device=x.device)
-        state = x
-        acc = None  # the weighted sum of states (ACT, PonderNet), row-aligned with ids
-        carry = self.halting.start(B, x.new_empty(0))
-        cost = x.new_zeros(B)
-        done_parts: list[tuple[torch.Tensor, ...]] = []  # (ids, output, steps, ponder)
-        trace: list[tuple[torch.Tensor, ...]] = []  # PonderNet: (flat (id, step), p, state)
-        for t, block_index in enumerate(self.order):
-            if ids.numel() == 0:
+        B, S, policy = x.shape[0], self.max_steps, self.halting
+        # The loop's state. Active set, row-aligned: ids (None: every row), state, the
+        # weighted sum acc, the ponder cost and the policy's carry. Outputs (B, ...).
+        run: dict = {"ids": None, "state": x, "acc": None, "cost": x.new_zeros(B),
+                     "carry": policy.start(B, x.new_empty(0)), "output": None,
+                     "ponder": None, "steps": torch.zeros(B, dtype=torch.long, device=x.device)}
+        if policy.per_step:  # (B * S[, ...]): row b's step t at b * S + t
+            run["halting"] = x.new_zeros(B * S)
+            run["states"] = x.new_zeros(B * S, *x.shape[1:])
+        for t in range(S):
+            if not self._step(t, run, B):
                 break
-            with active_rows(ids):
-                new = self.blocks[block_index](state)
-                if new.shape != state.shape:
-                    raise DynamicError(
-                        f"AdaptiveDepth: block {block_index} maps {list(state.shape)} to "
-                        f"{list(new.shape)}; blocks must keep the state's shape.")
-                last = torch.full_like(ids, t == self.max_steps - 1, dtype=torch.bool)
-                done, weight, carry, step_cost, prob = self.halting.step(new, carry, last)
-            if prob is not None:
-                trace.append((ids * self.max_steps + t, prob, new))
-            if weight is None:
-                out = new
-            else:
-                out = weight.view(-1, *[1] * (x.dim() - 1)) * new
-                out = out if acc is None else acc + out
-            cost = cost + step_cost
-            if done.any():
-                fin = done.nonzero().squeeze(1)
-                done_parts.append((ids[fin], out[fin], torch.full_like(fin, t + 1), cost[fin]))
-                keep = (~done).nonzero().squeeze(1)
-                ids, state, cost = ids[keep], new[keep], cost[keep]
-                acc = state if weight is None else out[keep]  # threshold carries no sum
-                carry = {k: v[keep] for k, v in carry.items()}
-            else:
-                state, acc = new, out
-        if not done_parts:  # B == 0
-            empty = x.new_zeros(0)
-            steps = torch.zeros(0, dtype=torch.long, device=x.device)
-            if isinstance(self.halting, PonderNetHalting):
-                return DepthResult(x, steps, empty, empty.sum(), x.new_zeros(0, self.max_steps),
-                                   x.new_zeros(0, self.max_steps, *x.shape[1:]))
-            return DepthResult(x, steps, empty, empty.sum())
-        output, steps, ponder = merge_rows(*([p[i] for p in done_parts] for i in range(4)))
-        if trace:
-            return self._pondernet_result(x, output, steps, ponder, trace)
-        penalty = getattr(self.halting, "time_penalty", 0.0)
-        aux = penalty * ponder.mean() if penalty else ponder.new_zeros(())
-        return DepthResult(output, steps, ponder, aux)
+        output, steps, ponder = run["output"], run["steps"], run["ponder"]
+        if not policy.per_step:
+            return DepthResult(output, steps, ponder, policy.aux_loss(ponder, None))
+        halting, states = run["halting"].view(B, S), run["states"].view(B, S, *x.shape[1:])
+        return DepthResult(policy.output(output, halting, states), steps, ponder,
+                           policy.aux_loss(ponder, halting), halting, states)
 
-    def _pondernet_result(self, x, output, steps, ponder, trace) -> DepthResult:
-        """Scatter the per-step probabilities and states into (B, max_steps[, ...])."""
-        B, S = x.shape[0], self.max_steps
-        flat = torch.cat([t[0] for t in trace])
-        halting = x.new_zeros(B * S).index_add(0, flat, torch.cat([t[1] for t in trace]))
-        states = x.new_zeros(B * S, *x.shape[1:]).index_add(0, flat,
-                                                            torch.cat([t[2] for t in trace]))
-        halting, states = halting.view(B, S), states.view(B, S, *x.shape[1:])
-        if self.halting.training:  # the output follows the halting distribution
-            # A NaN row (a non-finite sample) would make multinomial raise; sampled
-            # uniformly instead, its NaN output reaches the loss and the trainer's guard.
-            sampled = torch.multinomial(halting.detach().nan_to_num(1.0), 1).squeeze(1)
-            output = states[torch.arange(B, device=x.device), sampled]
-        aux = self.halting.beta * self.halting.kl_to_prior(halting)
-        return DepthResult(output, steps, ponder, aux, halting, states)
+    def _step(self, t: int, run: dict, B: int) -> bool:
+        """Step ``t`` on the active rows, updating ``run``; False when no row goes on.
+
+        One method per step, so that under ``torch.compile`` the one data-dependent
+        decision (a ``nonzero``) is the step's only graph break.
+        """
+        policy, ids, state, S = self.halting, run["ids"], run["state"], self.max_steps
+        n, last_step, block_index = state.shape[0], t == S - 1, self.order[t]
+        new = charged(ids, self.blocks[block_index], state)
+        if new.shape != state.shape:
+            raise DynamicError(
+                f"AdaptiveDepth: block {block_index} maps {list(state.shape)} to "
+                f"{list(new.shape)}; blocks must keep the state's shape.")
+        last = torch.full((n,), last_step, dtype=torch.bool, device=state.device)
+        decision = charged(ids, policy.decide, new, run["carry"], last)
+        if self.capacity is None or last_step:
+            done, keep = decision.done, None
+        else:
+            keep = least(decision.halted, capacity_rows(self.capacity, n))
+            done = torch.ones_like(last).index_fill_(0, keep, False)
+        step = policy.settle(decision, run["carry"], done)
+        if step.weight is None:
+            out = new
+        else:
+            out = step.weight.view(-1, *[1] * (new.dim() - 1)) * new
+            out = out if run["acc"] is None else run["acc"] + out
+        cost = run["cost"] + step.cost
+        run["output"] = write_rows(run["output"], ids, out, B)
+        run["ponder"] = write_rows(run["ponder"], ids, cost, B)
+        fill_rows(run["steps"], ids, t + 1)
+        if policy.per_step:
+            flat = (torch.arange(B, device=new.device) if ids is None else ids) * S + t
+            run["halting"] = run["halting"].index_copy(0, flat, step.prob)
+            run["states"] = run["states"].index_copy(0, flat, new)
+        if last_step:
+            return False
+        if self.capacity is None:  # the nonzero is written here, not in a helper: one break
+            keep = (~done).nonzero().squeeze(1)
+            keep = None if keep.shape[0] == n else keep
+        names = list(step.carry)
+        ids, new, out, cost, *kept = take(ids, keep, new, out, cost, *step.carry.values())
+        run.update(ids=ids, state=new, cost=cost, carry=dict(zip(names, kept, strict=True)),
+                   acc=None if step.weight is None else out)
+        return new.shape[0] > 0
 
 
 def _halting_prob(head: nn.Module, state: torch.Tensor) -> torch.Tensor:

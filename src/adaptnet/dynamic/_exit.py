@@ -9,6 +9,7 @@ accuracy or a target compute on validation data.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptnet.dynamic._guards import check_batched, refuse_tracing
-from adaptnet.dynamic._ledger import active_rows, count_macs
-from adaptnet.dynamic._route import merge_rows
+from adaptnet.dynamic._ledger import charged, count_macs
+from adaptnet.dynamic._partition import (
+    capacity_rows,
+    check_capacity,
+    fill_rows,
+    least,
+    take,
+    write_rows,
+)
+from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
 __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
@@ -27,9 +36,10 @@ __all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
 CRITERIA = ("max_prob", "entropy")
 
 
+@functools.partial(export_as_pytree, static=("weights",))
 @dataclass(frozen=True)
 class ExitResult:
-    """What :class:`EarlyExit` returns.
+    """What :class:`EarlyExit` returns (a :class:`~adaptnet.DynamicResult`).
 
     Attributes:
         logits: ``(B, C)`` each sample's prediction: from the exit it took
@@ -58,6 +68,23 @@ class ExitResult:
         return sum(w * loss_fn(z, target) for w, z in zip(self.weights, self.exit_logits,
                                                           strict=True))
 
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.logits
+
+    @property
+    def aux_loss(self) -> None:
+        return None
+
+    def task_loss(self, target: torch.Tensor, loss_fn: LossFn = F.cross_entropy,
+                  per_sample: LossFn | None = None) -> torch.Tensor:
+        """Training results: :meth:`joint_loss`; evaluation results: ``loss_fn(logits, target)``."""
+        return self.joint_loss(target, loss_fn) if self.exit_logits else \
+            loss_fn(self.logits, target)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"exit_index": self.exit_index}
+
 
 class EarlyExit(nn.Module):
     """Stages with an exit head after each; samples leave at the first confident exit.
@@ -69,13 +96,22 @@ class EarlyExit(nn.Module):
         criterion: ``"max_prob"`` (leave when the top softmax probability is
             ``>= threshold``) or ``"entropy"`` (leave when the softmax entropy, in
             nats, is ``<= threshold``).
-        thresholds: one value for every early exit, or ``L - 1`` values.
+        thresholds: exact mode: one value for every early exit, or ``L - 1``
+            values (default 0.9).
         weights: joint-loss weight per exit (default 1 each).
+        capacity: ``None`` for exact mode (a sample leaves when its criterion
+            is met). A fraction in (0, 1] selects *capacity mode*: of the ``b``
+            rows reaching an early exit, exactly ``ceil(capacity * b)`` go on,
+            the least confident by ``criterion`` (among equal scores, topk's
+            choice), and the rest leave there; shapes depend only on ``B``, so the
+            whole forward compiles with ``fullgraph=True`` and exports.
+            Thresholds do not apply in capacity mode.
 
     Raises:
         DynamicError: mismatched or empty stages/heads, an unknown criterion, a
-            threshold out of range (max_prob: (0, 1]; entropy: >= 0), or a
-            wrong number of thresholds or weights.
+            threshold out of range (max_prob: (0, 1]; entropy: >= 0), a wrong
+            number of thresholds or weights, a capacity outside (0, 1], or
+            thresholds given together with a capacity.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -86,8 +122,8 @@ class EarlyExit(nn.Module):
     """
 
     def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module],
-                 criterion: str = "max_prob", thresholds: float | Sequence[float] = 0.9,
-                 weights: Sequence[float] | None = None) -> None:
+                 criterion: str = "max_prob", thresholds: float | Sequence[float] | None = None,
+                 weights: Sequence[float] | None = None, capacity: float | None = None) -> None:
         super().__init__()
         stages, heads = list(stages), list(heads)
         if not stages or len(stages) != len(heads):
@@ -100,14 +136,25 @@ class EarlyExit(nn.Module):
         if len(weights) != len(heads):
             raise DynamicError(f"EarlyExit: weights needs one value per exit ({len(heads)}), got "
                                f"{len(weights)}.")
+        self.capacity = check_capacity(capacity, "EarlyExit")
+        if self.capacity is not None and thresholds is not None:
+            raise DynamicError(
+                f"EarlyExit: capacity={capacity!r} exits a fixed share of rows at each exit, so "
+                f"thresholds={thresholds!r} cannot be honoured; give one of the two.")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
         self.criterion = criterion
         self.weights = tuple(weights)
-        self.set_thresholds(thresholds)
+        self.thresholds: tuple[float, ...] = ()
+        if self.capacity is None:
+            self.set_thresholds(0.9 if thresholds is None else thresholds)
 
     def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
         """Set the early exits' thresholds (one value for all, or one per early exit)."""
+        if self.capacity is not None:
+            raise DynamicError(f"EarlyExit: this model runs in capacity mode (capacity="
+                               f"{self.capacity}), where thresholds do not apply; set "
+                               "model.capacity = None first to use thresholds.")
         n = len(self.heads) - 1
         values = [float(thresholds)] * n if isinstance(thresholds, int | float) else \
             [float(t) for t in thresholds]
@@ -136,36 +183,48 @@ class EarlyExit(nn.Module):
             exits = self.all_exits(x)
             index = torch.full((x.shape[0],), last, dtype=torch.long, device=x.device)
             return ExitResult(exits[-1], index, tuple(exits), self.weights)
-        refuse_tracing("EarlyExit in eval mode")
+        if self.capacity is None:
+            refuse_tracing("EarlyExit in eval mode")
         check_batched(x, "EarlyExit")
         B = x.shape[0]
-        ids, h, parts = torch.arange(B, device=x.device), x, []
-        for i, (stage, head) in enumerate(zip(self.stages, self.heads, strict=True)):
-            if ids.numel() == 0:
+        # The active set: ids (None: every row) and their state h. Each exit writes its
+        # logits for every active row; later exits overwrite the rows that went on.
+        ids, h, logits_out = None, x, None
+        index = torch.zeros(B, dtype=torch.long, device=x.device)
+        for i in range(len(self.heads)):
+            ids, h, logits_out = self._exit(i, ids, h, logits_out, index)
+            if h is None:
                 break
-            with active_rows(ids):
-                h = stage(h)
-                logits = head(h)
-            if logits.dim() != 2:
-                raise DynamicError(
-                    f"EarlyExit: head {i} returned logits of shape {list(logits.shape)}; each "
-                    "head must return (B, C) logits, one row per sample. Per-token (B, T, C) "
-                    "exits are not supported yet: pool over T in the head (e.g. mean(1)).")
-            if i == last:
-                parts.append((ids, logits, i))
-                break
-            done = confident(logits, self.criterion, self.thresholds[i])
-            if done.any():
-                fin, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
-                parts.append((ids[fin], logits[fin], i))
-                ids, h = ids[keep], h[keep]
-        if not parts:  # empty batch: the final exit's shape, from zero rows
-            logits = self.all_exits(x)[-1]
-            return ExitResult(logits, torch.zeros(0, dtype=torch.long, device=x.device), (),
-                              self.weights)
-        logits, index = merge_rows([p[0] for p in parts], [p[1] for p in parts],
-                                   [torch.full_like(p[0], p[2]) for p in parts])
-        return ExitResult(logits, index, (), self.weights)
+        return ExitResult(logits_out, index, (), self.weights)
+
+    def _exit(self, i: int, ids: torch.Tensor | None, h: torch.Tensor,
+              logits_out: torch.Tensor | None, index: torch.Tensor
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Stage and exit ``i`` on the active rows; the next active set (``h`` None: done).
+
+        One method per step, so that under ``torch.compile`` the one data-dependent
+        decision (a ``nonzero``) is the step's only graph break.
+        """
+        h = charged(ids, self.stages[i], h)
+        logits = charged(ids, self.heads[i], h)
+        if logits.dim() != 2:
+            raise DynamicError(
+                f"EarlyExit: head {i} returned logits of shape {list(logits.shape)}; each "
+                "head must return (B, C) logits, one row per sample. Per-token (B, T, C) "
+                "exits are not supported yet: pool over T in the head (e.g. mean(1)).")
+        logits_out = write_rows(logits_out, ids, logits, index.shape[0])
+        if i:
+            fill_rows(index, ids, i)
+        if i == len(self.heads) - 1:
+            return ids, None, logits_out
+        if self.capacity is None:  # the nonzero is written here, not in a helper: one break
+            keep = _goes_on(logits, self.criterion, self.thresholds[i]).nonzero().squeeze(1)
+            keep = None if keep.shape[0] == h.shape[0] else keep
+        else:
+            keep = least(_log_confidence(logits, self.criterion),
+                         capacity_rows(self.capacity, h.shape[0]))
+        ids, h = take(ids, keep, h)
+        return ids, (h if h.shape[0] else None), logits_out
 
     def exit_macs(self, sample: torch.Tensor) -> list[int]:
         """Multiply-adds to leave at each exit, for one sample ``(1, ...)``.
@@ -188,8 +247,29 @@ class EarlyExit(nn.Module):
 
 
 def confident(logits: torch.Tensor, criterion: str, threshold: float) -> torch.Tensor:
-    """``(B,)`` bool: which rows meet the exit criterion."""
-    return _score(logits, criterion) >= (threshold if criterion == "max_prob" else -threshold)
+    """``(B,)`` bool: which rows meet the exit criterion, in few fused ops.
+
+    ``max_prob``: one softmax kernel, one max, one comparison (``logsumexp``
+    takes twice as long on CPU).
+    """
+    if criterion == "max_prob":
+        return torch.softmax(logits, -1).amax(-1) >= threshold
+    return _score(logits, criterion) >= -threshold
+
+
+def _goes_on(logits: torch.Tensor, criterion: str, threshold: float) -> torch.Tensor:
+    """``~confident(...)`` without the extra negation kernel: the rows that go on."""
+    if criterion == "max_prob":
+        return torch.softmax(logits, -1).amax(-1) < threshold
+    return _score(logits, criterion) < -threshold
+
+
+def _log_confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Ordered as :func:`_score`; for max_prob the log of the top probability, which keeps
+    rows apart where the probability itself rounds to 1.0."""
+    if criterion == "max_prob":
+        return logits.amax(-1) - logits.logsumexp(-1)
+    return _score(logits, criterion)
 
 
 def _score(logits: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -251,6 +331,10 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     target = target_accuracy if target_accuracy is not None else target_compute
     if not 0.0 < float(target) <= 1.0:
         raise DynamicError(f"calibrate_exits(): the target must lie in (0, 1], got {target!r}.")
+    if model.capacity is not None:
+        raise DynamicError(f"calibrate_exits(): the model runs in capacity mode (capacity="
+                           f"{model.capacity}), which has no thresholds to calibrate; set "
+                           "model.capacity = None first.")
     was_training = model.training
     model.eval()
     with torch.no_grad():

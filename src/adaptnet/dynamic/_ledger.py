@@ -11,8 +11,7 @@ their multiply-adds are added from the standard formula.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptnet.errors import DynamicError
 
-__all__ = ["MacCount", "active_rows", "count_macs"]
+__all__ = ["MacCount", "active_rows", "charged", "count_macs", "current_ledger"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -71,7 +70,27 @@ class _Ledger:
                                                                dtype=torch.float64))
 
 
-_LEDGER: ContextVar[_Ledger | None] = ContextVar("adaptnet_ledger", default=None)
+# The open ledger: a plain module global, not a ContextVar, so that torch.compile reads it
+# as a constant it guards on instead of breaking the graph at every dynamic construct.
+# count_macs blocks do not nest across threads; one process counts one block at a time.
+_LEDGER: _Ledger | None = None
+
+
+def current_ledger() -> _Ledger | None:
+    """The ledger of the open ``count_macs(batch_size=...)`` block, or None."""
+    return _LEDGER
+
+
+def charged(ids: torch.Tensor | None, fn: Callable, *args: object) -> object:
+    """``fn(*args)``, its work charged to rows ``ids`` when a ledger is open.
+
+    The dynamic constructs call every sub-batch through this: with no
+    ``count_macs(batch_size=...)`` block open it costs one global read.
+    """
+    if _LEDGER is None or ids is None:
+        return fn(*args)
+    with active_rows(ids):
+        return fn(*args)
 
 
 @contextlib.contextmanager
@@ -82,7 +101,7 @@ def active_rows(ids: torch.Tensor) -> Iterator[None]:
     sub-batch is row ``ids[r]`` of their input). A no-op unless a
     ``count_macs(batch_size=...)`` block is active.
     """
-    ledger = _LEDGER.get()
+    ledger = _LEDGER
     if ledger is None:
         yield
         return
@@ -135,8 +154,9 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
             for name in entry[1] | {"Global"}:
                 counter.flop_counts[name][torch.ops.aten.lstm] += 2 * entry[2]
 
+    global _LEDGER
     ledger = _Ledger(counter, batch_size) if batch_size is not None else None
-    token = _LEDGER.set(ledger)
+    outer, _LEDGER = _LEDGER, ledger
     with counter:
         hooks = (nn.modules.module.register_module_forward_pre_hook(before),
                  nn.modules.module.register_module_forward_hook(after))
@@ -145,7 +165,7 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
         finally:
             for h in hooks:
                 h.remove()
-            _LEDGER.reset(token)
+            _LEDGER = outer
             if ledger is not None:
                 ledger.flush()
                 result.per_sample = ledger.per_sample

@@ -17,15 +17,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaptnet.dynamic._ledger import active_rows
+from adaptnet.dynamic._ledger import charged, current_ledger
+from adaptnet.dynamic._partition import check_capacity
+from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
 __all__ = ["MoE", "MoEResult"]
 
 
+@export_as_pytree
 @dataclass(frozen=True)
 class MoEResult:
-    """What :class:`MoE` returns.
+    """What :class:`MoE` returns (a :class:`~adaptnet.DynamicResult`).
 
     Attributes:
         output: ``(..., d_out)`` the gate-weighted sum of each token's experts.
@@ -45,6 +48,17 @@ class MoEResult:
     load: torch.Tensor
     aux_loss: torch.Tensor
 
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.output
+
+    def task_loss(self, target: torch.Tensor, loss_fn: LossFn,
+                  per_sample: LossFn | None = None) -> torch.Tensor:
+        return loss_fn(self.output, target)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"experts": self.experts}
+
 
 class MoE(nn.Module):
     """Top-k mixture of experts over the last dimension of its input.
@@ -61,10 +75,20 @@ class MoE(nn.Module):
             nothing to its token's output (the remaining gates are not
             renormalised), so keep a residual connection around the MoE.
         balance_weight: weight of the load-balancing loss in ``aux_loss``.
+        capacity: ``None`` for exact dispatch. A fraction in (0, 1] selects
+            *capacity mode*: every expert runs on exactly ``ceil(capacity * n)``
+            slots per call (``n`` tokens), filled with its assignments by
+            descending gate as ``capacity_factor`` does (overflow dropped; among
+            equal gates, topk's choice) and padded with zero-weight rows, so shapes
+            depend only on ``n``: the forward compiles with ``fullgraph=True``
+            and exports. It gives the same result as
+            ``capacity_factor = capacity * E / k``, and costs ``E * ceil(capacity * n)``
+            expert rows however the router splits the tokens.
 
     Raises:
         DynamicError: no experts, ``k`` out of range, a non-positive
-            ``capacity_factor`` or a negative ``balance_weight``; at call time, a
+            ``capacity_factor``, a capacity outside (0, 1], both a capacity and a
+            capacity_factor, or a negative ``balance_weight``; at call time, a
             router of the wrong width or experts of different output widths.
 
     Example:
@@ -76,7 +100,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, experts: Sequence[nn.Module], router: nn.Module, k: int = 2,
-                 capacity_factor: float | None = None, balance_weight: float = 0.01) -> None:
+                 capacity_factor: float | None = None, balance_weight: float = 0.01,
+                 capacity: float | None = None) -> None:
         super().__init__()
         experts = list(experts)
         if not experts:
@@ -90,6 +115,11 @@ class MoE(nn.Module):
         if not 0 <= float(balance_weight) < math.inf:
             raise DynamicError(f"MoE: balance_weight must be finite and >= 0, got "
                                f"{balance_weight!r}.")
+        self.capacity = check_capacity(capacity, "MoE")
+        if self.capacity is not None and capacity_factor is not None:
+            raise DynamicError(f"MoE: capacity={capacity!r} fixes every expert's slots, so "
+                               f"capacity_factor={capacity_factor!r} cannot be honoured as well; "
+                               "give one of the two (capacity = capacity_factor * k / E).")
         self.experts = nn.ModuleList(experts)
         self.router = router
         self.k = k
@@ -112,7 +142,15 @@ class MoE(nn.Module):
         flat_expert = top.reshape(-1)  # (n*k,) assignment -> expert
         flat_gate = gates.reshape(-1)
         flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
-        load = torch.bincount(flat_expert, minlength=E)  # (E,)
+        # (E,) assignments per expert; a scatter, not bincount, whose output size depends on
+        # the data (a graph break under torch.compile)
+        load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
+        tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
+        if self.capacity is not None:
+            output, dropped = self._static_dispatch(tokens, flat_expert, flat_gate, flat_token,
+                                                    load, tokens_per_row)
+            return self._result(output, lead, logits, top, gates, dropped, load)
 
         # Sorted dispatch: assignments grouped by expert, one call per expert.
         if self.capacity_factor is None:
@@ -128,12 +166,11 @@ class MoE(nn.Module):
             counts = torch.bincount(flat_expert[order], minlength=E).tolist()
         token_sorted = flat_token[order]
         outs, start = [], 0
-        tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
         for e, count in enumerate(counts):
             if count:
                 rows = token_sorted[start:start + count]
-                with active_rows(rows // tokens_per_row):
-                    outs.append(self.experts[e](tokens.index_select(0, rows)))
+                outs.append(charged(rows // tokens_per_row if current_ledger() else None,
+                                    self.experts[e], tokens.index_select(0, rows)))
             start += count
         widths = {o.shape[1:] for o in outs}
         if len(widths) > 1:
@@ -145,6 +182,37 @@ class MoE(nn.Module):
         else:  # no tokens: one expert on zero rows gives the output's shape
             output = self.experts[0](tokens[:0])
 
+        return self._result(output, lead, logits, top, gates, dropped, load)
+
+    def _static_dispatch(self, tokens: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
+                         token: torch.Tensor, load: torch.Tensor, tokens_per_row: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Capacity mode: every expert on exactly ``C`` slots; (output, dropped)."""
+        n, E, A = tokens.shape[0], len(self.experts), expert.numel()
+        C = min(math.ceil(self.capacity * n), A)
+        # Each expert's C best assignments by gate: one topk over an (E, A) table in which
+        # the assignments of other experts score -1 (gates lie in (0, 1]).
+        mine = expert[None, :] == torch.arange(E, device=tokens.device)[:, None]
+        best = torch.where(mine, gate[None, :], -1.0).topk(C, dim=1)  # (E, C)
+        valid, pick = best.values >= 0, best.indices
+        rows, weight = token[pick], torch.where(valid, best.values, 0.0)
+        output = None
+        for e in range(E):
+            y = charged(rows[e] // tokens_per_row if current_ledger() else None,
+                        self.experts[e], tokens.index_select(0, rows[e]))
+            y = y * weight[e].unsqueeze(1).to(y.dtype)
+            output = (y.new_zeros(n, *y.shape[1:]) if output is None else output)
+            if output.shape[1:] != y.shape[1:]:
+                raise DynamicError(f"MoE: experts return different output shapes "
+                                   f"{[list(output.shape[1:]), list(y.shape[1:])]}; all experts "
+                                   "must map to the same width.")
+            output = output.index_add(0, rows[e], y)
+        kept = torch.zeros(A, dtype=torch.bool, device=tokens.device)
+        kept = kept.index_put((pick.flatten(),), valid.flatten(), accumulate=True)
+        return output, ~kept
+
+    def _result(self, output, lead, logits, top, gates, dropped, load) -> MoEResult:
+        n, E, k = logits.shape[0], len(self.experts), self.k
         probs = torch.softmax(logits, dim=-1)  # (n, E)
         if n:
             f = load.to(probs.dtype) / (n * k)

@@ -1,10 +1,11 @@
 """The training loop: ``fit`` and ``evaluate``.
 
-One step: forward, task loss plus the auxiliary losses dynamic modules return
-(``aux_loss`` of ``DepthResult``/``MoEResult``; ``ExitResult.joint_loss`` for
-early exits); backward; the L1 gradient; a finiteness check of the loss and of
-one sum per gradient (or the clipping norm); optimizer and scheduler steps. The
-loss value the check reads also feeds the running loss, kept in Python; other
+One step: forward; the task loss and auxiliary loss of the result, read
+through the ``DynamicResult`` protocol (``task_loss``: BranchyNet's joint loss
+for early exits, PonderNet's expected loss; ``aux_loss``); backward; the L1
+gradient; a finiteness check of the loss and of one sum per gradient (or the
+clipping norm); optimizer and scheduler steps. The loss value the check reads
+also feeds the running loss, kept in Python; other
 metrics accumulate in tensors, read once per epoch.
 
 Determinism: the data order of epoch ``e`` is a permutation drawn from a
@@ -31,8 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from adaptnet._io import locked_dir, shown
-from adaptnet.dynamic import count_macs
-from adaptnet.errors import ConfigError, NonFiniteError
+from adaptnet.dynamic import DynamicResult, count_macs
+from adaptnet.errors import ConfigError, DynamicError, NonFiniteError
 from adaptnet.sharing import param_groups
 from adaptnet.train._checkpoint import load_latest, write_checkpoint
 from adaptnet.train._config import METRICS, TrainConfig, config_from
@@ -200,29 +201,24 @@ _LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy,
                               "bce_with_logits": F.binary_cross_entropy_with_logits}
 
 
-def _expected_loss(out: Any, y: torch.Tensor, fn: LossFn) -> torch.Tensor:
-    """PonderNet's ``sum_n p_n * loss(prediction after step n)``, each sample's loss per step.
+def _per_sample(fn: LossFn) -> LossFn | None:
+    """The built-in loss ``fn`` with one value per row (for PonderNet's expected loss), or None.
 
-    ``out.step_states`` holds each step's prediction ``(B, N, ...)``; the loss
-    is computed per sample and step, so only built-in losses qualify.
+    A custom ``loss_fn`` returns one number per batch, so it has none.
     """
-    states = out.step_states
-    B, N = states.shape[:2]
-    flat, target = states.flatten(0, 1), y.repeat_interleave(N, 0)
     if fn is _cross_entropy:
-        per = F.cross_entropy(flat, target, reduction="none")
-    elif fn is _mse or fn is F.binary_cross_entropy_with_logits:
-        if flat.shape != target.shape:
-            raise ConfigError(f"fit(): the prediction per step has shape {tuple(flat.shape[1:])} "
-                              f"and the target {tuple(target.shape[1:])}; they must match.")
-        per = (F.mse_loss if fn is _mse else F.binary_cross_entropy_with_logits)(
-            flat, target, reduction="none")
-        per = per.flatten(1).mean(1)
-    else:
-        raise ConfigError("fit(): a PonderNet result needs a built-in loss ('cross_entropy', "
-                          "'mse' or 'bce_with_logits') for its expected loss over steps; a "
-                          "custom loss_fn returns one number per batch, not per sample.")
-    return out.expected_loss(per.view(B, N))
+        return lambda pred, y: F.cross_entropy(pred, y, reduction="none")
+    if fn is _mse or fn is F.binary_cross_entropy_with_logits:
+        plain = F.mse_loss if fn is _mse else F.binary_cross_entropy_with_logits
+
+        def per_row(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if pred.shape != y.shape:
+                raise ConfigError(f"fit(): the prediction per step has shape "
+                                  f"{tuple(pred.shape[1:])} and the target "
+                                  f"{tuple(y.shape[1:])}; they must match.")
+            return plain(pred, y, reduction="none").flatten(1).mean(1)
+        return per_row
+    return None
 
 
 def _loss(fn: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -243,22 +239,33 @@ def _loss(fn: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Any]:
-    """(task loss, auxiliary loss, prediction, the raw result) of one forward pass."""
+    """(task loss, auxiliary loss, prediction, the raw result) of one forward pass.
+
+    A tensor is the prediction; anything else must implement ``DynamicResult``.
+    Training uses the result's own ``task_loss`` (BranchyNet's joint loss,
+    PonderNet's expected loss); evaluation compares ``prediction`` alone.
+    """
     if isinstance(out, torch.Tensor):
         return _loss(fn, out, y), None, out, out
-    if training and getattr(out, "exit_logits", None):  # ExitResult: BranchyNet joint loss
-        return out.joint_loss(y, fn), None, out.logits, out
-    if training and getattr(out, "halting", None) is not None and \
-            getattr(out, "step_states", None) is not None:  # PonderNet: the expected loss
-        return _expected_loss(out, y, fn), out.aux_loss, out.output, out
-    pred = getattr(out, "output", None)
-    if pred is None:
-        pred = getattr(out, "logits", None)
-    if not isinstance(pred, torch.Tensor):
+    if not isinstance(out, DynamicResult):
         raise ConfigError(f"fit(): the model returned {type(out).__name__}; it must return a "
-                          "tensor, or a result with an `output` or `logits` tensor.")
-    aux = getattr(out, "aux_loss", None)
-    return _loss(fn, pred, y), aux if isinstance(aux, torch.Tensor) else None, pred, out
+                          "tensor or a DynamicResult (prediction, aux_loss, task_loss, "
+                          "statistics), as adaptnet's dynamic modules do.")
+    pred = out.prediction
+    if not training:
+        return _loss(fn, pred, y), None, pred, out
+    aux = out.aux_loss
+    try:
+        task = _loss(lambda _, target: out.task_loss(target, fn, _per_sample(fn)), pred, y)
+    except DynamicError as e:
+        raise ConfigError(f"fit(): {e} Use a built-in loss ('cross_entropy', 'mse' or "
+                          "'bce_with_logits').") from None
+    return task, aux if isinstance(aux, torch.Tensor) else None, pred, out
+
+
+def _statistic(out: Any, name: str) -> torch.Tensor | None:
+    """A per-sample statistic of a DynamicResult (``steps``, ``exit_index``), or None."""
+    return out.statistics().get(name) if isinstance(out, DynamicResult) else None
 
 
 class _Trainer:
@@ -422,8 +429,9 @@ class _Trainer:
                 _, _, correct, steps = self.slots
                 if self.accuracy:
                     correct.add_((pred.argmax(-1) == y).sum())
-                if self.steps and hasattr(out, "steps"):
-                    steps.add_(out.steps.sum())
+                counted = _statistic(out, "steps") if self.steps else None
+                if counted is not None:
+                    steps.add_(counted.sum())
         return value
 
     def _flush(self, acc: torch.Tensor) -> None:
@@ -553,10 +561,12 @@ def _evaluate(model: nn.Module, data: _Data, fn: LossFn, metrics: tuple[str, ...
             count += len(y)
             if "accuracy" in metrics:
                 correct += int((pred.argmax(-1) == y).sum())
-            if "steps" in metrics and hasattr(out, "steps"):
-                steps += float(out.steps.double().sum())
-            if "exits" in metrics and hasattr(out, "exit_index"):
-                counts = torch.bincount(out.exit_index.cpu())
+            counted = _statistic(out, "steps") if "steps" in metrics else None
+            if counted is not None:
+                steps += float(counted.double().sum())
+            index = _statistic(out, "exit_index") if "exits" in metrics else None
+            if index is not None:
+                counts = torch.bincount(index.cpu())
                 exits = counts if exits is None else _add(exits, counts)
     model.train(was_training)
     values: dict[str, Any] = {"loss": total / count}

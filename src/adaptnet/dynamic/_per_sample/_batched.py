@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import vmap
 
-from adaptnet.dynamic._ledger import _LEDGER, active_rows
+from adaptnet.dynamic._ledger import active_rows, current_ledger
 from adaptnet.dynamic._per_sample._rowwise import NotRowwise, rowwise
 from adaptnet.errors import PerSampleError
 
@@ -56,7 +56,7 @@ def _segment(fn, args, writes, n, rows, fast, index, filename):
     batched = [isinstance(v, torch.Tensor) for v in leaves]
     if True not in batched:
         return _outputs(fn(*args), writes, lambda t: _repeat(t, n))
-    if rows is not None and _LEDGER.get() is not None:
+    if rows is not None and current_ledger() is not None:
         with active_rows(rows):
             return _run(fn, args, leaves, spec, batched, writes, n, fast, index, filename)
     return _run(fn, args, leaves, spec, batched, writes, n, fast, index, filename)
@@ -65,7 +65,7 @@ def _segment(fn, args, writes, n, rows, fast, index, filename):
 def _run(fn, args, leaves, spec, batched, writes, n, fast, index, filename):
     inputs = [v for v, b in zip(leaves, batched, strict=True) if b]
     if fast[index]:
-        ledger = _LEDGER.get()
+        ledger = current_ledger()
         counted = None if ledger is None else \
             {k: dict(v) for k, v in ledger.counter.flop_counts.items()}
         try:
