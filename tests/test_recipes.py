@@ -212,11 +212,18 @@ def test_cli_recipes_models_compare_demo(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
     assert "hidden=4" in (tmp_path / "cmp" / "compare.md").read_text()
-    result = runner.invoke(app, ["demo", "--limit", "64", "--out-dir", str(tmp_path / "demo")])
+    result = runner.invoke(app, ["demo", "--limit", "64", "--out-dir", str(tmp_path / "demo")],
+                           env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    assert "fewer multiply-adds" in result.output and "report:" in result.output
-    rows = json.loads((tmp_path / "demo" / "compare.json").read_text())
-    assert rows[0]["unique_params"] > rows[1]["unique_params"]
+    said = " ".join(result.output.split())
+    assert "fewer multiply-adds" in said and "calibrated on the validation" in said
+    # The table fits an 80-column terminal whole: no line longer, no cell cut short.
+    assert max(map(len, result.output.splitlines())) <= 80 and "…" not in result.output
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    plain, fast = demo["rows"]
+    assert plain["params"] < fast["params"]  # the exits' heads
+    assert set(plain["ms_per_1k"]) == {"1", "2"} and 0 < demo["threshold"] <= 1
+    assert len(json.loads((tmp_path / "demo" / "compare.json").read_text())) == 2
 
 
 def test_shipped_recipe_files_are_package_data():

@@ -47,7 +47,10 @@ def test_adaptive_mlp_runs_samples_to_different_depths(tmp_path):
 def test_early_exit_recipes_use_more_than_one_exit(name, tmp_path):
     if name.startswith("fashion") and not FASHION_MNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST files absent: apt-get install dataset-fashion-mnist")
-    values, _, _ = trained(name, tmp_path, ["train.epochs=2"], limit=1024)
+    # Two epochs are far from the shipped training; a threshold of 0.6 stands in for the
+    # confidence the full run reaches (mnist1d-early-exit ships 0.99 for 100 epochs).
+    values, _, _ = trained(name, tmp_path, ["train.epochs=2", "model.threshold=0.6"],
+                           limit=1024)
     assert sum(c > 0 for c in values["counts"]["exit_index"]) >= 2, values["counts"]
 
 

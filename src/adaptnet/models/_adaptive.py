@@ -16,10 +16,11 @@ from adaptnet.dynamic import (
     MoE,
     MoEResult,
     PonderNetHalting,
+    ThresholdHalting,
 )
 from adaptnet.errors import ModelError
 from adaptnet.models._baselines import _Channel
-from adaptnet.models._parts import readout
+from adaptnet.models._parts import MeanPool, readout
 from adaptnet.sharing import share
 
 __all__ = ["EarlyExitCNN", "PonderGRU", "adaptive_depth_mlp", "early_exit_cnn", "moe_mlp",
@@ -51,7 +52,9 @@ class EarlyExitCNN(nn.Module):
 
 def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
                    channels: int = 32, stages: int = 3, share_stages: bool = False,
-                   exits: bool = True, threshold: float = 0.9, pool: int = 4) -> nn.Module:
+                   exits: bool = True, threshold: float = 0.9, pool: int = 4,
+                   exit_weights: list[float] | None = None,
+                   capacity: float | None = None) -> nn.Module:
     """A BranchyNet-style CNN (Teerapittayanon et al. 2016) for 1-D signals or 2-D images.
 
     A strided stem conv, then ``stages`` residual 3-wide convs at one
@@ -64,25 +67,34 @@ def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
         share_stages: one set of stage weights applied ``stages`` times.
         exits: ``False`` builds the same network without early exits (a plain
             ``nn.Sequential`` ending in the last classifier): the static baseline.
+        pool: bins per side of each exit's average pooling, done by reshape and
+            mean when they divide the side (a pool as long as the side keeps
+            every position: the classifier reads the whole map).
+        exit_weights: joint-loss weight of each exit (default 1 each).
+        capacity: :class:`~adaptnet.EarlyExit` capacity mode: the share of rows
+            that go on at each exit (``threshold`` then does not apply).
     """
     if dims not in (1, 2):
         raise ModelError(f"early_exit_cnn: dims must be 1 (signals) or 2 (images), got {dims}.")
     if stages < 1:
         raise ModelError(f"early_exit_cnn: stages must be >= 1, got {stages}.")
     conv = nn.Conv1d if dims == 1 else nn.Conv2d
-    avg = nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d
     stem = nn.Sequential(*([_Channel()] if dims == 1 else []),
                          conv(in_channels, channels, 5, stride=2, padding=2), nn.ReLU())
     blocks = [_Residual(conv(channels, channels, 3, padding=1)) for _ in range(stages)]
-    flat = channels * pool ** dims
-    heads = [nn.Sequential(avg(pool), nn.Flatten(), nn.Linear(flat, num_classes))
+    if pool < 1:
+        raise ModelError(f"early_exit_cnn: pool must be >= 1 (bins per side), got {pool}.")
+    heads = [nn.Sequential(MeanPool(pool, dims), nn.Flatten(),
+                           nn.Linear(channels * pool ** dims, num_classes))
              for _ in range(stages if exits else 1)]
     if not exits:
         net = nn.Sequential(stem, *blocks, heads[0])
         if share_stages and stages > 1:
             share(net, [str(i) for i in range(1, stages + 1)])
         return net
-    model = EarlyExitCNN(stem, EarlyExit(blocks, heads, thresholds=threshold))
+    model = EarlyExitCNN(stem, EarlyExit(blocks, heads, weights=exit_weights,
+                                         thresholds=None if capacity else threshold,
+                                         capacity=capacity))
     if share_stages and stages > 1:
         share(model, "exits.stages")
     return model
@@ -133,17 +145,24 @@ def pondernet_gru(bits: int = 8, hidden: int = 64, num_classes: int = 2, max_ste
     """PonderNet's parity model (Banino et al. 2021): a GRU cell pondering each input.
 
     Args:
-        halting: ``"pondernet"`` (geometric prior ``lambda_p``, KL weight ``beta``)
-            or ``"act"`` (Graves 2016, ``time_penalty``).
+        halting: ``"pondernet"`` (geometric prior ``lambda_p``, KL weight ``beta``),
+            ``"act"`` (Graves 2016, ``time_penalty``), or ``"none"``: every sample
+            runs all ``max_steps`` (the full-depth baseline).
     """
     head = _Hidden(bits, hidden, 1)
+    capacity = None
     if halting == "pondernet":
         policy: nn.Module = PonderNetHalting(head, lambda_p=lambda_p, beta=beta)
     elif halting == "act":
         policy = ACTHalting(head, time_penalty=time_penalty)
+    elif halting == "none":  # capacity 1: every row goes on at every step
+        policy, capacity = ThresholdHalting(head), 1.0
     else:
-        raise ModelError(f"pondernet_gru: halting must be 'pondernet' or 'act', got {halting!r}.")
-    return PonderGRU(bits, hidden, num_classes, max_steps, policy)
+        raise ModelError(f"pondernet_gru: halting must be 'pondernet', 'act' or 'none', got "
+                         f"{halting!r}.")
+    model = PonderGRU(bits, hidden, num_classes, max_steps, policy)
+    model.depth.capacity = capacity
+    return model
 
 
 class _Readout(nn.Module):
@@ -174,9 +193,19 @@ def moe_mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 64, expe
 
 
 def adaptive_depth_mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 64,
-                       max_steps: int = 6, time_penalty: float = 0.01) -> nn.Module:
-    """An MLP whose one shared residual block repeats per sample until ACT halts it."""
+                       max_steps: int = 6, time_penalty: float = 0.01,
+                       halting: str = "act") -> nn.Module:
+    """An MLP whose one shared residual block repeats per sample until ACT halts it.
+
+    ``halting="none"`` runs every sample for all ``max_steps`` (the full-depth
+    baseline: the same weight-tied residual MLP without halting).
+    """
+    if halting not in ("act", "none"):
+        raise ModelError(f"adaptive_depth_mlp: halting must be 'act' or 'none', got "
+                         f"{halting!r}.")
     stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
-    body = AdaptiveDepth(_Residual(nn.Linear(hidden, hidden)),
-                         ACTHalting(nn.Linear(hidden, 1), time_penalty=time_penalty), max_steps)
+    policy = ACTHalting(nn.Linear(hidden, 1), time_penalty=time_penalty) if halting == "act" \
+        else ThresholdHalting(nn.Linear(hidden, 1))
+    body = AdaptiveDepth(_Residual(nn.Linear(hidden, hidden)), policy, max_steps,
+                         capacity=None if halting == "act" else 1.0)
     return _Readout(stem, body, nn.Linear(hidden, num_classes), residual=False)

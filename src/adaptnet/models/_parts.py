@@ -6,9 +6,10 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PoolHead", "SequenceInput", "readout"]
+__all__ = ["MeanPool", "PoolHead", "SequenceInput", "readout"]
 
 
 class SequenceInput(nn.Module):
@@ -46,6 +47,35 @@ class PoolHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h.mean(1) if h.dim() == 3 else h)
+
+
+class MeanPool(nn.Module):
+    """Average pooling to ``bins`` per side of the last ``dims`` dimensions.
+
+    When ``bins`` divides a side it reshapes and takes the mean, a fraction of
+    the cost of ``AdaptiveAvgPool``'s kernel on small maps (which cost more than
+    a conv stage in an exit head); otherwise it falls back to adaptive pooling.
+    """
+
+    def __init__(self, bins: int, dims: int = 1) -> None:
+        super().__init__()
+        self.bins, self.dims = bins, dims
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        sides = h.shape[-self.dims:]
+        if all(side == self.bins for side in sides):
+            return h  # one position per bin: nothing to average
+        if any(side % self.bins for side in sides):
+            pool = F.adaptive_avg_pool1d if self.dims == 1 else F.adaptive_avg_pool2d
+            return pool(h, self.bins)
+        if self.dims == 1:
+            return h.unflatten(-1, (self.bins, sides[0] // self.bins)).mean(-1)
+        H, W = sides
+        h = h.unflatten(-1, (self.bins, W // self.bins)).unflatten(-3, (self.bins, H // self.bins))
+        return h.mean((-3, -1))
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, dims={self.dims}"
 
 
 def readout(result: Any, head: nn.Module) -> Any:

@@ -1,5 +1,6 @@
 """YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
 
+from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
 from adaptnet.recipes._run import (
     RunResult,
     compare,
@@ -8,6 +9,7 @@ from adaptnet.recipes._run import (
     load_run,
     prepare,
     shipped_recipes,
+    time_together,
     train_recipe,
 )
 from adaptnet.recipes._schema import (
@@ -19,17 +21,21 @@ from adaptnet.recipes._schema import (
 )
 
 __all__ = [
+    "DemoResult",
+    "DemoRow",
     "Recipe",
     "RunResult",
     "apply_overrides",
     "compare",
     "evaluate_run",
+    "flagship",
     "load_recipe",
     "load_run",
     "parse_overrides",
     "prepare",
     "read_recipe",
     "shipped_recipes",
+    "time_together",
     "train_recipe",
     "validate_recipe",
 ]
