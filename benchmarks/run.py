@@ -29,8 +29,8 @@ from _common import RESULTS, machine, machine_line, table
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last.
-BENCHMARKS = ["sharing", "route", "depth", "moe", "per_sample", "train", "early_exit",
-              "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
+BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "demo",
+              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:

@@ -133,3 +133,34 @@ def test_bench_ponder_quick(tmp_path):
     variants = _quick("ponder", tmp_path)["variants"]
     assert list(variants) == ["PonderNet", "ACT"]
     assert all(1 <= v["steps"]["median"] <= 20 for v in variants.values())
+
+
+def test_bench_lean_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_lean.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    runs = json.loads((tmp_path / "lean-quick.json").read_text())["runs"]
+    assert [r["threads"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["branch"][0]["branch_vs_hand"] > 0 and r["early_exit"]["exit_vs_hand"] > 0
+        assert set(r["compiled"]) == {"mlp", "early exit"}
+    assert "EarlyExit / hand" in (tmp_path / "lean-quick.md").read_text()
+
+
+def test_bench_demo_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_demo.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "demo-quick.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["plain CNN", "early-exit CNN"]
+    assert all(len(v) == 4 for v in result["repeats"].values())
+    assert "max / min" in (tmp_path / "demo-quick.md").read_text()
+
+
+def test_bench_adaptive_quick(tmp_path):
+    subprocess.run([sys.executable, str(BENCH / "bench_adaptive.py"), "--quick", "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    runs = json.loads((tmp_path / "adaptive-quick.json").read_text())["runs"]
+    assert [r["recipe"] for r in runs] == ["digits-adaptive-depth", "parity-pondernet",
+                                           "mnist1d-early-exit", "fashion-early-exit"]
+    done = [r for r in runs if "skipped" not in r]
+    assert all(0 < r.get("fraction", 1) <= 1 and 0 <= r.get("early", 0) <= 1 for r in done)
+    assert FASHION_MNIST_DIR.is_dir() or "skipped" in runs[-1]
