@@ -39,7 +39,6 @@ def test_a_policy_of_ones_own_plugs_into_adaptive_depth_and_matches_the_loop():
     with torch.no_grad():
         block.weight.copy_(torch.eye(4))
         block.bias.zero_()
-        block.bias[0] = 0.0
     depth = adaptnet.AdaptiveDepth(block, FixedSteps(), max_steps=5)
     assert isinstance(depth.halting, adaptnet.HaltingPolicy)
     x = torch.tensor([[0.5, 1, 2, 3], [2.5, 0, 0, 1], [1.5, 1, 1, 1], [9.0, 0, 0, 0]])
