@@ -207,9 +207,9 @@ def test_pondernet_training_uses_the_expected_loss():
     per_step = torch.nn.functional.cross_entropy(out.step_states.flatten(0, 1),
                                                  y.repeat_interleave(5), reduction="none")
     expected = (out.halting * per_step.view(6, 5)).sum(1).mean() + out.aux_loss
-    from adaptnet.train._loop import _cross_entropy, _unpack
+    from adaptnet.train._losses import cross_entropy, unpack
 
-    task, aux, pred, _ = _unpack(out, y, _cross_entropy, True)
+    task, aux, pred, _ = unpack(out, y, cross_entropy, True)
     torch.testing.assert_close(task + aux, expected)
     assert pred is out.output
 

@@ -223,16 +223,18 @@ def test_every_problem_is_reported_at_once_and_bad_data():
         adaptnet.fit(mlp(), (x[:99], y))
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("data", ["tensors", "loader"])
+def test_ddp_two_processes_equal_one_process(tmp_path, data):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    extra = ["--loader"] if data == "loader" else []
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", str(SCRIPT), str(tmp_path / "ddp"),
-                          str(tmp_path / "ddp.safetensors"), "--ddp-model", "--batch", "8"],
-                         env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "ddp.safetensors"), "--ddp-model", "--batch", "8",
+                          *extra], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"),
-                          str(tmp_path / "one.safetensors"), "--ddp-model", "--batch", "16"],
-                         env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "one.safetensors"), "--ddp-model", "--batch", "16",
+                          *extra], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = load_file(tmp_path / "ddp.safetensors"), load_file(tmp_path / "one.safetensors")
     assert a.keys() == b.keys() and "back.weight" not in a  # the tie is stored once

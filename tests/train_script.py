@@ -1,14 +1,21 @@
 """A small training run for the subprocess tests (resume after SIGKILL, DDP under torchrun).
 
     python tests/train_script.py RUN_DIR OUT.safetensors [--resume] [--ddp-model] [--batch N]
+        [--loader]
+
+``--loader``: the data comes from a DataLoader: under torchrun with a shuffling
+``DistributedSampler``; in one process with a batch sampler that yields, per
+step, the union of what the two ranks' samplers yield (fit calls ``set_epoch``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import adaptnet
 
@@ -47,6 +54,35 @@ class Branchy(nn.Module):
         return adaptnet.branch(x[:, 0] > 1.5, self.rare, self.common, h)
 
 
+class Union:
+    """The global batches of a 2-rank ``DistributedSampler`` (batch ``b`` per rank)."""
+
+    def __init__(self, n: int, b: int, seed: int) -> None:
+        self.n, self.b, self.seed, self.epoch = n, b, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // (2 * self.b)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed + self.epoch)).tolist()
+        ranks = perm[0::2], perm[1::2]
+        for i in range(len(self)):
+            yield [j for r in ranks for j in r[i * self.b:(i + 1) * self.b]]
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> DataLoader:
+    data = TensorDataset(x, y)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:  # before the process group exists: name the replicas and the rank
+        return DataLoader(data, batch_size=batch, sampler=DistributedSampler(
+            data, num_replicas=world, rank=rank, seed=7))
+    return DataLoader(data, batch_sampler=Union(len(x), batch // 2, seed=7))
+
+
 def main() -> None:
     run_dir, out = sys.argv[1], sys.argv[2]
     batch = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 16
@@ -54,13 +90,14 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(512, 8), torch.randint(0, 3, (512,))
     model = Branchy() if ddp_model else Net(dropout=0.2)
-    adaptnet.fit(model, (x, y), loss="cross_entropy", optimizer="adamw", lr=3e-3,
+    data = loader(x, y, batch) if "--loader" in sys.argv else (x, y)
+    adaptnet.fit(model, data, loss="cross_entropy", optimizer="adamw", lr=3e-3,
                  weight_decay=0.01, l1=1e-5, clip_grad_norm=1.0, scheduler="StepLR",
                  scheduler_args={"step_size": 40, "gamma": 0.5}, warmup_steps=5,
                  epochs=4 if ddp_model else 12, batch_size=batch, run_dir=run_dir,
                  checkpoint_every=None if ddp_model else 5, resume="--resume" in sys.argv,
                  seed=1)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         adaptnet.save(model, out)
 
 

@@ -1,6 +1,7 @@
-"""The training engine: ``fit``, ``evaluate``, checkpoints and resume, DDP under torchrun."""
+"""The training engine: ``fit`` and ``evaluate``, checkpoints and resume, DDP under torchrun."""
 
 from adaptnet.train._config import TrainConfig
-from adaptnet.train._loop import FitResult, evaluate, fit
+from adaptnet.train._evaluate import evaluate
+from adaptnet.train._loop import FitResult, fit
 
 __all__ = ["FitResult", "TrainConfig", "evaluate", "fit"]

@@ -43,8 +43,8 @@ __all__ = ["checkpoints", "load_latest", "write_checkpoint"]
 _NAME = re.compile(r"step-(\d{9})")
 MANIFEST = "checkpoint.json"
 FILES = ("model.safetensors", "state.pt")
-STATE_KEYS = ("epoch", "batch", "step", "best", "bad_epochs", "skipped", "history", "acc",
-              "optimizer", "scheduler", "rng_torch", "rng_python", "rng_cuda")
+STATE_KEYS = ("epoch", "batch", "step", "best", "bad_epochs", "order", "skipped", "history",
+              "acc", "optimizer", "scheduler", "rng_torch", "rng_python", "rng_cuda")
 
 
 def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],

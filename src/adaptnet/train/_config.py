@@ -42,20 +42,33 @@ def _one_of(value: Any, choices: list[str] | tuple[str, ...], what: str) -> Any:
 class TrainConfig(BaseModel):
     """Everything :func:`adaptnet.fit` needs besides the model and the data.
 
-    Optimizer options apply where the optimizer has them (``momentum`` and
-    ``nesterov`` for SGD, ``momentum`` and ``alpha`` for RMSprop, ``betas`` for
-    Adam/AdamW). ``weight_decay`` goes through :func:`adaptnet.param_groups`
-    (each tensor once; no decay on biases and normalisation layers).
+    ``optimizer`` is one of the names ``sgd``, ``adam``, ``adamw``,
+    ``rmsprop`` (whose options apply where the optimizer has them:
+    ``momentum`` and ``nesterov`` for SGD, ``momentum`` and ``alpha`` for
+    RMSprop, ``betas`` for Adam/AdamW); a ``torch.optim.Optimizer`` class,
+    built as ``cls(groups, lr=lr, **optimizer_args)``; a factory called with
+    the parameter groups (``lambda groups: torch.optim.NAdam(groups, lr=3e-3)``);
+    or an optimizer already built over the model's parameters, used as it is.
+    ``optimizer_args`` go to a name or a class. The groups hold each tensor
+    once (:func:`adaptnet.param_groups`): ``no_decay`` lists the glob patterns
+    of tensors never decayed (default: every bias and every normalisation
+    layer; ``[]`` decays everything, as ``torch.optim.SGD(model.parameters(),
+    weight_decay=...)`` does). With ``weight_decay`` 0, a class or factory
+    keeps its own ``weight_decay`` for the decayed groups.
     ``lr_scale`` maps parameter patterns to learning-rate factors
     (``{"features": 0.1}``: a pretrained backbone learns 10x slower); the first
     pattern matching a tensor wins. ``scheduler`` names a class of
-    ``torch.optim.lr_scheduler`` built with ``scheduler_args``; it and
-    ``warmup_steps`` (linear warmup) step once per optimizer step.
+    ``torch.optim.lr_scheduler`` built with ``scheduler_args``, or is such a
+    class, a factory ``optimizer -> scheduler``, or a scheduler of the
+    optimizer given; it and ``warmup_steps`` (linear warmup, not with a
+    scheduler object) step once per optimizer step. ``batch_keys`` names
+    the inputs and targets of mapping batches (``("image", "label")``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    optimizer: str = "sgd"
+    optimizer: Any = "sgd"
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
     lr: float = 0.01
     lr_scale: dict[str, float] = Field(default_factory=dict)
     momentum: float = Field(0.0, ge=0)
@@ -64,14 +77,16 @@ class TrainConfig(BaseModel):
     alpha: float = Field(0.99, gt=0, le=1)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    no_decay: tuple[str, ...] | None = None
     l1: float = Field(0.0, ge=0)
     clip_grad_norm: float | None = Field(None, gt=0)
-    scheduler: str | None = None
+    scheduler: Any = None
     scheduler_args: dict[str, Any] = Field(default_factory=dict)
     warmup_steps: int = Field(0, ge=0, le=_BIG)
     epochs: int = Field(1, ge=1, le=_BIG)
     batch_size: int = Field(32, ge=1, le=_BIG)
     drop_last: bool = False
+    batch_keys: tuple[str, str] | None = None
     loss: str = "mse"
     metrics: tuple[str, ...] | None = None
     early_stopping: int | None = Field(None, ge=1, le=_BIG)
@@ -88,8 +103,13 @@ class TrainConfig(BaseModel):
 
     @field_validator("optimizer")
     @classmethod
-    def _optimizer(cls, v: str) -> str:
-        return _one_of(v.lower(), OPTIMIZERS, "optimizer")
+    def _optimizer(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _one_of(v.lower(), OPTIMIZERS, "optimizer")
+        if isinstance(v, torch.optim.Optimizer) or callable(v):
+            return v  # an optimizer, a torch.optim class, or a factory
+        raise ValueError(f"expected a name ({', '.join(OPTIMIZERS)}), a torch.optim class, a "
+                         f"factory params -> Optimizer, or an optimizer; got {shown(v)}.")
 
     @field_validator("lr")
     @classmethod
@@ -129,8 +149,20 @@ class TrainConfig(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _scheduler(cls, v: str | None) -> str | None:
-        return None if v is None else _one_of(v, _schedulers(), "scheduler")
+    def _scheduler(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            return _one_of(v, _schedulers(), "scheduler")
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+        if isinstance(v, plateau) or v is plateau:
+            raise ValueError("ReduceLROnPlateau steps on a metric, and fit() steps the "
+                             "schedule once per optimizer step without one; use a schedule "
+                             "such as CosineAnnealingLR, or early_stopping.")
+        if isinstance(v, torch.optim.lr_scheduler.LRScheduler) or callable(v):
+            return v  # a scheduler, an LRScheduler class, or a factory
+        raise ValueError(f"expected a name of torch.optim.lr_scheduler, an LRScheduler class, "
+                         f"a factory optimizer -> scheduler, or a scheduler; got {shown(v)}.")
 
     @field_validator("device")
     @classmethod
@@ -153,16 +185,30 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):  # names only
             raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0, got "
                              f"optimizer={self.optimizer!r}, momentum={self.momentum}.")
         if self.resume and self.run_dir is None:
             raise ValueError("resume=True needs run_dir, the directory holding the checkpoints.")
         if self.checkpoint_every and self.run_dir is None:
             raise ValueError("checkpoint_every needs run_dir, where checkpoints are written.")
-        if self.scheduler_args and self.scheduler is None:
-            raise ValueError("scheduler_args given without a scheduler; name one, e.g. "
-                             "scheduler='StepLR'.")
+        if self.scheduler_args and not isinstance(self.scheduler, str | type):
+            raise ValueError("scheduler_args go to a scheduler name or class, got "
+                             f"scheduler={shown(self.scheduler)}; name one, e.g. "
+                             "scheduler='StepLR', or give the factory its arguments.")
+        if self.optimizer_args and not isinstance(self.optimizer, str | type):
+            raise ValueError("optimizer_args go to an optimizer name or class, got "
+                             f"optimizer={shown(self.optimizer)}; give a factory or an "
+                             "optimizer its arguments itself.")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler) and \
+                self.warmup_steps:
+            raise ValueError("warmup_steps needs a scheduler fit() builds (a name, a class or a "
+                             "factory); a scheduler already built cannot be preceded by one.")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LRScheduler) and \
+                not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise ValueError("a scheduler object belongs to an optimizer; pass that optimizer "
+                             "too (optimizer=opt), or pass the scheduler's class or a "
+                             "factory optimizer -> scheduler.")
         return self
 
     def resolved_metrics(self) -> tuple[str, ...]:

@@ -27,22 +27,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from adaptnet._io import locked_dir, shown
-from adaptnet.dynamic import DynamicResult, count_macs
-from adaptnet.errors import ConfigError, DynamicError, NonFiniteError
+from adaptnet._io import locked_dir
+from adaptnet.errors import ConfigError, NonFiniteError
 from adaptnet.sharing import param_groups
 from adaptnet.train._checkpoint import load_latest, write_checkpoint
-from adaptnet.train._config import METRICS, TrainConfig, config_from
+from adaptnet.train._config import TrainConfig, config_from
+from adaptnet.train._data import Batches, Indexed, Source, source
+from adaptnet.train._evaluate import run_evaluation
 from adaptnet.train._log import RunLog
+from adaptnet.train._losses import LOSSES, LossFn, statistic, unpack
 from adaptnet.train._optim import build_optimizer, build_scheduler
 
-__all__ = ["FitResult", "evaluate", "fit"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["FitResult", "fit"]
 _WIDE = (torch.float32, torch.float64)  # summed as they are; narrower floats in float32
 
 
@@ -76,8 +74,13 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
     Args:
         model: any ``nn.Module``; it may return a tensor, or a ``DepthResult``,
             ``MoEResult`` or ``ExitResult``, whose auxiliary losses are added.
-        train: ``(inputs, targets)`` tensors, a ``TensorDataset``, or any
-            map-style dataset of ``(input, target)`` pairs.
+        train: ``(inputs, targets)`` tensors, a ``TensorDataset`` or any map-style
+            dataset of ``(input, target)`` pairs (adaptnet draws the order and
+            batches by ``batch_size``); or a ``DataLoader``, an
+            ``IterableDataset`` or any re-iterable of ``(inputs, targets)``
+            batches (the loader's own order and batches; mapping batches are
+            read through ``batch_keys``). A one-shot iterator (a generator)
+            serves ``epochs=1`` only.
         val: evaluation data of the same kinds, evaluated after every epoch.
         loss_fn: a ``(prediction, target) -> scalar`` function replacing
             ``config.loss``.
@@ -92,7 +95,13 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data parallel with
     ``DistributedDataParallel``: each optimizer step uses a global batch of
     ``batch_size * world_size`` samples split evenly across ranks; rank 0 logs
-    and writes checkpoints.
+    and writes checkpoints. A ``DataLoader`` must then have a
+    ``DistributedSampler``; fit calls its ``set_epoch`` before each epoch.
+
+    The optimizer is a name, a ``torch.optim`` class, a factory ``params ->
+    Optimizer`` or an optimizer already built over the model's parameters;
+    the scheduler a name, an ``LRScheduler`` class, a factory ``optimizer ->
+    scheduler`` or a scheduler of that optimizer (see :class:`TrainConfig`).
 
     Raises:
         ConfigError: invalid configuration or data, every problem listed;
@@ -124,155 +133,11 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
     return _Trainer(model, config_from(config, options), loss_fn, epoch_start).run(train, val)
 
 
-def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
-             metrics: tuple[str, ...] = ("loss",), batch_size: int = 256) -> dict[str, Any]:
-    """Loss and metrics of ``model`` on ``data`` in eval mode, without gradients.
-
-    Metrics: ``loss``, ``accuracy``, ``perplexity`` (exp of the cross-entropy),
-    ``steps`` (mean executed depth of a ``DepthResult``), ``macs`` (mean
-    multiply-adds executed per sample, from :func:`adaptnet.count_macs`),
-    ``exits`` (fraction of samples leaving at each exit of an ``ExitResult``).
-    """
-    if not callable(loss) and not (isinstance(loss, str) and loss in _LOSSES):
-        raise ConfigError(f"evaluate(): unknown loss {shown(loss)}; expected one of "
-                          f"{', '.join(_LOSSES)}, or a (prediction, target) -> scalar function.")
-    if not isinstance(metrics, tuple | list):
-        raise ConfigError(f"evaluate(): metrics must be a tuple of names, e.g. ('loss', "
-                          f"'accuracy'), got {shown(metrics)}.")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ConfigError(f"evaluate(): unknown metric(s) {', '.join(map(shown, unknown))}; "
-                          f"metrics is a tuple of {', '.join(METRICS)}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"evaluate(): batch_size must be a positive int, got "
-                          f"{shown(batch_size)}.")
-    fn = loss if callable(loss) else _LOSSES[loss]
-    return _evaluate(model, _Data(data, "data"), fn, tuple(metrics), batch_size,
-                     torch.device("cpu"))
-
-
-class _Data:
-    """Indexable training data: tensors (fast path) or a map-style dataset."""
-
-    def __init__(self, data: Any, what: str) -> None:
-        if isinstance(data, TensorDataset):
-            data = data.tensors
-        if isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor)
-                                                          for t in data):
-            lengths = {len(t) for t in data}
-            if len(data) != 2 or len(lengths) != 1:
-                raise ConfigError(f"fit(): {what} must be (inputs, targets) with one row per "
-                                  f"sample, got {len(data)} tensor(s) with "
-                                  f"{sorted(lengths)} rows.")
-            self.tensors, self.dataset, self.n = tuple(data), None, lengths.pop()
-        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
-            self.tensors, self.dataset, self.n = None, data, len(data)
-        else:
-            raise ConfigError(f"fit(): {what} must be (inputs, targets) tensors, a "
-                              f"TensorDataset, or a map-style Dataset, got "
-                              f"{type(data).__name__}.")
-        if self.n == 0:
-            raise ConfigError(f"fit(): {what} is empty.")
-
-    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
-        if self.tensors is not None:
-            x, y = (t[idx] for t in self.tensors)
-        else:
-            x, y = default_collate([self.dataset[int(i)] for i in idx])
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if pred.shape != y.shape:
-        raise ConfigError(f"fit(): loss 'mse' got a prediction of shape {tuple(pred.shape)} "
-                          f"and a target of shape {tuple(y.shape)}; they would broadcast "
-                          "silently. Give the targets the prediction's shape (e.g. "
-                          "y.view(-1, 1)).")
-    return F.mse_loss(pred, y)
-
-
-def _cross_entropy(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if pred.dim() > 2:  # (B, T, V) language-model logits
-        return F.cross_entropy(pred.flatten(0, -2), y.flatten())
-    return F.cross_entropy(pred, y)
-
-
-_LOSSES: dict[str, LossFn] = {"mse": _mse, "cross_entropy": _cross_entropy,
-                              "bce_with_logits": F.binary_cross_entropy_with_logits}
-
-
-def _per_sample(fn: LossFn) -> LossFn | None:
-    """The built-in loss ``fn`` with one value per row (for PonderNet's expected loss), or None.
-
-    A custom ``loss_fn`` returns one number per batch, so it has none.
-    """
-    if fn is _cross_entropy:
-        return lambda pred, y: F.cross_entropy(pred, y, reduction="none")
-    if fn is _mse or fn is F.binary_cross_entropy_with_logits:
-        plain = F.mse_loss if fn is _mse else F.binary_cross_entropy_with_logits
-
-        def per_row(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            if pred.shape != y.shape:
-                raise ConfigError(f"fit(): the prediction per step has shape "
-                                  f"{tuple(pred.shape[1:])} and the target "
-                                  f"{tuple(y.shape[1:])}; they must match.")
-            return plain(pred, y, reduction="none").flatten(1).mean(1)
-        return per_row
-    return None
-
-
-def _loss(fn: LossFn, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``fn(pred, y)``; a prediction and targets that do not fit is a ConfigError."""
-    try:
-        return fn(pred, y)
-    except (IndexError, ValueError, RuntimeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(
-            f"fit(): the loss cannot compare the model's output {tuple(pred.shape)} "
-            f"{str(pred.dtype).removeprefix('torch.')} with the targets {tuple(y.shape)} "
-            f"{str(y.dtype).removeprefix('torch.')} ({type(e).__name__}: "
-            f"{(str(e).splitlines() or [''])[0][:200]}). Check that the model's outputs "
-            "match the data (e.g. num_classes covers every label) and the loss fits the "
-            "task.") from None
-
-
-def _unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Any]:
-    """(task loss, auxiliary loss, prediction, the raw result) of one forward pass.
-
-    A tensor is the prediction; anything else must implement ``DynamicResult``.
-    Training uses the result's own ``task_loss`` (BranchyNet's joint loss,
-    PonderNet's expected loss); evaluation compares ``prediction`` alone.
-    """
-    if isinstance(out, torch.Tensor):
-        return _loss(fn, out, y), None, out, out
-    if not isinstance(out, DynamicResult):
-        raise ConfigError(f"fit(): the model returned {type(out).__name__}; it must return a "
-                          "tensor or a DynamicResult (prediction, aux_loss, task_loss, "
-                          "statistics), as adaptnet's dynamic modules do.")
-    pred = out.prediction
-    if not training:
-        return _loss(fn, pred, y), None, pred, out
-    aux = out.aux_loss
-    try:
-        task = _loss(lambda _, target: out.task_loss(target, fn, _per_sample(fn)), pred, y)
-    except DynamicError as e:
-        raise ConfigError(f"fit(): {e} Use a built-in loss ('cross_entropy', 'mse' or "
-                          "'bce_with_logits').") from None
-    return task, aux if isinstance(aux, torch.Tensor) else None, pred, out
-
-
-def _statistic(out: Any, name: str) -> torch.Tensor | None:
-    """A per-sample statistic of a DynamicResult (``steps``, ``exit_index``), or None."""
-    return out.statistics().get(name) if isinstance(out, DynamicResult) else None
-
-
 class _Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, loss_fn: LossFn | None,
                  epoch_start: Callable[[int], Any] | None = None) -> None:
         self.model, self.cfg, self.epoch_start = model, cfg, epoch_start
-        self.fn = loss_fn or _LOSSES[cfg.loss]
+        self.fn = loss_fn or LOSSES[cfg.loss]
         self.metrics = cfg.resolved_metrics()
         self.accuracy, self.steps = "accuracy" in self.metrics, "steps" in self.metrics
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -286,8 +151,20 @@ class _Trainer:
 
     def run(self, train: Any, val: Any) -> FitResult:
         cfg = self.cfg
-        data = _Data(train, "train")
-        val_data = _Data(val, "val") if val is not None else None
+        keys, epochs = cfg.batch_keys, cfg.epochs
+        data = source(train, "train", keys=keys, batch_size=cfg.batch_size, reads=epochs,
+                      caller="fit()")
+        val_data = None if val is None else source(val, "val", keys=keys, reads=epochs,
+                                                   batch_size=cfg.batch_size, caller="fit()")
+        if self.world > 1:
+            for what, d in (("train", data), ("val", val_data)):
+                if isinstance(d, Batches) and not d.distributed():
+                    raise ConfigError(
+                        f"fit(): under torchrun (WORLD_SIZE={self.world}) {what} is a "
+                        f"{type(d.data).__name__} without a DistributedSampler, so every "
+                        "rank would train on the same batches. Build the DataLoader with "
+                        "sampler=torch.utils.data.DistributedSampler(dataset), or pass the "
+                        "tensors or the Dataset and let fit() split each batch.")
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         lock = locked_dir(cfg.run_dir) if cfg.run_dir is not None and self.rank == 0 else \
@@ -298,11 +175,12 @@ class _Trainer:
         finally:
             torch.use_deterministic_algorithms(deterministic)
 
-    def _run(self, data: _Data, val: _Data | None) -> FitResult:
+    def _run(self, data: Source, val: Source | None) -> FitResult:
         cfg, model = self.cfg, self.model
         self._setup()
         result = FitResult()
-        pos = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "bad_epochs": 0}
+        pos = {"epoch": 0, "batch": 0, "step": 0, "best": math.inf, "bad_epochs": 0,
+               "order": None}
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, correct, depth sum
         torch.manual_seed(cfg.seed)
         if cfg.resume:
@@ -339,8 +217,7 @@ class _Trainer:
         self.opt = build_optimizer(model, cfg, frozen=schedule)
         self.sched = build_scheduler(self.opt, cfg)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.names = {id(p): n for g in self.opt.param_groups
-                      for p, n in zip(g["params"], g["param_names"], strict=True)}
+        self.names = {id(p): n for n, p in model.named_parameters()}
         self._watch_buffers()
         self.l1 = [p for g in param_groups(model, weight_decay=1.0, frozen=schedule)
                    if g["weight_decay"] for p in g["params"]] if cfg.l1 else []
@@ -357,32 +234,37 @@ class _Trainer:
         self.buffers = list(unique.values())  # persistent ones: masks and caches are not state
         self.saved = [torch.empty_like(b) for b in self.buffers]
 
-    def _epochs(self, data: _Data, val: _Data | None, pos: dict, acc: torch.Tensor,
+    def _epochs(self, data: Source, val: Source | None, pos: dict, acc: torch.Tensor,
                 result: FitResult, log: RunLog) -> None:
         cfg = self.cfg
         per_step = cfg.batch_size * self.world
         for epoch in range(pos["epoch"], cfg.epochs):
-            order = torch.randperm(data.n, generator=torch.Generator().manual_seed(
-                cfg.seed * 1_000_003 + epoch))
-            batches = list(order.split(per_step))
-            if cfg.drop_last and len(batches) > 1 and len(batches[-1]) < per_step:
-                batches.pop()
             start = pos["batch"] if epoch == pos["epoch"] else 0
-            log.epoch_start(epoch, len(batches), start)
+            if isinstance(data, Indexed):
+                total: int | None = data.length(per_step, cfg.drop_last)
+                batches = data.epoch(epoch, cfg.seed, per_step, cfg.drop_last, start,
+                                     self.world, self.rank, self.device)
+            else:  # the order a resumed epoch was drawn from, or the current one's
+                total = data.length()
+                order = pos["order"] if start else None
+                pos["order"] = order or data.state()
+                batches = data.epoch(epoch, start, order, self.device)
+            log.epoch_start(epoch, total, start)
             if self.epoch_start is not None:
                 self.epoch_start(epoch)
                 self._watch_buffers()  # a schedule may swap modules (e.g. FrozenBatchNorm)
             self.model.train()
-            every = max(1, len(batches) // 50)
-            for b in range(start, len(batches)):
-                idx = batches[b] if self.world == 1 else \
-                    batches[b].tensor_split(self.world)[self.rank]
-                loss = self._step(*data.batch(idx, self.device), pos, result)
+            every = max(1, (total or 0) // 50)
+            b = start
+            for b, (x, y) in enumerate(batches, start + 1):
+                loss = self._step(x, y, pos, result)
                 pos["step"] += 1
-                if (b + 1) % every == 0 or b + 1 == len(batches):
-                    log.step(b + 1, len(idx) * every, loss if log.progress else None)
+                if b % every == 0 or b == total:
+                    log.step(b, len(y) * every, loss if log.progress else None)
                 if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0:
-                    result.checkpoint = self._checkpoint(epoch, b + 1, pos, acc, result)
+                    result.checkpoint = self._checkpoint(epoch, b, pos, acc, result)
+            if b == start and not start:
+                raise ConfigError(f"fit(): {data.what} yielded no batch in epoch {epoch + 1}.")
             row = self._epoch_end(epoch, val, acc, pos)
             acc.zero_()
             result.history.append(row)
@@ -402,7 +284,7 @@ class _Trainer:
         cfg = self.cfg
         for saved, b in zip(self.saved, self.buffers, strict=True):
             saved.copy_(b)
-        task, aux, pred, out = _unpack(self.net(x), y, self.fn, True)
+        task, aux, pred, out = unpack(self.net(x), y, self.fn, True)
         loss = task if aux is None else task + aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -429,7 +311,7 @@ class _Trainer:
                 _, _, correct, steps = self.slots
                 if self.accuracy:
                     correct.add_((pred.argmax(-1) == y).sum())
-                counted = _statistic(out, "steps") if self.steps else None
+                counted = statistic(out, "steps") if self.steps else None
                 if counted is not None:
                     steps.add_(counted.sum())
         return value
@@ -461,7 +343,7 @@ class _Trainer:
             + ". Lower the learning rate, clip gradients (clip_grad_norm=1.0), or skip such "
             "batches (nonfinite='skip').", step=pos["step"], parameters=bad, checkpoint=kept)
 
-    def _epoch_end(self, epoch: int, val: _Data | None, acc: torch.Tensor, pos: dict) -> dict:
+    def _epoch_end(self, epoch: int, val: Source | None, acc: torch.Tensor, pos: dict) -> dict:
         self._flush(acc)
         if self.world > 1:
             dist.all_reduce(acc)
@@ -476,7 +358,7 @@ class _Trainer:
         if "steps" in self.metrics:
             row["train/steps"] = float(acc[3]) / count
         if val is not None:
-            values = _evaluate(self.model, val, self.fn, self.metrics, self.cfg.batch_size,
+            values = run_evaluation(self.model, val, self.fn, self.metrics, self.cfg.batch_size,
                                self.device)
             row |= {f"val/{k}": v for k, v in values.items()}
             self.model.train()
@@ -499,7 +381,7 @@ class _Trainer:
         if self.rank != 0:
             return None
         state = {"format": 1, "epoch": epoch, "batch": batch, "step": pos["step"],
-                 "best": pos["best"], "bad_epochs": pos["bad_epochs"],
+                 "best": pos["best"], "bad_epochs": pos["bad_epochs"], "order": pos["order"],
                  "skipped": result.skipped, "history": result.history, "acc": acc.clone(),
                  "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict() if self.sched is not None else None,
@@ -518,7 +400,7 @@ class _Trainer:
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         pos.update(epoch=state["epoch"], batch=state["batch"], step=state["step"],
-                   best=state["best"], bad_epochs=state["bad_epochs"])
+                   best=state["best"], bad_epochs=state["bad_epochs"], order=state["order"])
         result.history = list(state["history"])
         result.skipped = state["skipped"]
 
@@ -540,49 +422,3 @@ def _l1_grad(params: list[torch.Tensor], strength: float) -> None:
             else:
                 p.grad.add_(torch.sign(p), alpha=strength)
 
-
-def _evaluate(model: nn.Module, data: _Data, fn: LossFn, metrics: tuple[str, ...],
-              batch_size: int, device: torch.device) -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    total, count, correct, steps, macs = 0.0, 0, 0, 0.0, 0
-    exits: torch.Tensor | None = None
-    with torch.no_grad():
-        for idx in torch.arange(data.n).split(batch_size):
-            x, y = data.batch(idx, device)
-            if "macs" in metrics:
-                with count_macs() as counted:
-                    raw = model(x)
-                macs += counted.total
-            else:
-                raw = model(x)
-            task, _, pred, out = _unpack(raw, y, fn, False)
-            total += float(task) * len(y)
-            count += len(y)
-            if "accuracy" in metrics:
-                correct += int((pred.argmax(-1) == y).sum())
-            counted = _statistic(out, "steps") if "steps" in metrics else None
-            if counted is not None:
-                steps += float(counted.double().sum())
-            index = _statistic(out, "exit_index") if "exits" in metrics else None
-            if index is not None:
-                counts = torch.bincount(index.cpu())
-                exits = counts if exits is None else _add(exits, counts)
-    model.train(was_training)
-    values: dict[str, Any] = {"loss": total / count}
-    if "accuracy" in metrics:
-        values["accuracy"] = correct / count
-    if "perplexity" in metrics:
-        values["perplexity"] = math.exp(min(values["loss"], 700))
-    if "steps" in metrics:
-        values["steps"] = steps / count
-    if "macs" in metrics:
-        values["macs"] = macs / count
-    if "exits" in metrics and exits is not None:
-        values["exits"] = {str(i): float(c) / count for i, c in enumerate(exits.tolist())}
-    return values
-
-
-def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    n = max(len(a), len(b))
-    return F.pad(a, (0, n - len(a))) + F.pad(b, (0, n - len(b)))
