@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from adaptnet._table import show, table
 from adaptnet.errors import AdaptnetError, RunDirError
 
 app = typer.Typer(help="Dynamic neural networks with shared and tied weights: train, evaluate "
@@ -74,17 +74,15 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
 
 
 def _print_results(values: dict) -> None:
-    table = Table(title=f"{values['recipe']}: test", title_justify="left")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
+    rows = []
     for key, value in values["test"].items():
         if isinstance(value, dict):
             value = " ".join(f"{k}:{v:.0%}" for k, v in value.items())
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    table.add_row("unique params", f"{values['params']['unique']:,}")
-    table.add_row("trainable params", f"{values['params']['trainable']:,}")
-    table.add_row("train seconds", f"{values['train_seconds']:.1f}")
-    out.print(table)
+        rows.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    rows += [("unique params", f"{values['params']['unique']:,}"),
+             ("trainable params", f"{values['params']['trainable']:,}"),
+             ("train seconds", f"{values['train_seconds']:.1f}")]
+    show(out, table(f"{values['recipe']}: test", ("measure", "value"), rows, numbers=[1]))
 
 
 @app.command("eval")
@@ -95,12 +93,10 @@ def eval_(run: Annotated[Path, typer.Argument(help="A run directory made by `ada
 
     with _errors():
         values = evaluate_run(run, split)
-    table = Table(title=f"{values.pop('recipe')}: {values.pop('split')}", title_justify="left")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in values.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
-    out.print(table)
+    title = f"{values.pop('recipe')}: {values.pop('split')}"
+    show(out, table(title, ("measure", "value"), [
+        (key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
+        for key, value in values.items()], numbers=[1]))
 
 
 @app.command()
@@ -146,13 +142,7 @@ def _print_compare(rows: list[dict], target: Path, title: str) -> None:
 
     report = write_compare(target, title)
     head, *body = compare_table(rows)
-    table = Table(title=title, title_justify="left")
-    for i, h in enumerate(head):
-        table.add_column(h, justify="left" if i == 0 else "right",
-                         overflow="fold" if i == 0 else "ellipsis")
-    for r in body:
-        table.add_row(*r)
-    out.print(table)
+    show(out, table(title, head, body, numbers=range(1, len(head))))
     out.print(f"report: {report}\nplot: {target / 'compare.png'}")
 
 
@@ -161,12 +151,8 @@ def recipes() -> None:
     """List the shipped recipes."""
     from adaptnet.recipes import shipped_recipes
 
-    table = Table(title="shipped recipes (adaptnet train NAME)", title_justify="left")
-    table.add_column("name")
-    table.add_column("description")
-    for name, text in shipped_recipes().items():
-        table.add_row(name, text)
-    out.print(table)
+    show(out, table("shipped recipes (adaptnet train NAME)", ("name", "description"),
+                    list(shipped_recipes().items())))
 
 
 @app.command()
@@ -174,12 +160,8 @@ def models() -> None:
     """List the model zoo's builders."""
     from adaptnet.models import MODELS, describe
 
-    table = Table(title="model zoo (model.name in a recipe)", title_justify="left")
-    table.add_column("name")
-    table.add_column("description")
-    for name in MODELS:
-        table.add_row(name, describe(name))
-    out.print(table)
+    show(out, table("model zoo (model.name in a recipe)", ("name", "description"),
+                    [(name, describe(name)) for name in MODELS]))
 
 
 @app.command()
@@ -195,15 +177,12 @@ def demo(out_dir: Annotated[Path | None, typer.Option(
               "split and timing both networks side by side...")
     with _errors():
         result = flagship(target, limit=limit)
-    table = Table(title="demo: MNIST-1D test split; batched (256) CPU inference, ms per 1,000 "
-                  "samples at 1 and 2 threads (T)", title_justify="left")
-    for i, h in enumerate(("network", "params", "accuracy", "MACs/sample", "ms/1k, 1T",
-                           "ms/1k, 2T")):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in result.rows:
-        table.add_row(r.variant, f"{r.params:,}", f"{100 * r.accuracy:.1f}%", f"{r.macs:,.0f}",
-                      *(f"{r.ms_per_1k[t]:.1f}" for t in sorted(r.ms_per_1k)))
-    out.print(table)
+    rows = [(r.variant, f"{r.params:,}", f"{100 * r.accuracy:.1f}%", f"{r.macs:,.0f}",
+             *(f"{r.ms_per_1k[t]:.1f}" for t in sorted(r.ms_per_1k))) for r in result.rows]
+    show(out, table("demo: MNIST-1D test split; batched (256) CPU inference, ms per 1,000 "
+                    "samples at 1 and 2 threads (T)", ("network", "params", "accuracy",
+                                                       "MACs/sample", "ms/1k, 1T", "ms/1k, 2T"),
+                    rows, numbers=range(1, 6)))
     plain, fast = result.rows
     shares = " / ".join(f"{100 * s:.0f}%" for s in fast.exit_shares)
     speed = ", ".join(f"{v:.2f}x at {t} thread{'s' if t > 1 else ''}"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from adaptnet.errors import ModelError
@@ -42,8 +44,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def describe(name: str) -> str:
-    """The builder's one-line description."""
-    return (inspect.getdoc(_builder(name)) or "").splitlines()[0]
+    """The builder's one-line description, as plain text (no reST markup)."""
+    line = (inspect.getdoc(_builder(name)) or "").splitlines()[0]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", line).replace("``", "")
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
@@ -55,8 +58,13 @@ def _builder(name: str) -> Callable[..., nn.Module]:
     return MODELS[name]
 
 
-def build(name: str, **kwargs: Any) -> nn.Module:
+def build(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """Build zoo model ``name`` with keyword arguments ``kwargs``.
+
+    ``seed`` draws the initial weights from ``torch.manual_seed(seed)`` inside
+    a forked random state, so the same seed gives the same weights and the
+    caller's random state is left as it was; without it the weights come from
+    the global random state.
 
     Raises:
         ModelError: unknown model, unknown argument (with the accepted ones), or
@@ -74,8 +82,15 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ModelError(f"model {name!r}: unknown argument(s) {', '.join(unknown)}; it accepts "
                          f"{', '.join(params)}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or
+                             not 0 <= seed < 2**63):
+        raise ModelError(f"model {name!r}: seed must be a non-negative int, got {seed!r}.")
     try:
-        return fn(**kwargs)
+        if seed is None:
+            return fn(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fn(**kwargs)
     except ModelError:
         raise
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError) as e:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
-from rich.console import Console, Group
-from rich.table import Table
+from rich.console import Group
 from rich.text import Text
 from torch import nn
 from torch.nn.utils import parametrize
 
+from adaptnet._table import render, table
 from adaptnet.sharing._discover import TieGroup, ties
 from adaptnet.sharing._slots import Slot, group_by_tensor, iter_slots, relative_transform
 
@@ -78,20 +77,19 @@ class Summary:
         return {**asdict(self), "saving_ratio": self.saving_ratio}
 
     def __rich__(self) -> Group:
-        table = Table(title=f"{self.model}: parameters", title_justify="left")
         frozen = self.frozen > 0  # the column appears once something is frozen
-        for col, justify in (("module", "left"), ("type", "left"), ("per use", "right"),
-                             ("unique", "right"), ("trainable", "right"),
-                             *([("frozen", "right")] if frozen else []), ("shares", "left")):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
-        for r in self.rows:
-            table.add_row(r.name or "(root)", r.type, f"{r.per_use:,}", f"{r.unique:,}",
-                          f"{r.trainable:,}", *([f"{r.frozen:,}"] if frozen else []),
-                          "\n".join(r.shared))
-        table.add_section()
-        table.add_row("total", "", f"{self.per_use:,}", f"{self.unique:,}",
-                      f"{self.trainable:,}", *([f"{self.frozen:,}"] if frozen else []), "")
-        return Group(table, Text(self._caption()))
+        header = ("module", "type", "per use", "unique", "trainable",
+                  *(("frozen",) if frozen else ()), "shares")
+        rows = [(r.name or "(root)", r.type, f"{r.per_use:,}", f"{r.unique:,}",
+                 f"{r.trainable:,}", *([f"{r.frozen:,}"] if frozen else []),
+                 "\n".join(r.shared)) for r in self.rows]
+        total = ("total", "", f"{self.per_use:,}", f"{self.unique:,}", f"{self.trainable:,}",
+                 *([f"{self.frozen:,}"] if frozen else []), "")
+        out = table(f"{self.model}: parameters", header, [*rows, total],
+                    numbers=range(2, len(header) - 1))
+        if len(out.rows) > 1:
+            out.rows[-2].end_section = True  # a rule above the total
+        return Group(out, Text(self._caption()))
 
     def _caption(self) -> str:
         declared = sum(all(m.declared for m in g.members) for g in self.groups)
@@ -101,9 +99,8 @@ class Summary:
                 f"{declared} declared")
 
     def __str__(self) -> str:
-        buf = io.StringIO()
-        Console(file=buf, width=120, color_system=None, force_terminal=False).print(self)
-        return buf.getvalue().rstrip()
+        """The table as plain text at the terminal's width (``COLUMNS``)."""
+        return render(self)
 
 
 def summary(model: nn.Module) -> Summary:

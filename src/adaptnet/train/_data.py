@@ -61,6 +61,8 @@ def source(data: Any, what: str, *, keys: tuple[str, str] | None, batch_size: in
 
 
 def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):  # the common case, without a pytree walk
+        return value.to(device, non_blocking=True)
     return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor)
                     else t, value)
 
@@ -191,6 +193,9 @@ class Batches:
 
     def split(self, batch: Any, index: int, device: torch.device) -> tuple[Any, Any]:
         """``(inputs, targets)`` of one batch, on ``device``."""
+        if type(batch) in (tuple, list) and len(batch) == 2 and \
+                isinstance(batch[1], torch.Tensor) and batch[1].dim():  # the common case
+            return _to(batch[0], device), batch[1].to(device, non_blocking=True)
         if isinstance(batch, Mapping):
             if self.keys is None:
                 raise ConfigError(
