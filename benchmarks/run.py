@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last.
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "demo",
-              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
+              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer",
+              "transfer_resnet"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:

@@ -118,6 +118,66 @@ def test_torchvision_resnet18_from_a_weights_file_frozen_with_a_new_head(tmp_pat
     assert torch.equal(model.layer4[1].conv2.weight, before)  # the backbone stayed frozen
 
 
+def test_seed_printout_on_the_real_resnet18():
+    """Seed 002's listing — names, sizes, requires_grad after freezing and replacing ``fc`` —
+    on torchvision's ResNet-18: by hand and with adaptnet, the same."""
+    import torchvision
+
+    torch.manual_seed(0)
+    textbook = torchvision.models.resnet18(weights=None)
+    for p in textbook.parameters():
+        p.requires_grad = False
+    textbook.fc = nn.Linear(textbook.fc.in_features, 10)
+    torch.manual_seed(0)
+    ours = load_backbone("resnet18")
+    adaptnet.freeze(ours, "*")
+    replace_head(ours, 10)
+
+    def listing(m: nn.Module) -> list[str]:
+        return [f"{n} {tuple(p.size())} {p.requires_grad}" for n, p in m.named_parameters()]
+
+    assert listing(ours) == listing(textbook)
+    assert listing(ours)[0] == "conv1.weight (64, 3, 7, 7) False"
+    assert listing(ours)[-2:] == ["fc.weight (10, 512) True", "fc.bias (10,) True"]
+    assert len(listing(ours)) == 62
+    for a, b in zip(ours.state_dict().values(), textbook.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # same seed, same weights: the same network
+
+
+@pytest.mark.parametrize(("name", "head", "first", "last"), [
+    ("mobilenet_v3_small", "classifier.3", "features", "classifier"),
+    ("vit_b_16", "heads.head", "class_token", "heads"),
+    ("resnet18", "fc", "conv1", "fc"),
+])
+def test_torchvision_classes_heads_and_freezing(name, head, first, last):
+    """Head finding and freezing on torchvision's own classes, not look-alikes."""
+    model = load_backbone(name)
+    assert find_head(model) == head
+    names = blocks(model)
+    assert names[0] == first and names[-1] == last
+    freeze_blocks(model, 1)
+    new = replace_head(model, 7)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(n.startswith(last + ".") for n in trainable)  # the last block alone trains
+    assert trainable[-2:] == [f"{head}.weight", f"{head}.bias"] and new.out_features == 7
+    if name == "mobilenet_v3_small":  # its last block is the whole classifier: 2 Linears
+        assert trainable[:2] == ["classifier.0.weight", "classifier.0.bias"]
+    if name != "vit_b_16":  # ViT-B/16 wants 224x224 inputs: 17 GFLOPs, left out
+        assert model.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_zoo_resnet18_takes_28x28_single_channel_images():
+    net = build("resnet18", num_classes=5, in_channels=1, small_input=True, seed=0)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert net.conv1.in_channels == 1 and net.fc.out_features == 5
+    assert net.eval()(torch.rand(3, 1, 28, 28)).shape == (3, 5)
+    with adaptnet.count_macs() as counted:
+        net(torch.rand(1, 1, 28, 28))
+    assert 1.0e8 < counted.total < 1.5e8  # layer1 at 14x14: about 122M multiply-adds
+    with pytest.raises(ModelError, match=r"in_channels must be a positive int"):
+        build("resnet18", in_channels=0)
+
+
 # ----------------------------------------------------------------------------- heads and blocks
 
 

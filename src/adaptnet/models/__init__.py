@@ -43,6 +43,7 @@ from adaptnet.models._transformer import (
     albert_encoder,
     universal_transformer,
 )
+from adaptnet.models._vision import resnet18
 
 __all__ = [
     "MODELS",
@@ -72,6 +73,7 @@ __all__ = [
     "mlp",
     "moe_mlp",
     "pondernet_gru",
+    "resnet18",
     "reused_layer",
     "shared_scale_net",
     "siamese",

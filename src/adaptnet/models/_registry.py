@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adaptnet.errors import ModelError
-from adaptnet.models import _adaptive, _baselines, _shared, _textbook, _transformer
+from adaptnet.models import _adaptive, _baselines, _shared, _textbook, _transformer, _vision
 
 __all__ = ["MODELS", "build", "describe"]
 
@@ -40,6 +40,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "early_exit_cnn": _adaptive.early_exit_cnn,
     "moe_mlp": _adaptive.moe_mlp,
     "adaptive_depth_mlp": _adaptive.adaptive_depth_mlp,
+    # torchvision's (the vision extra)
+    "resnet18": _vision.resnet18,
 }
 
 
