@@ -21,8 +21,7 @@ from pathlib import Path
 
 from _common import parse_args, publish, show, spread, table
 
-from adaptnet.recipes import compare, load_recipe
-from adaptnet.recipes._run import pretrain
+from adaptnet.recipes import compare, load_recipe, pretrain
 
 VARIANTS = {
     "frozen backbone, new head": {"transfer.mode": "frozen"},

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from _common import parse_args, publish, show, spread, table
 
-from adaptnet.recipes import compare, load_recipe
-from adaptnet.recipes._run import pretrain
+from adaptnet.recipes import compare, load_recipe, pretrain
 
 RECIPE = "transfer-fashion-resnet18"
 VARIANTS = {

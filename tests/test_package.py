@@ -10,6 +10,7 @@ import pkgutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import adaptnet
 
@@ -58,3 +59,36 @@ def test_docstring_examples_run(tmp_path, monkeypatch):
         attempted += result.attempted
     assert attempted >= 20
     assert os.listdir(tmp_path) == []
+
+
+def test_no_private_import_across_packages_and_layers_point_down():
+    """``from adaptnet.<pkg>._x`` only inside ``<pkg>``; the ground floor (``adaptnet._*``,
+    ``errors``) and each package's public names serve everyone else; no import goes up."""
+    import ast
+
+    src = Path(adaptnet.__file__).parent
+    above = {  # a package may not import these (they sit above it in DESIGN.md's layers)
+        "sharing": {"train", "recipes", "transfer", "models", "cli", "report", "data"},
+        "dynamic": {"train", "recipes", "transfer", "models", "cli", "report", "data"},
+        "init": {"train", "recipes", "transfer", "models", "cli", "report", "data"},
+        "train": {"recipes", "transfer", "models", "cli", "report"},
+        "transfer": {"recipes", "cli", "train"},
+        "models": {"recipes", "train", "transfer", "cli", "data", "report"},
+        "data": {"recipes", "train", "transfer", "models", "cli", "report", "sharing"},
+        "report": {"recipes", "train", "transfer", "models", "cli", "data", "sharing"},
+    }
+    bad = []
+    for path in src.rglob("*.py"):
+        rel = path.relative_to(src).parts
+        home = rel[0] if len(rel) > 1 else None
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                    "adaptnet."):
+                continue
+            parts = node.module.split(".")
+            pkg = parts[1]
+            if len(parts) > 2 and parts[2].startswith("_") and pkg != home:
+                bad.append(f"{'/'.join(rel)}: private {node.module}")
+            if home in above and pkg in above[home]:
+                bad.append(f"{'/'.join(rel)}: imports {node.module}, a layer above {home}")
+    assert not bad, "\n".join(bad)

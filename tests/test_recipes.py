@@ -25,8 +25,8 @@ from adaptnet.recipes import (
     shipped_recipes,
     train_recipe,
     validate_recipe,
+    variants,
 )
-from adaptnet.recipes._run import variants
 
 SHIPPED = sorted(shipped_recipes())
 QUICK = ["train.epochs=1"]

@@ -60,6 +60,7 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
 
     with _errors():
         name, parsed = load_recipe(recipe, overrides or [])
+        _say_user_code(parsed)
         if resume and run_dir is None:
             raise AdaptnetError("--resume needs --run-dir, the run to continue.")
         if run_dir is not None and run_dir.resolve() == Path.cwd().resolve():
@@ -85,13 +86,23 @@ def _print_results(values: dict) -> None:
     show(out, table(f"{values['recipe']}: test", ("measure", "value"), rows, numbers=[1]))
 
 
+def _say_user_code(recipe) -> None:
+    """Name the module a recipe's ``model.builder`` imports: it runs the user's code."""
+    from adaptnet.recipes import builder_source
+
+    source = builder_source(recipe.model)
+    if source is not None:
+        out.print(f"model.builder runs your code: {source}")
+
+
 @app.command("eval")
 def eval_(run: Annotated[Path, typer.Argument(help="A run directory made by `adaptnet train`.")],
           split: Annotated[str, typer.Option(help="train, valid or test.")] = "test") -> None:
     """Evaluate a trained run on a split of its dataset."""
-    from adaptnet.recipes import evaluate_run
+    from adaptnet.recipes import evaluate_run, read_run_config
 
     with _errors():
+        _say_user_code(read_run_config(run)[2])
         values = evaluate_run(run, split)
     title = f"{values.pop('recipe')}: {values.pop('split')}"
     show(out, table(title, ("measure", "value"), [
@@ -104,8 +115,7 @@ def summary(target: Annotated[str, typer.Argument(
         help="A recipe (file or shipped name) or a run directory.")],
             overrides: Overrides = None) -> None:
     """Print the sharing-aware parameter table of a recipe's or run's model."""
-    from adaptnet.recipes import load_recipe, prepare
-    from adaptnet.recipes._run import read_run_config
+    from adaptnet.recipes import load_recipe, prepare, read_run_config
     from adaptnet.sharing import summary as summarize
 
     with _errors():
@@ -113,6 +123,7 @@ def summary(target: Annotated[str, typer.Argument(
             parsed = read_run_config(Path(target))[2]
         else:
             parsed = load_recipe(target, overrides or [])[1]
+        _say_user_code(parsed)
         _, model, _ = prepare(parsed, limit=1)
         out.print(summarize(model))
 
@@ -128,7 +139,7 @@ def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped
             limit: Limit = None) -> None:
     """Train variants of a recipe side by side; print one table and write a plot."""
     from adaptnet.recipes import compare as run_compare
-    from adaptnet.recipes._run import variants
+    from adaptnet.recipes import variants
 
     with _errors():
         name = Path(recipe).stem

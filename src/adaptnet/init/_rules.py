@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet._tree import matches, suggest, walk
 from adaptnet.errors import InitError, SelectionError
 from adaptnet.init._schemes import Scheme, parse_scheme
-from adaptnet.sharing._slots import Slot, group_by_tensor, iter_slots, matches, suggest, walk
+from adaptnet.sharing import Slot, group_by_tensor, iter_slots
 
 __all__ = ["InitReport", "InitRow", "init_report", "initialize"]
 

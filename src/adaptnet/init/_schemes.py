@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet._tree import suggest
 from adaptnet.errors import InitError
-from adaptnet.sharing._slots import suggest
 
 __all__ = ["SCHEMES", "Scheme", "parse_scheme"]
 

@@ -1,17 +1,12 @@
 """YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
 
+from adaptnet.recipes._build import builder_source
+from adaptnet.recipes._compare import compare, variants
 from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
-from adaptnet.recipes._run import (
-    RunResult,
-    compare,
-    evaluate_run,
-    load_recipe,
-    load_run,
-    prepare,
-    shipped_recipes,
-    time_together,
-    train_recipe,
-)
+from adaptnet.recipes._lookup import load_recipe, shipped_recipes
+from adaptnet.recipes._measure import time_together
+from adaptnet.recipes._prepare import RunRecipe, load_run, prepare, read_run_config
+from adaptnet.recipes._run import RunResult, evaluate_run, pretrain, train_recipe
 from adaptnet.recipes._schema import (
     Recipe,
     apply_overrides,
@@ -24,8 +19,10 @@ __all__ = [
     "DemoResult",
     "DemoRow",
     "Recipe",
+    "RunRecipe",
     "RunResult",
     "apply_overrides",
+    "builder_source",
     "compare",
     "evaluate_run",
     "flagship",
@@ -33,9 +30,12 @@ __all__ = [
     "load_run",
     "parse_overrides",
     "prepare",
+    "pretrain",
     "read_recipe",
+    "read_run_config",
     "shipped_recipes",
     "time_together",
     "train_recipe",
     "validate_recipe",
+    "variants",
 ]

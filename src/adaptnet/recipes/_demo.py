@@ -22,7 +22,9 @@ from adaptnet import sharing
 from adaptnet._io import atomic_path
 from adaptnet.dynamic import EarlyExit, calibrate_exits
 from adaptnet.errors import DynamicError
-from adaptnet.recipes._run import compare, load_run, time_together
+from adaptnet.recipes._compare import compare
+from adaptnet.recipes._measure import time_together
+from adaptnet.recipes._prepare import load_run
 from adaptnet.train import evaluate
 
 RECIPE = "mnist1d-early-exit"

@@ -16,10 +16,18 @@ import typing
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from adaptnet._io import short, shown
 from adaptnet.data import DATASETS, TRANSFORMS
@@ -46,6 +54,45 @@ class Named(BaseModel):
     name: str
 
 
+class ModelSpec(BaseModel):
+    """``name`` of a zoo builder, or ``builder: "package.module:function"`` of your own, plus
+    its keyword arguments (checked against its signature)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    builder: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSpec:
+        if (self.name is None) == (self.builder is None):
+            raise ValueError("give exactly one of name (a zoo model) and builder "
+                             "('package.module:function', your own)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The zoo name or the builder path."""
+        return self.name if self.name is not None else str(self.builder)
+
+
+class TieTarget(BaseModel):
+    """The long form of a ``ties:`` entry: ``member: {owner: ..., transform: transpose}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    owner: str
+    transform: Literal["transpose"] | None = None
+
+
+class ShareSpec(BaseModel):
+    """One ``share:`` entry: the arguments of :func:`adaptnet.share`."""
+
+    model_config = ConfigDict(extra="forbid")
+    modules: str | list[str]
+    owner: str | None = None
+    blocks: int = Field(1, ge=1, le=2**31)
+    strategy: Literal["all", "cycle", "sequence", "cycle_rev"] = "all"
+
+
 class Recipe(BaseModel):
     """A validated recipe.
 
@@ -54,10 +101,20 @@ class Recipe(BaseModel):
         seed: seeds data order, initialisation and dropout.
         data: ``name`` (or a path) and the dataset's options (``transform``
             included).
-        model: ``name`` of a zoo builder and its arguments; arguments left out
-            that the data determines (``num_classes``, ``in_features``,
-            ``vocab_size``, ...) are filled in from the dataset.
-        init: ordered ``{selector: scheme}`` rules for :func:`adaptnet.initialize`.
+        model: ``name`` of a zoo builder, or ``builder: "package.module:function"``
+            (your own code, imported as Python imports it, the current directory
+            first), and its arguments; arguments left out that the data
+            determines (``num_classes``, ``in_features``, ``vocab_size``, ...)
+            are filled in from the dataset when the builder takes them.
+        ties: ``{member: owner}`` or ``{member: {owner: ..., transform:
+            transpose}}``, tied with :func:`adaptnet.tie` after the builder.
+        share: one or a list of ``{modules, owner, blocks, strategy}``, applied
+            with :func:`adaptnet.share` after the builder (and after ``ties``).
+            ``ties=off`` / ``share=off`` (an override) drops the section and
+            ``=on`` keeps it: ``--vary ties=on,off`` compares a model with and
+            without its ties.
+        init: ordered ``{selector: scheme}`` rules for :func:`adaptnet.initialize`,
+            applied once the ties and sharing are in place.
         train: :class:`adaptnet.TrainConfig` fields (not ``run_dir``/``resume``).
         transfer: start from a pretrained backbone (see :class:`TransferSpec`).
     """
@@ -66,13 +123,20 @@ class Recipe(BaseModel):
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**32)
     data: Named
-    model: Named
+    model: ModelSpec
+    ties: dict[str, str | TieTarget] = Field(default_factory=dict)
+    share: list[ShareSpec] = Field(default_factory=list)
     init: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     transfer: TransferSpec | None = None
 
+    @field_validator("share", mode="before")
+    @classmethod
+    def _share_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
     def args(self, section: str) -> dict[str, Any]:
-        """The keyword arguments of ``data`` or ``model`` (everything but ``name``)."""
+        """The keyword arguments of ``data`` or ``model`` (everything but ``name``/``builder``)."""
         return dict(getattr(self, section).model_extra or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,10 +227,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+SWITCHED = ("ties", "share")  # sections an override turns on (kept) or off (dropped)
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``raw`` with each dotted key set (intermediate mappings created)."""
+    """A deep copy of ``raw`` with each dotted key set (intermediate mappings created).
+
+    ``ties`` and ``share`` set to a boolean switch their section: on keeps it
+    as the recipe has it, off drops it.
+    """
     result = copy.deepcopy(dict(raw))
     for key, value in overrides.items():
+        if key in SWITCHED and isinstance(value, bool):
+            if not value:
+                result.pop(key, None)
+            elif not result.get(key):
+                raise RecipeError(f"override {key}=on: the recipe has no {key}: section to "
+                                  f"switch on; write one (see docs/recipes.md).")
+            continue
         node = result
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
@@ -204,11 +282,22 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
     elif not Path(dataset).suffix and not Path(dataset).is_dir():
         problems.append(f"data.name: unknown dataset {dataset!r}{_close(dataset, DATASETS)}; "
                         f"built in: {', '.join(DATASETS)}, or a .csv/.npz file or image folder.")
-    if recipe.model.name in MODELS:
+    if recipe.model.builder is not None:
+        from adaptnet.recipes._build import import_builder  # imports the user's module
+
+        try:
+            problems += _check_args("model", import_builder(recipe.model.builder), model_args)
+        except RecipeError as e:
+            problems.append(str(e))
+    elif recipe.model.name in MODELS:
         problems += _check_args("model", MODELS[recipe.model.name], model_args)
     else:
         problems.append(f"model.name: unknown model {recipe.model.name!r}"
-                        f"{_close(recipe.model.name, MODELS)}; `adaptnet models` lists the zoo.")
+                        f"{_close(str(recipe.model.name), MODELS)}; `adaptnet models` lists "
+                        "the zoo, or give builder: 'package.module:function'.")
+    if recipe.transfer is not None and (recipe.ties or recipe.share):
+        problems.append("ties/share: a transfer recipe's model is its backbone, which brings "
+                        "its own ties; tie and share in the backbone's recipe instead.")
     for key in RUN_ONLY:
         if key in recipe.train:
             problems.append(f"train.{key}: set by the command line (--run-dir, --resume), not "
@@ -245,12 +334,20 @@ def _task(dataset: str) -> str | None:
 
 def _check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
     """Unknown or mistyped keyword arguments of ``fn``, one problem line each."""
-    hints = typing.get_type_hints(fn)
-    params = {k: p for k, p in inspect.signature(fn).parameters.items()
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # a user builder's annotations may not resolve: check names only
+        hints = {}
+    try:
+        signature = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    params = {k: p for k, p in signature.items()
               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and k != "path"}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in signature.values())
     problems = []
     for key in args:
-        if key not in params:
+        if key not in params and not open_ended:
             problems.append(f"{section}.{key}: unknown argument{_close(key, params)}; "
                             f"{fn.__name__} accepts {', '.join(params)}.")
     for key, value in args.items():

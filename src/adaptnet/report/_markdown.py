@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from adaptnet import _rundir
 from adaptnet._io import atomic_path
 from adaptnet.report._plots import bars, curves, histogram, params_by_module
 
@@ -23,9 +24,10 @@ def _write(path: Path, text: str) -> Path:
 def write_report(run_dir: str | Path) -> Path:
     """Render ``report.md`` and its PNGs from the files in ``run_dir``; return the report's path."""
     run = Path(run_dir)
-    results = json.loads((run / "results.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    results = _rundir.read_json(run, _rundir.RESULTS)
+    summary = _rundir.read_json(run, _rundir.SUMMARY)
+    stored = _rundir.read_config(run)
+    config = {"recipe": stored.recipe, "limit": stored.limit, **stored.body}
     plots = run / "plots"
     lines = [f"# Run `{results['recipe']}`", "", config.get("description") or "", "",
              f"Model `{results['model']}` on `{results['dataset']}` "

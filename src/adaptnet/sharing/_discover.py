@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from adaptnet._tree import get_module, join
 from adaptnet.sharing._slots import (
     Slot,
-    get_module,
     group_by_tensor,
     iter_slots,
-    join,
     relative_transform,
 )
 from adaptnet.sharing._tie import registries

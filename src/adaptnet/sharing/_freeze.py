@@ -7,15 +7,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from adaptnet._tree import matches, walk
 from adaptnet.errors import SelectionError
 from adaptnet.sharing._slots import (
     as_names,
     check_patterns,
     group_by_tensor,
     iter_slots,
-    matches,
     relative_transform,
-    walk,
 )
 from adaptnet.sharing._tie import tie, untie
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from adaptnet._tree import matches
 from adaptnet.errors import ConfigError, SelectionError
-from adaptnet.sharing._slots import check_patterns, group_by_tensor, iter_slots, matches
+from adaptnet.sharing._slots import check_patterns, group_by_tensor, iter_slots
 
 __all__ = ["param_groups"]
 

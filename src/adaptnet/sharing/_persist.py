@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from adaptnet._io import atomic_path
+from adaptnet._tree import get_module, walk
 from adaptnet.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -25,11 +26,9 @@ from adaptnet.sharing._registry import apply_transform, compose, normalize_trans
 from adaptnet.sharing._share import share
 from adaptnet.sharing._slots import (
     Slot,
-    get_module,
     group_by_tensor,
     iter_slots,
     relative_transform,
-    walk,
 )
 from adaptnet.sharing._tie import retie, tie
 
@@ -97,7 +96,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
-         cast: bool = False) -> M:
+         cast: bool = False, source: str | os.PathLike | None = None) -> M:
     """Load a file written by :func:`save` into ``model``, restoring its ties.
 
     The model may be built with or without the ties: those in the file are
@@ -116,6 +115,8 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
         cast: allow stored tensors whose dtype differs from the model's (they
             are converted). Off by default: a float32 model does not silently
             take int64 or relabelled bytes.
+        source: for a state dict, where it came from (a ``.pt`` file), named in
+            error messages instead of ``<state dict>``.
 
     Returns:
         ``model``, loaded.
@@ -134,7 +135,7 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
         if bad:
             raise CheckpointCorruptError(f"load(): a state dict maps names (str) to tensors; "
                                          f"{', '.join(bad[:5])} do not.")
-        path = Path("<state dict>")
+        path = Path(source if source is not None else "<state dict>")
     elif not isinstance(path, str | os.PathLike):
         raise CheckpointError(f"load(): expected a file path or a state dict, got "
                               f"{type(path).__name__}.")

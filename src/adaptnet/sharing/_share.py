@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from adaptnet._tree import get_module, join, suggest, walk
 from adaptnet.errors import ShareError
 from adaptnet.sharing._registry import ensure_registry
-from adaptnet.sharing._slots import as_names, get_module, iter_slots, join, suggest, walk
+from adaptnet.sharing._slots import as_names, iter_slots
 from adaptnet.sharing._tie import retie
 
 __all__ = ["share"]

@@ -11,8 +11,6 @@ Traversal visits shared modules once per path (like
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from adaptnet.errors import ModelError, SelectionError
+from adaptnet._tree import join, matches, suggest, walk
+from adaptnet.errors import SelectionError
 from adaptnet.sharing._registry import Transposed, compose
 
 
@@ -43,8 +42,6 @@ class Slot:
         return shape[::-1] if self.transform == "transpose" else shape
 
 
-def join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def ours(module: nn.Module, attr: str) -> bool:
@@ -55,25 +52,24 @@ def ours(module: nn.Module, attr: str) -> bool:
     return len(plist) == 1 and isinstance(plist[0], Transposed)
 
 
-def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Every (path, module), shared modules once per path; hides parametrization internals.
-
-    Raises:
-        ModelError: ``model`` is not an ``nn.Module``.
-    """
-    if not prefix and not isinstance(model, nn.Module):
-        raise ModelError(f"expected the model, an nn.Module, got {type(model).__name__}.")
-    yield prefix, model
-    for name, child in model._modules.items():
-        if child is None:
-            continue
-        if name == "parametrizations" and parametrize.is_parametrized(model):
-            continue  # reported by ``iter_slots`` on the owning module
-        yield from walk(child, join(prefix, name))
 
 
 def iter_slots(model: nn.Module, *, buffers: bool = False) -> Iterator[Slot]:
-    """Yield every parameter slot (and persistent buffer slot if ``buffers``)."""
+    """Yield every parameter slot (and persistent buffer slot if ``buffers``).
+
+    A slot is one place a module holds a tensor, named as the user sees it (a
+    transposed tie's member is ``decoder.weight``, transform ``"transpose"``);
+    a tensor tied or shared k times fills k slots, and :func:`group_by_tensor`
+    gathers them: the unique-tensor view that counting, initialisation,
+    optimizer groups and freezing use.
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> layer = nn.Linear(2, 2)
+        >>> slots = list(adaptnet.iter_slots(nn.Sequential(layer, layer)))
+        >>> [s.name for s in slots], len(adaptnet.group_by_tensor(slots))
+        (['0.weight', '0.bias', '1.weight', '1.bias'], 2)
+    """
     for path, module in walk(model):
         for attr, p in module._parameters.items():
             if p is not None:
@@ -136,23 +132,10 @@ def relative_transform(slot: Slot, owner: Slot) -> str | None:
     return compose(slot.transform, owner.transform)
 
 
-def suggest(name: str, candidates: list[str], what: str) -> str:
-    """A 'did you mean' sentence listing the closest candidate names."""
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    if close:
-        return f"Did you mean {', '.join(repr(c) for c in close)}?"
-    shown = ", ".join(repr(c) for c in candidates[:8])
-    more = f" (and {len(candidates) - 8} more)" if len(candidates) > 8 else ""
-    return f"The model's {what} are: {shown}{more}." if candidates else f"The model has no {what}."
 
 
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
 
 
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(get_module(model, parent_path), name, module)
 
 
 def as_names(value: object, caller: str, error: type[Exception]) -> list[str]:
@@ -165,9 +148,6 @@ def as_names(value: object, caller: str, error: type[Exception]) -> list[str]:
                 f"{type(value).__name__}.")
 
 
-def matches(name: str, pattern: str) -> bool:
-    """Glob match on a dotted path; a module path also matches everything under it."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
 
 
 def check_patterns(patterns: list[str], names: list[str], caller: str) -> None:

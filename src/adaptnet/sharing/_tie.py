@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from adaptnet._tree import get_module, join, set_module, suggest, walk
 from adaptnet.errors import TieBrokenError, TieError
 from adaptnet.sharing._registry import (
     Tie,
@@ -20,15 +21,10 @@ from adaptnet.sharing._registry import (
 from adaptnet.sharing._slots import (
     Slot,
     as_names,
-    get_module,
     group_by_tensor,
     iter_slots,
-    join,
     ours,
-    set_module,
     slot_map,
-    suggest,
-    walk,
 )
 
 __all__ = ["assert_tied", "retie", "tie", "untie"]

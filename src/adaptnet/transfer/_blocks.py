@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet._tree import get_module, set_module, walk
 from adaptnet.errors import ModelError
 from adaptnet.sharing import FreezeReport, freeze, unfreeze
-from adaptnet.sharing._slots import get_module, set_module, walk
 
 __all__ = ["BatchNormMode", "FrozenBatchNorm", "GradualUnfreeze", "blocks", "freeze_blocks"]
 

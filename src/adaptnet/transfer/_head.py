@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from adaptnet._tree import get_module, set_module, walk
 from adaptnet.dynamic import EarlyExit
 from adaptnet.errors import ModelError
 from adaptnet.sharing import ties
-from adaptnet.sharing._slots import get_module, set_module, walk
 from adaptnet.transfer._blocks import body_prefix
 
 __all__ = ["find_head", "replace_head"]

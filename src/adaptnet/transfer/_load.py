@@ -10,20 +10,17 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import yaml
 from torch import nn
 
-from adaptnet import sharing
+from adaptnet import _rundir, sharing
 from adaptnet.errors import (
     AdaptnetError,
     CheckpointCorruptError,
-    CheckpointMismatchError,
     CheckpointNotFoundError,
     ModelError,
     RunDirError,
 )
 from adaptnet.models import build
-from adaptnet.sharing._persist import mismatch_error
 
 __all__ = ["load_backbone", "load_weights", "run_model_spec"]
 
@@ -89,10 +86,7 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
                              "weights (model.safetensors); weights= is for a module or a "
                              "torchvision name.")
         name, args = run_model_spec(path)
-        weights_file = path / "model.safetensors"
-        if not weights_file.is_file():
-            raise RunDirError(f"load_backbone(): {path} has no model.safetensors: its training "
-                              "did not finish. Finish it with `adaptnet train ... --resume`.")
+        weights_file = _rundir.weights(path)
         try:
             model = build(name, **args)
         except AdaptnetError as e:
@@ -106,17 +100,19 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
 
 
 def run_model_spec(run: Path) -> tuple[str, dict[str, Any]]:
-    """``(zoo builder, its arguments)`` of the model a run directory trained."""
-    config = run / "config.yaml"
-    if not config.is_file():
-        raise RunDirError(f"{run} is not an adaptnet run directory: it has no config.yaml. "
-                          "Give a directory made by `adaptnet train`.")
-    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise RunDirError(f"{config} names no model (a `model: {{name: ...}}` section).")
-    args = {k: v for k, v in model.items() if k != "name"}
-    return model["name"], args
+    """``(zoo builder, its arguments)`` of the model a run directory trained.
+
+    Raises:
+        RunDirError: not a run directory, or its model is not the zoo's.
+    """
+    model = _rundir.read_config(run).model
+    if isinstance(model.get("builder"), str):
+        raise RunDirError(f"{run} trained a model of your own ({model['builder']}); load it "
+                          "with adaptnet.recipes.load_run(run), which imports that code.")
+    if not isinstance(model.get("name"), str):
+        raise RunDirError(f"{run / _rundir.CONFIG} names no model (a `model: {{name: ...}}` "
+                          "section).")
+    return model["name"], {k: v for k, v in model.items() if k != "name"}
 
 
 def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = False
@@ -149,11 +145,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = F
         raise CheckpointCorruptError(
             f"load_backbone(): {str(path)!r} holds a {type(state).__name__}, not a state dict "
             "of tensors; save it with torch.save(model.state_dict(), path).")
-    try:
-        return sharing.load(model, state, cast=cast)
-    except CheckpointMismatchError as e:  # name the file, not "<state dict>"
-        raise mismatch_error("load_backbone()", path, model, list(e.missing),
-                             list(e.unexpected), list(e.problems)) from None
+    return sharing.load(model, state, cast=cast, source=path)
 
 
 def _torchvision(name: str, weights: Any, download: bool, cast: bool) -> nn.Module:

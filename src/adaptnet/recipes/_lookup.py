@@ -1,0 +1,48 @@
+"""Finding recipes: shipped names and files, overrides applied, validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptnet.errors import RecipeError
+from adaptnet.recipes._schema import (
+    RECIPES,
+    Recipe,
+    apply_overrides,
+    parse_overrides,
+    read_recipe,
+    validate_recipe,
+)
+
+__all__ = ["load_recipe", "shipped_recipes"]
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Shipped recipe names and their one-line descriptions."""
+    out = {}
+    for f in sorted(RECIPES.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            out[f.name.removesuffix(".yaml")] = str(
+                yaml.safe_load(f.read_text(encoding="utf-8")).get("description", ""))
+    return out
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] = ()
+                ) -> tuple[str, Recipe]:
+    """``(name, recipe)`` from a file or a shipped recipe name, overrides applied, validated."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        shipped = RECIPES / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise RecipeError(f"no recipe file {str(name_or_path)!r}, and no shipped recipe of "
+                              f"that name; shipped: {', '.join(shipped_recipes())} "
+                              "(`adaptnet recipes` describes them).")
+        p = Path(str(shipped))
+    raw = read_recipe(p)
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides))
+    return p.stem, validate_recipe(apply_overrides(raw, overrides))
+

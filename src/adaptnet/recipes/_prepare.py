@@ -1,0 +1,145 @@
+"""Preparing a recipe's data and model, and rebuilding a finished run's."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from adaptnet import _rundir, sharing
+from adaptnet.data import DataSplits, load
+from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
+from adaptnet.init import initialize
+from adaptnet.recipes._build import apply_sharing, build_model, builder_of
+from adaptnet.recipes._lookup import load_recipe
+from adaptnet.recipes._schema import Recipe, validate_recipe
+from adaptnet.recipes._transfer import TransferSpec, adapt, freeze_for, target_args
+from adaptnet.transfer import replace_head
+
+__all__ = ["RunRecipe", "derived_args", "load_run", "prepare", "read_run_config"]
+
+
+def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None = None
+            ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
+    """The dataset, the model (initialised) and the model arguments used (data-derived included).
+
+    For a transfer recipe the model has the backbone's architecture and is
+    frozen as its ``mode`` says; its weights come from the backbone run
+    ``pretrained`` when given (training), else they are fresh (scratch,
+    summaries, or a run's own weights loaded afterwards).
+    """
+    spec = recipe.transfer
+    try:
+        data = load(recipe.data.name, **recipe.args("data"))
+        if limit is not None:
+            data = _limit(data, limit)
+        if spec is None:
+            args = {**derived_args(builder_of(recipe.model), data,
+                                   recipe.args("data").get("transform")),
+                    **recipe.args("model")}
+        else:
+            args = target_args(recipe.model.label, recipe.args("model"), spec.backbone,
+                               *_backbone_spec(spec, limit), data)
+        torch.manual_seed(recipe.seed)
+        if spec is not None and spec.mode != "scratch" and pretrained is not None:
+            model = load_run(pretrained)[1].train()
+            replace_head(model, args["num_classes"])
+        else:
+            model = build_model(recipe.model, args)
+            apply_sharing(model, recipe)
+            if recipe.init:
+                initialize(model, recipe.init, seed=recipe.seed)
+        if spec is not None:
+            model = adapt(model, args, data)
+            freeze_for(model, spec)
+    except AdaptnetError as e:  # problems only the data or the builder can see
+        raise RecipeError(f"bad recipe: {e}") from None
+    return data, model, args
+
+
+def _backbone_spec(spec: TransferSpec, limit: int | None) -> tuple[str, dict[str, Any]]:
+    """``(builder, arguments)`` of a transfer recipe's backbone, without training it."""
+    if Path(spec.backbone).is_dir():
+        recipe = read_run_config(Path(spec.backbone))[2]
+        return recipe.model.label, recipe.args("model")
+    name, recipe = load_recipe(spec.backbone)
+    if recipe.transfer is not None:
+        raise RecipeError(f"transfer.backbone {name!r} is itself a transfer recipe; train it "
+                          "and give its run directory instead.")
+    return recipe.model.label, prepare(recipe, limit)[2]
+
+
+def derived_args(builder: Callable[..., Any], data: DataSplits, transform: str | None
+                 ) -> dict[str, Any]:
+    """Builder arguments the data determines, for those the builder has."""
+    shape = data.input_shape[1:] if transform == "pairs" else data.input_shape
+    known: dict[str, Any] = {"in_features": math.prod(shape)}
+    if data.task == "language_model":
+        known |= {"vocab_size": data.num_classes, "max_len": shape[0]}
+    elif data.num_classes is not None:
+        known["num_classes"] = data.num_classes
+    elif data.task == "regression":  # one output per target column
+        width = math.prod(data.train.tensors[1].shape[1:])
+        known |= {"num_classes": width, "out_features": width}
+    if len(shape) == 3:  # images (C, H, W)
+        known |= {"in_channels": shape[0], "image_size": shape[-1]}
+    if len(shape) == 1:  # signals and sequences (L,)
+        known |= {"length": shape[0], "bits": shape[0], "max_len": shape[0]}
+    params = inspect.signature(builder).parameters
+    return {k: v for k, v in known.items() if k in params}
+
+
+def _limit(data: DataSplits, n: int) -> DataSplits:
+    def cut(split: TensorDataset | None) -> TensorDataset | None:
+        return None if split is None else TensorDataset(*(t[:n] for t in split.tensors))
+
+    return dataclasses.replace(data, train=cut(data.train), valid=cut(data.valid),
+                               test=cut(data.test))
+
+
+class RunRecipe(NamedTuple):
+    """A run's ``config.yaml``, its recipe validated."""
+
+    name: str  # the recipe's name
+    limit: int | None  # the sample limit the run trained with
+    recipe: Recipe
+
+
+def read_run_config(run: str | Path) -> RunRecipe:
+    """``(recipe name, sample limit, recipe)`` from a run's ``config.yaml``, read once.
+
+    Raises:
+        RunDirError: ``run`` has no readable ``config.yaml`` (with what it holds
+            instead), or it holds no valid recipe.
+    """
+    config = _rundir.read_config(run)
+    try:
+        recipe = validate_recipe(config.body)
+    except RecipeError as e:
+        raise RunDirError(f"{Path(run) / _rundir.CONFIG} does not hold a valid recipe: "
+                          f"{e}") from None
+    return RunRecipe(config.recipe, config.limit, recipe)
+
+
+def load_run(run_dir: str | Path, config: RunRecipe | None = None
+             ) -> tuple[DataSplits, nn.Module, Recipe]:
+    """A finished run's data and trained model (rebuilt from ``config.yaml``), and its recipe.
+
+    ``config``: the run's configuration when the caller has read it already.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
+            weights), with what it found instead.
+    """
+    name, limit, recipe = config or read_run_config(run_dir)
+    weights = _rundir.weights(run_dir, name)
+    data, model, _ = prepare(recipe, limit)
+    sharing.load(model, weights)
+    return data, model, recipe
