@@ -82,11 +82,13 @@ _LAZY = ("data", "models", "recipes", "report", "transfer")
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"adaptnet.{name}")  # also binds adaptnet.<name>
+    if name == "compare":  # adaptnet.recipes.compare_models, imported on first use
+        return importlib.import_module("adaptnet.recipes").compare_models
     raise AttributeError(f"module 'adaptnet' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"compare"})
 
 
 __all__ = [
@@ -135,6 +137,7 @@ __all__ = [
     "assert_tied",
     "branch",
     "calibrate_exits",
+    "compare",
     "count_macs",
     "data",
     "dynamic",

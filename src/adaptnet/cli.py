@@ -149,11 +149,11 @@ def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped
 
 
 def _print_compare(rows: list[dict], target: Path, title: str) -> None:
-    from adaptnet.report import compare_table, write_compare
+    from adaptnet.recipes import Comparison
+    from adaptnet.report import write_compare
 
     report = write_compare(target, title)
-    head, *body = compare_table(rows)
-    show(out, table(title, head, body, numbers=range(1, len(head))))
+    show(out, Comparison(rows, report, title))
     out.print(f"report: {report}\nplot: {target / 'compare.png'}")
 
 

@@ -1,7 +1,7 @@
 """YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
 
 from adaptnet.recipes._build import builder_source
-from adaptnet.recipes._compare import compare, variants
+from adaptnet.recipes._compare import Comparison, compare, compare_models, variants
 from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
 from adaptnet.recipes._measure import time_together
@@ -16,6 +16,7 @@ from adaptnet.recipes._schema import (
 )
 
 __all__ = [
+    "Comparison",
     "DemoResult",
     "DemoRow",
     "Recipe",
@@ -24,6 +25,7 @@ __all__ = [
     "apply_overrides",
     "builder_source",
     "compare",
+    "compare_models",
     "evaluate_run",
     "flagship",
     "load_recipe",

@@ -92,7 +92,8 @@ def write_compare(out_dir: str | Path, title: str) -> Path:
     lines = [f"# {title}", "", "| " + " | ".join(table[0]) + " |",
              "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    lines += ["", "![comparison](compare.png)", "",
-              "Runs: " + ", ".join(f"[{r['variant']}]({Path(r['run_dir']).name}/report.md)"
-                                   for r in rows), ""]
+    lines += ["", "![comparison](compare.png)", ""]
+    if all(r.get("run_dir") for r in rows):  # variants of a recipe, each with its run
+        lines += ["Runs: " + ", ".join(f"[{r['variant']}]({Path(r['run_dir']).name}/report.md)"
+                                       for r in rows), ""]
     return _write(out / "compare.md", "\n".join(lines))
