@@ -72,7 +72,7 @@ from adaptnet.sharing import (
     unfreeze,
     untie,
 )
-from adaptnet.train import FitResult, TrainConfig, evaluate, fit
+from adaptnet.train import FitResult, ShardPlan, TrainConfig, evaluate, fit, shard
 
 __version__ = "0.1.0"
 
@@ -124,6 +124,7 @@ __all__ = [
     "RunLockedError",
     "Scheme",
     "SelectionError",
+    "ShardPlan",
     "ShareError",
     "Slot",
     "Summary",
@@ -160,6 +161,7 @@ __all__ = [
     "retie",
     "route_topk",
     "save",
+    "shard",
     "share",
     "sharing",
     "summary",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -47,7 +48,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     or found by identity, transposed ones included, and shared submodules — go
     in a versioned manifest in the file's metadata, so :func:`load` can restore
     them into a model built with or without them. The file is written
-    atomically: a crash leaves the previous file intact.
+    atomically: a crash leaves the previous file intact. A model sharded
+    with :func:`adaptnet.shard` (FSDP2) is saved whole: every rank must call
+    ``save`` (each shard is gathered), and rank 0 writes the file.
 
     Returns:
         The path written.
@@ -79,9 +82,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, list] = {}
     seen_memory: set[int] = set()
+    sharded = any(_sharded(s.tensor) for s in slots)
     for group in group_by_tensor(slots):
         owner = pick_owner(group, declared)
-        value = apply_transform(owner.transform, owner.tensor).detach().to("cpu").contiguous()
+        whole = owner.tensor.full_tensor() if _sharded(owner.tensor) else \
+            owner.tensor  # a sharded (FSDP2) tensor: gathered from every rank
+        value = apply_transform(owner.transform, whole).detach().to("cpu").contiguous()
         if value.untyped_storage().data_ptr() in seen_memory:  # overlapping views: copy
             value = value.clone()
         seen_memory.add(value.untyped_storage().data_ptr())
@@ -90,6 +96,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             if s is not owner:
                 aliases[s.name] = [owner.name, relative_transform(s, owner)]
     manifest = {"version": VERSION, "aliases": aliases, "modules": _module_shares(model)}
+    if sharded and torch.distributed.get_rank() != 0:  # every rank gathers; rank 0 writes
+        return Path(path)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={META_KEY: json.dumps(manifest)})
     return Path(path)
@@ -107,7 +115,8 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
     touched; all problems are reported together. Plain safetensors files (no
     manifest) load too, and so does a state dict (``{name: tensor}``, e.g. from
     ``torch.load(..., weights_only=True)``), with the same checks. Nothing is
-    unpickled.
+    unpickled. Into a model sharded with :func:`adaptnet.shard`, every rank
+    reads the file and keeps its own shard (no communication).
 
     Args:
         model: the model to load into.
@@ -202,9 +211,25 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
         else:
             with torch.no_grad():
                 for t in {id(s.tensor): s.tensor for s in group}.values():
-                    t.copy_(data)
+                    if _sharded(t):  # this rank's shard of the file's tensor
+                        from torch.distributed.tensor import distribute_tensor
+
+                        t.to_local().copy_(distribute_tensor(
+                            data.to(t.dtype), t.device_mesh, t.placements,
+                            src_data_rank=None).to_local())
+                    else:
+                        t.copy_(data)
     retie(model)
     return model
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an FSDP2 shard (a DTensor); cheap when torch.distributed is unused."""
+    if "torch.distributed.tensor" not in sys.modules:  # nothing made a DTensor yet
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[str, str]]:

@@ -98,6 +98,8 @@ def storage_key(t: torch.Tensor) -> tuple | None:
     """Key equal for two tensors that are the same view of the same memory."""
     if t.device.type == "meta":
         return None
+    if hasattr(t, "to_local"):  # a DTensor (FSDP2): its shard's memory on this rank
+        t = t.to_local()
     ptr = t.untyped_storage().data_ptr()
     if ptr == 0:
         return None

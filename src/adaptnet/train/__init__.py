@@ -3,5 +3,6 @@
 from adaptnet.train._config import TrainConfig, config_from
 from adaptnet.train._evaluate import evaluate
 from adaptnet.train._loop import FitResult, fit
+from adaptnet.train._shard import ShardPlan, shard
 
-__all__ = ["FitResult", "TrainConfig", "config_from", "evaluate", "fit"]
+__all__ = ["FitResult", "ShardPlan", "TrainConfig", "config_from", "evaluate", "fit", "shard"]

@@ -63,6 +63,9 @@ class TrainConfig(BaseModel):
     optimizer given; it and ``warmup_steps`` (linear warmup, not with a
     scheduler object) step once per optimizer step. ``batch_keys`` names
     the inputs and targets of mapping batches (``("image", "label")``).
+    ``strategy`` is how ``torchrun`` training is distributed: ``"ddp"``
+    (DistributedDataParallel) or ``"fsdp"`` (FSDP2 through
+    :func:`adaptnet.shard`, ties kept whole).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -94,6 +97,7 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32)
     deterministic: bool = True
     device: str = "cpu"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     run_dir: Path | None = None
     checkpoint_every: int | None = Field(None, ge=1, le=_BIG)
     keep_checkpoints: int = Field(2, ge=1, le=_BIG)
@@ -188,6 +192,10 @@ class TrainConfig(BaseModel):
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):  # names only
             raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0, got "
                              f"optimizer={self.optimizer!r}, momentum={self.momentum}.")
+        if self.strategy == "fsdp" and self.run_dir is not None:
+            raise ValueError("strategy='fsdp' writes no checkpoints yet (a sharded optimizer "
+                             "state); leave run_dir out and save the trained weights with "
+                             "adaptnet.save(model, path), called on every rank.")
         if self.resume and self.run_dir is None:
             raise ValueError("resume=True needs run_dir, the directory holding the checkpoints.")
         if self.checkpoint_every and self.run_dir is None:

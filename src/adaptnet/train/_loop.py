@@ -39,6 +39,7 @@ from adaptnet.train._evaluate import run_evaluation
 from adaptnet.train._log import RunLog
 from adaptnet.train._losses import LOSSES, LossFn, statistic, unpack
 from adaptnet.train._optim import build_optimizer, build_scheduler
+from adaptnet.train._shard import forget_unused, is_sharded, shard
 
 __all__ = ["FitResult", "fit"]
 _WIDE = (torch.float32, torch.float64)  # summed as they are; narrower floats in float32
@@ -93,7 +94,8 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
         **options: :class:`TrainConfig` fields, overriding ``config``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data parallel with
-    ``DistributedDataParallel``: each optimizer step uses a global batch of
+    ``DistributedDataParallel`` (or FSDP2 with ``strategy="fsdp"``, through
+    :func:`adaptnet.shard`): each optimizer step uses a global batch of
     ``batch_size * world_size`` samples split evenly across ranks; rank 0 logs
     and writes checkpoints. A ``DataLoader`` must then have a
     ``DistributedSampler``; fit calls its ``set_epoch`` before each epoch.
@@ -190,7 +192,7 @@ class _Trainer:
                 self._restore(state, pos, result)
                 acc = state["acc"].clone()
         self.net = nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=True) if self.world > 1 else model
+            model, find_unused_parameters=True) if self.world > 1 and not self.fsdp else model
         # find_unused_parameters: a dynamic model may leave a path unused on one rank in a
         # step; DDP then reduces zeros for it instead of waiting for a gradient forever.
         log = RunLog(cfg.run_dir, self.rank == 0, cfg.progress,
@@ -213,6 +215,9 @@ class _Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         model.to(self.device)
+        self.fsdp = cfg.strategy == "fsdp" and self.world > 1
+        if self.fsdp and not is_sharded(model):
+            shard(model)
         schedule = self.epoch_start is not None
         self.opt = build_optimizer(model, cfg, frozen=schedule)
         self.sched = build_scheduler(self.opt, cfg)
@@ -288,14 +293,21 @@ class _Trainer:
         loss = task if aux is None else task + aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.fsdp:  # what no rank used keeps no gradient, as under DDP and in one process
+            forget_unused(self.model)
         if self.l1:  # d/dp l1*|p| = l1*sign(p), added after backward: see _l1_grad
             _l1_grad(self.l1, cfg.l1)
         if cfg.clip_grad_norm:
             check = nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+            if self.fsdp:  # a DTensor norm over every shard
+                check = check.full_tensor()
         else:  # any NaN/Inf element makes its sum non-finite; one read of each gradient
-            grads = [p.grad for p in self.params if p.grad is not None]
+            grads = [_local(p.grad) for p in self.params if p.grad is not None]
             check = torch.stack([g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32)
                                  for g in grads]).sum() if grads else loss.new_zeros(())
+            if self.fsdp:  # each rank holds other shards: all must agree to skip or stop
+                check = check.detach().clone()
+                dist.all_reduce(check)
         value = loss.item()
         if not (math.isfinite(value) and math.isfinite(float(check))):
             self._nonfinite(loss, pos, result)
@@ -324,7 +336,7 @@ class _Trainer:
 
     def _nonfinite(self, loss: torch.Tensor, pos: dict, result: FitResult) -> None:
         bad = tuple(self.names[id(p)] for p in self.params
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+                    if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()))
         what = f"the loss is {float(loss.detach())}" if not bool(torch.isfinite(loss)) else \
             "the loss is finite"
         grads = f"non-finite gradients in {', '.join(bad)}" if bad else "finite gradients"
@@ -403,6 +415,11 @@ class _Trainer:
                    best=state["best"], bad_epochs=state["bad_epochs"], order=state["order"])
         result.history = list(state["history"])
         result.skipped = state["skipped"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _l1_grad(params: list[torch.Tensor], strength: float) -> None:
