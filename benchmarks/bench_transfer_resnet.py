@@ -2,16 +2,16 @@
 
 The zoo's ``resnet18`` (torchvision's ResNet-18 with a 3x3 stride-1 stem for
 28x28 images, one input channel) is pretrained once on classes 0-4 (recipe
-``fashion-resnet18-pretrain``: 1,000 images per class, 3 epochs, seed 0; no
-ImageNet weights exist here). It is then trained on classes 5-9 with 100
-labelled images per class by each variant of recipe
-``transfer-fashion-resnet18`` (frozen backbone and new head, full fine-tune,
-from scratch), same optimizer and epochs; each seed draws its own labelled
-subset and runs all the variants. Test: the 5,000 test images of classes 5-9.
-This is the small-CNN table of ``bench_transfer.py`` for a real torchvision
-backbone.
+``fashion-resnet18-pretrain``: 1,000 images per class, 3 epochs, seed 0, 2%
+held out; no ImageNet weights exist here). It is then trained on classes 5-9
+with 100 labelled images per class (2% of the training images held out for
+validation) by each variant of recipe ``transfer-fashion-resnet18`` (frozen
+backbone and new head, full fine-tune, from scratch), same optimizer and
+epochs; each seed draws its own labelled subset and runs all the variants.
+Test: the 5,000 test images of classes 5-9. This is the small-CNN table of
+``bench_transfer.py`` for a real torchvision backbone.
 
-    python benchmarks/bench_transfer_resnet.py            # full (about 25 minutes on 2 cores)
+    python benchmarks/bench_transfer_resnet.py            # full (about 30 minutes on 2 cores)
     python benchmarks/bench_transfer_resnet.py --quick    # smoke test, 64 samples, 1 epoch
 """
 

@@ -29,7 +29,7 @@ from _common import RESULTS, machine, machine_line, table
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last.
-BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "demo",
+BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "fsdp", "demo",
               "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer",
               "transfer_resnet"]
 

@@ -69,6 +69,24 @@ def test_bench_train_quick(tmp_path):
     assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}
     [step] = result["step_by_step"]
     assert set(step["ms"]) == {"hand", "engine", "hand_again"} and step["steps"] == 30
+    assert [(r["data"], r["threads"]) for r in result["loader"]] == [("DataLoader", 1),
+                                                                     ("DataLoader", 2)]
+
+
+def test_bench_fsdp_quick(tmp_path):
+    result = _quick("fsdp", tmp_path)
+    assert set(result["ms"]) == {"ddp", "fsdp"} and all(v > 0 for v in result["ms"].values())
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
+                    "dataset-fashion-mnist)")
+def test_bench_transfer_resnet_quick(tmp_path):
+    result = _quick("transfer_resnet", tmp_path)
+    assert [s["variant"] for s in result["summary"]] == [
+        "frozen backbone, new head", "full fine-tune", "from scratch"]
+    assert result["summary"][0]["trainable"] == 512 * 5 + 5  # the new fc alone
+    assert result["summary"][2]["trainable"] == result["summary"][2]["unique"]
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
