@@ -18,6 +18,7 @@ from adaptnet.transfer._blocks import (
     blocks,
     freeze_blocks,
 )
+from adaptnet.transfer._exits import attach_exits
 from adaptnet.transfer._head import find_head, replace_head
 from adaptnet.transfer._load import load_backbone, load_weights
 
@@ -27,6 +28,7 @@ __all__ = [
     "GradualUnfreeze",
     "InputAdapter",
     "adapt_input",
+    "attach_exits",
     "blocks",
     "find_head",
     "freeze_blocks",

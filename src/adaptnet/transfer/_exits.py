@@ -1,0 +1,151 @@
+"""Early exits on an unmodified backbone: cut its traced graph at named modules.
+
+``attach_exits(resnet, at=["layer1", "layer2", "layer3"], example=x)`` traces
+the backbone with ``torch.fx``, cuts the graph right after each named module,
+and returns an :class:`adaptnet.EarlyExit` whose stages are the pieces (they
+hold the backbone's own modules: no weight is copied) and whose early heads
+pool and classify each cut's features. The last stage ends with the
+backbone's own classifier, so with no early exit taken the network computes
+exactly what the backbone does. Routing is EarlyExit's: exact per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+
+from adaptnet.dynamic import EarlyExit
+from adaptnet.errors import ModelError
+
+__all__ = ["attach_exits"]
+
+
+def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tensor,
+                 heads: Sequence[nn.Module] | None = None,
+                 thresholds: float | Sequence[float] | None = None,
+                 weights: Sequence[float] | None = None) -> EarlyExit:
+    """An early-exit network made of ``backbone``, with an exit after each module in ``at``.
+
+    Args:
+        backbone: any module ``torch.fx`` can trace (torchvision's ResNets,
+            MobileNets, a model of your own), returning logits.
+        at: module paths, in the order the forward pass calls them; an exit
+            reads each one's output. Between two cuts exactly one tensor may
+            flow (true between ResNet stages; not inside a residual block).
+        example: an input batch, to size the default heads.
+        heads: one classifier per path in ``at``; default: global average
+            pooling, flatten and ``nn.Linear(channels, classes)``, ``classes``
+            read from the backbone's output on ``example``.
+        thresholds, weights: as :class:`adaptnet.EarlyExit` takes them.
+
+    Returns:
+        An :class:`adaptnet.EarlyExit`; ``stages`` hold the backbone's modules
+        (shared, not copied), ``heads[-1]`` is an identity (the backbone's own
+        classifier ends the last stage).
+
+    Raises:
+        ModelError: a path that is not a submodule, called more than once or
+            out of order; a backbone ``torch.fx`` cannot trace; a cut that more
+            than one tensor crosses; heads of the wrong number.
+    """
+    at = [at] if isinstance(at, str) else list(at)
+    if not at or not all(isinstance(p, str) and p for p in at):
+        raise ModelError(f"attach_exits(): at must name one or more submodules, e.g. "
+                         f"['layer1', 'layer2'], got {at!r}.")
+    modules = dict(backbone.named_modules())
+    missing = [p for p in at if p not in modules]
+    if missing:
+        children = ", ".join(n for n, _ in backbone.named_children())
+        raise ModelError(f"attach_exits(): {type(backbone).__name__} has no submodule "
+                         f"{', '.join(map(repr, missing))}; its children are {children}.")
+    if heads is not None and len(heads) != len(at):
+        raise ModelError(f"attach_exits(): {len(at)} exit point(s) need {len(at)} head(s), "
+                         f"got {len(heads)}.")
+    try:
+        graph = fx.GraphModule(backbone, _Tracer(at).trace(backbone))
+    except Exception as e:  # fx raises many types for code it cannot trace
+        raise ModelError(f"attach_exits(): torch.fx cannot trace {type(backbone).__name__} "
+                         f"({type(e).__name__}: {str(e)[:200]}); give exits on a module "
+                         "whose forward has no data-dependent Python control flow, or build "
+                         "an adaptnet.EarlyExit from its stages.") from None
+    segment = _segments(graph, at)
+    split = split_module(graph, backbone, lambda node: segment[node.name])
+    stages = _stages(split, len(at) + 1)
+    if heads is None:
+        heads = _default_heads(stages, example)
+    return EarlyExit(stages, [*heads, nn.Identity()], thresholds=thresholds, weights=weights)
+
+
+class _Tracer(fx.Tracer):
+    """Traces into every module but the cut points, which stay whole (one call each)."""
+
+    def __init__(self, cuts: list[str]) -> None:
+        super().__init__()
+        self.cuts = set(cuts)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.cuts or super().is_leaf_module(m, qualname)
+
+
+def _segments(graph: fx.GraphModule, at: list[str]) -> dict[str, int]:
+    """Each node's stage: the number of cut modules called before it (itself included)."""
+    calls = [n for n in graph.graph.nodes if n.op == "call_module" and n.target in at]
+    order = [n.target for n in calls]
+    if order != at:
+        again = sorted({t for t in order if order.count(t) > 1})
+        why = f"{', '.join(again)} called more than once" if again else \
+            f"the forward pass calls them in the order {order}"
+        raise ModelError(f"attach_exits(): cannot cut at {at}: {why}. Name modules called "
+                         "once each, in the order they run.")
+    segment, stage = {}, 0
+    for node in graph.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            segment[node.name] = 0 if node.op == "placeholder" else stage
+            continue
+        segment[node.name] = stage
+        if node.op == "call_module" and node.target in at:
+            stage += 1
+    return segment
+
+
+def _stages(split: fx.GraphModule, count: int) -> list[nn.Module]:
+    """The split's pieces in order, once each is checked to pass one tensor on."""
+    calls = [n for n in split.graph.nodes if n.op == "call_module"]
+    names = [n.target for n in calls]
+    if len(calls) != count:
+        raise ModelError(f"attach_exits(): the cuts made {len(calls)} pieces, not {count}; "
+                         "an exit point's output may not reach the classifier.")
+    for previous, node in zip(calls, calls[1:], strict=False):
+        if list(node.args) != [previous] or node.kwargs:
+            raise ModelError(
+                f"attach_exits(): more than one value crosses the cut before {node.target} "
+                "(a skip connection around the exit point); cut where one tensor flows, e.g. "
+                "between a ResNet's layer1..layer4.")
+    return [getattr(split, name) for name in names]
+
+
+def _default_heads(stages: list[nn.Module], example: torch.Tensor) -> list[nn.Module]:
+    """Pool, flatten, classify: sized from one forward pass over ``example``."""
+    was = [s.training for s in stages]
+    heads = []
+    with torch.no_grad():
+        for s in stages:
+            s.eval()
+        h = example
+        features = []
+        for s in stages:
+            h = s(h)
+            features.append(h)
+        classes = features[-1].shape[-1]
+        for f in features[:-1]:
+            if f.dim() not in (3, 4):
+                raise ModelError(f"attach_exits(): the default head pools (B, C, L) or "
+                                 f"(B, C, H, W) features, got {tuple(f.shape)}; give heads=.")
+            pool = nn.AdaptiveAvgPool2d(1) if f.dim() == 4 else nn.AdaptiveAvgPool1d(1)
+            heads.append(nn.Sequential(pool, nn.Flatten(), nn.Linear(f.shape[1], classes)))
+    for s, w in zip(stages, was, strict=True):
+        s.train(w)
+    return heads

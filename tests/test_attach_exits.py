@@ -1,0 +1,93 @@
+"""Early exits on an unmodified backbone (``adaptnet.transfer.attach_exits``): torchvision's
+ResNet-18 and MobileNetV3 cut by torch.fx, equal to the backbone and to the per-sample loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import adaptnet
+from adaptnet.errors import ModelError
+from adaptnet.models import build
+from adaptnet.transfer import attach_exits, blocks, freeze_blocks
+
+CUTS = ["layer1", "layer2", "layer3"]
+
+
+def resnet() -> nn.Module:
+    return build("resnet18", num_classes=5, in_channels=1, small_input=True, seed=0).eval()
+
+
+def images(n: int = 12) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_without_early_exits_it_is_the_backbone_and_shares_its_modules():
+    net, x = resnet(), images()
+    ee = attach_exits(net, CUTS, example=x, thresholds=1.0).eval()
+    with torch.no_grad():
+        out = ee(x)
+        assert torch.equal(out.prediction, net(x)) and (out.exit_index == 3).all()
+    assert ee.stages[1].layer2 is net.layer2 and ee.stages[3].fc is net.fc  # no copy
+    heads = 64 * 5 + 5 + 128 * 5 + 5 + 256 * 5 + 5
+    assert adaptnet.summary(ee).unique == adaptnet.summary(net).unique + heads
+
+
+def test_each_sample_leaves_where_the_per_sample_loop_says():
+    net, x = resnet(), images(16)
+    ee = attach_exits(net, CUTS, example=x).eval()
+    with torch.no_grad():  # a threshold that splits the batch at the first exit
+        first = ee.heads[0](ee.stages[0](x)).softmax(-1).amax(-1)
+        ee.set_thresholds(float(first.median()))
+        out = ee(x)
+        for i in range(len(x)):  # the oracle: one sample at a time, stage by stage
+            h = x[i:i + 1]
+            for j, (stage, head) in enumerate(zip(ee.stages, ee.heads, strict=True)):
+                h = stage(h)
+                logits = head(h)
+                if j == len(ee.stages) - 1 or logits.softmax(-1).amax() >= ee.thresholds[j]:
+                    break
+            assert int(out.exit_index[i]) == j
+            torch.testing.assert_close(out.prediction[i], logits[0], rtol=1e-5, atol=1e-5)
+    assert 0 < int((out.exit_index == 0).sum()) < len(x)
+
+
+def test_two_stage_training_trains_the_exits_alone():
+    """Shallow-Deep Networks' internal-classifier mode: the backbone frozen (BatchNorm too),
+    the exits trained on the joint loss."""
+    net, x = resnet(), images(32)
+    y = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(2))
+    ee = attach_exits(net, CUTS, example=x)
+    assert blocks(ee) == ["stages", "heads"]
+    freeze_blocks(ee, 1)  # everything but the heads; BatchNorm statistics fixed
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    heads_before = [p.clone() for p in ee.heads.parameters()]
+    adaptnet.fit(ee, (x, y), loss="cross_entropy", optimizer="adam", lr=1e-2, epochs=2,
+                 batch_size=8)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and statistics
+    assert all(not torch.equal(a, b) for a, b in zip(heads_before, ee.heads.parameters(),
+                                                     strict=True))
+
+
+def test_mobilenet_v3_gets_exits_too():
+    net = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    x = torch.rand(2, 3, 64, 64)
+    ee = attach_exits(net, ["features.3", "features.8"], example=x, thresholds=1.0).eval()
+    with torch.no_grad():
+        assert torch.equal(ee(x).prediction, net(x))
+
+
+@pytest.mark.parametrize(("at", "message"), [
+    (["layer9"], r"has no submodule 'layer9'; its children are conv1, bn1"),
+    (["layer2", "layer1"], r"calls them in the order \['layer1', 'layer2'\]"),
+    (["layer1.0.conv1"], r"more than one value crosses the cut"),
+    ([], r"at must name one or more submodules"),
+])
+def test_cuts_it_cannot_make_are_model_errors(at, message):
+    with pytest.raises(ModelError, match=message):
+        attach_exits(resnet(), at, example=images(2))
+    with pytest.raises(ModelError, match=r"3 exit point\(s\) need 3 head\(s\), got 1"):
+        attach_exits(resnet(), CUTS, example=images(2), heads=[nn.Identity()])
