@@ -11,6 +11,7 @@ exactly what the backbone does. Routing is EarlyExit's: exact per sample.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -118,7 +119,7 @@ def _stages(split: fx.GraphModule, count: int) -> list[nn.Module]:
     if len(calls) != count:
         raise ModelError(f"attach_exits(): the cuts made {len(calls)} pieces, not {count}; "
                          "an exit point's output may not reach the classifier.")
-    for previous, node in zip(calls, calls[1:], strict=False):
+    for previous, node in itertools.pairwise(calls):
         if list(node.args) != [previous] or node.kwargs:
             raise ModelError(
                 f"attach_exits(): more than one value crosses the cut before {node.target} "
