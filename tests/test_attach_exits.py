@@ -91,3 +91,55 @@ def test_cuts_it_cannot_make_are_model_errors(at, message):
         attach_exits(resnet(), at, example=images(2))
     with pytest.raises(ModelError, match=r"3 exit point\(s\) need 3 head\(s\), got 1"):
         attach_exits(resnet(), CUTS, example=images(2), heads=[nn.Identity()])
+
+
+def small_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_temperatures_are_fitted_per_exit_and_steer_the_decisions():
+    net = small_backbone()
+    x = torch.rand(64, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    ee = attach_exits(net, ["1", "3"], example=x).eval()
+    with torch.no_grad():
+        ee.heads[0][2].weight.mul_(20.0)  # an over-confident first exit
+        exits = ee.all_exits(x)
+    g = torch.Generator().manual_seed(4)  # labels the first exit gets right 70% of the time
+    y = torch.where(torch.rand(64, generator=g) < 0.7, exits[0].argmax(-1),
+                    torch.randint(0, 4, (64,), generator=g))
+    temps = adaptnet.calibrate_temperatures(ee, x, y)
+    assert len(temps) == 2 and ee.temperatures == temps
+    for z, t in zip(exits[:-1], temps, strict=True):  # no worse than T = 1 at any exit
+        assert nn.functional.cross_entropy(z / t, y) <= nn.functional.cross_entropy(z, y)
+    z, t = exits[0], temps[0]  # where the fit has a minimum inside, T is that minimum
+    nll = [float(nn.functional.cross_entropy(z / (t * f), y)) for f in (0.95, 1.0, 1.05)]
+    assert nll[1] <= min(nll[0], nll[2]) + 1e-6
+    assert temps[0] > 2.0  # the over-confident exit is cooled
+    ee.set_thresholds(0.6)
+    with torch.no_grad():
+        out = ee(x)
+        scaled = (exits[0] / temps[0]).softmax(-1).amax(-1) >= 0.6
+    assert torch.equal(out.exit_index == 0, scaled)  # the decision reads logits / T
+    with pytest.raises(adaptnet.DynamicError, match=r"temperatures needs one positive"):
+        ee.set_temperatures([1.0, -2.0])
+
+
+def test_the_all_exits_graph_exports_to_onnx(tmp_path):
+    import onnxruntime
+
+    net = small_backbone()
+    x = torch.rand(5, 1, 12, 12)
+    ee = attach_exits(net, ["1", "3"], example=x).eval()
+    graph = adaptnet.dynamic.AllExits(ee).eval()
+    path = tmp_path / "exits.onnx"
+    torch.onnx.export(graph, (x,), str(path), dynamo=True,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    session = onnxruntime.InferenceSession(str(path))
+    outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = ee.all_exits(x)
+    assert len(outs) == 3
+    for got, want in zip(outs, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)

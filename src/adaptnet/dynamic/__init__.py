@@ -13,7 +13,14 @@ from adaptnet.dynamic._depth import (
     Step,
     ThresholdHalting,
 )
-from adaptnet.dynamic._exit import Calibration, EarlyExit, ExitResult, calibrate_exits
+from adaptnet.dynamic._exit import (
+    AllExits,
+    Calibration,
+    EarlyExit,
+    ExitResult,
+    calibrate_exits,
+    calibrate_temperatures,
+)
 from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._per_sample import per_sample
@@ -23,6 +30,7 @@ from adaptnet.dynamic._route import branch, route_topk, switch
 __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
+    "AllExits",
     "Calibration",
     "Decision",
     "DepthResult",
@@ -38,6 +46,7 @@ __all__ = [
     "ThresholdHalting",
     "branch",
     "calibrate_exits",
+    "calibrate_temperatures",
     "count_macs",
     "per_sample",
     "route_topk",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ from adaptnet.dynamic._partition import (
 from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
-__all__ = ["Calibration", "EarlyExit", "ExitResult", "calibrate_exits"]
+__all__ = ["AllExits", "Calibration", "EarlyExit", "ExitResult", "calibrate_exits",
+           "calibrate_temperatures"]
 
 CRITERIA = ("max_prob", "entropy")
 
@@ -146,8 +148,24 @@ class EarlyExit(nn.Module):
         self.criterion = criterion
         self.weights = tuple(weights)
         self.thresholds: tuple[float, ...] = ()
+        self.temperatures: tuple[float, ...] = (1.0,) * (len(heads) - 1)
         if self.capacity is None:
             self.set_thresholds(0.9 if thresholds is None else thresholds)
+
+    def set_temperatures(self, temperatures: float | Sequence[float]) -> None:
+        """Set the early exits' temperatures: each exit's criterion reads ``logits / T``.
+
+        :func:`calibrate_temperatures` fits them on validation data. The
+        predictions stay the heads' own logits; only the exit decisions (and
+        :func:`calibrate_exits`' scores) see the scaled ones.
+        """
+        n = len(self.heads) - 1
+        values = [float(temperatures)] * n if isinstance(temperatures, int | float) else \
+            [float(t) for t in temperatures]
+        if len(values) != n or not all(0.0 < t < math.inf for t in values):
+            raise DynamicError(f"EarlyExit: temperatures needs one positive finite value or "
+                               f"{n} (one per early exit), got {temperatures!r}.")
+        self.temperatures = tuple(values)
 
     def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
         """Set the early exits' thresholds (one value for all, or one per early exit)."""
@@ -217,11 +235,13 @@ class EarlyExit(nn.Module):
             fill_rows(index, ids, i)
         if i == len(self.heads) - 1:
             return ids, None, logits_out
+        t = self.temperatures[i]
+        scaled = logits if t == 1.0 else logits / t
         if self.capacity is None:  # the nonzero is written here, not in a helper: one break
-            keep = _goes_on(logits, self.criterion, self.thresholds[i]).nonzero().squeeze(1)
+            keep = _goes_on(scaled, self.criterion, self.thresholds[i]).nonzero().squeeze(1)
             keep = None if keep.shape[0] == h.shape[0] else keep
         else:
-            keep = least(_log_confidence(logits, self.criterion),
+            keep = least(_log_confidence(scaled, self.criterion),
                          capacity_rows(self.capacity, h.shape[0]))
         ids, h = take(ids, keep, h)
         return ids, (h if h.shape[0] else None), logits_out
@@ -336,7 +356,8 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     parts = model._part_macs(x[:1])
     costs = torch.tensor(list(itertools.accumulate(s + h for s, h in parts)), dtype=torch.float64)
     full = sum(s for s, _ in parts) + parts[-1][1]  # every stage, only the last head
-    scores = torch.stack([_score(z, model.criterion) for z in exits[:-1]])  # (L-1, B)
+    scores = torch.stack([_score(z / t, model.criterion)
+                          for z, t in zip(exits[:-1], model.temperatures, strict=True)])
     correct = torch.stack([z.argmax(-1) == y for z in exits]).to(torch.float64)  # (L, B)
     grid = [float("inf")]  # inf: nobody exits early
     if scores.numel():
@@ -373,6 +394,75 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     model.train(was_training)
     fractions = torch.bincount(index, minlength=len(exits)).double() / max(len(index), 1)
     return Calibration(threshold, acc, macs, full, tuple(fractions.tolist()))
+
+
+def calibrate_temperatures(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
+                           max_iter: int = 100) -> tuple[float, ...]:
+    """Fit each early exit's temperature on validation data, and set them.
+
+    Temperature scaling (Guo et al. 2017): for exit ``i``, the ``T`` that
+    minimises the cross-entropy of ``softmax(logits / T)`` against ``y``, by
+    L-BFGS on ``log T``. Early exits are often over- or under-confident in
+    different measures; scaling them first makes one threshold mean the same
+    confidence at every exit. Calibrate temperatures, then thresholds
+    (:func:`calibrate_exits`), which reads the scaled logits.
+
+    Returns:
+        The temperatures set, one per early exit.
+
+    Raises:
+        DynamicError: ``y`` is not one class index per sample of ``x``.
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or \
+            y.dtype not in (torch.int64, torch.int32):
+        raise DynamicError(f"calibrate_temperatures(): y must be one class index (int64) per "
+                           f"sample of x, got {type(y).__name__} "
+                           f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}.")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        exits = model.all_exits(x)
+    temperatures = []
+    for z in exits[:-1]:
+        z = z.detach().double()
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter,
+                                line_search_fn="strong_wolfe")
+
+        def nll(z: torch.Tensor = z, log_t: torch.Tensor = log_t,
+                opt: torch.optim.LBFGS = opt) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z / log_t.exp(), y.long())
+            loss.backward()
+            return loss
+
+        opt.step(nll)
+        temperatures.append(float(log_t.detach().exp().clamp(1e-3, 1e3)))
+    model.set_temperatures(temperatures)
+    model.train(was_training)
+    return tuple(temperatures)
+
+
+class AllExits(nn.Module):
+    """Every exit's logits, as a plain tuple: the graph to export (``torch.onnx.export``,
+    ``torch.export``) when the deployment runtime makes the exit decisions itself.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> net = adaptnet.EarlyExit([nn.Linear(4, 8), nn.Linear(8, 8)],
+        ...                          [nn.Linear(8, 3), nn.Linear(8, 3)])
+        >>> [z.shape for z in adaptnet.dynamic.AllExits(net)(torch.randn(2, 4))]
+        [torch.Size([2, 3]), torch.Size([2, 3])]
+    """
+
+    def __init__(self, model: EarlyExit) -> None:
+        super().__init__()
+        if not isinstance(model, EarlyExit):
+            raise DynamicError(f"AllExits: expected an EarlyExit, got {type(model).__name__}.")
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.all_exits(x))
 
 
 def _threshold_from_score(score: float, criterion: str) -> float:
