@@ -65,11 +65,11 @@ def run(budgets: list[int], seeds: list[int], limit: int | None, quick: list[str
             "source_train_seconds": source["train_seconds"], "summary": summary, "runs": rows}
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, backbone: str = "small_cnn") -> str:
     rows = [[s["budget"], s["variant"], f"{s['trainable']:,} of {s['unique']:,}",
              show(s), f"{s['train_seconds']:.1f}"] for s in result["summary"]]
     return "\n".join([
-        f"Backbone: small_cnn pretrained on classes 0-4, test accuracy "
+        f"Backbone: {backbone} pretrained on classes 0-4, test accuracy "
         f"{result['source_test_accuracy']:.2%} ({result['source_train_seconds']:.0f} s).", "",
         *table(["labels / class", "variant", "trainable params (at the end)",
                 f"test accuracy, median (min–max over seeds "

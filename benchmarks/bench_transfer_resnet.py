@@ -22,7 +22,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import parse_args, publish, show, spread, table
+from _common import parse_args, publish, spread
+from bench_transfer import markdown as transfer_markdown
 
 from adaptnet.recipes import compare, load_recipe, pretrain
 
@@ -38,6 +39,7 @@ def run(seeds: list[int], limit: int | None, quick: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, recipe = load_recipe(RECIPE, quick)
+        budget = recipe.args("data")["train_per_class"]
         backbone = pretrain(recipe.transfer, root, limit)
         source = json.loads((backbone / "results.json").read_text())
         rows = []
@@ -49,7 +51,8 @@ def run(seeds: list[int], limit: int | None, quick: list[str]) -> dict:
     summary = []
     for label in VARIANTS:
         mine = [r for r in rows if r["variant"] == label]
-        summary.append({"variant": label, "trainable": mine[0]["trainable_params"],
+        summary.append({"budget": budget, "variant": label,
+                        "trainable": mine[0]["trainable_params"],
                         "unique": mine[0]["unique_params"],
                         **spread([r["value"] for r in mine]),
                         "train_seconds": statistics.median(r["train_seconds"] for r in mine)})
@@ -58,14 +61,7 @@ def run(seeds: list[int], limit: int | None, quick: list[str]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = [[100, s["variant"], f"{s['trainable']:,} of {s['unique']:,}", show(s),
-             f"{s['train_seconds']:.1f}"] for s in result["summary"]]
-    return "\n".join([
-        f"Backbone: torchvision ResNet-18 (3x3 stem) pretrained on classes 0-4, test accuracy "
-        f"{result['source_test_accuracy']:.2%} ({result['source_train_seconds']:.0f} s).", "",
-        *table(["labels / class", "variant", "trainable params",
-                f"test accuracy, median (min–max over seeds "
-                f"{', '.join(map(str, result['seeds']))})", "train s"], rows)]) + "\n"
+    return transfer_markdown(result, "torchvision ResNet-18 (3x3 stem)")
 
 
 def main() -> None:
