@@ -81,17 +81,6 @@ def test_bench_fsdp_quick(tmp_path):
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
                     reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
                     "dataset-fashion-mnist)")
-def test_bench_transfer_resnet_quick(tmp_path):
-    result = _quick("transfer_resnet", tmp_path)
-    assert [s["variant"] for s in result["summary"]] == [
-        "frozen backbone, new head", "full fine-tune", "from scratch"]
-    assert result["summary"][0]["trainable"] == 512 * 5 + 5  # the new fc alone
-    assert result["summary"][2]["trainable"] == result["summary"][2]["unique"]
-
-
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
-                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
-                    "dataset-fashion-mnist)")
 def test_bench_transfer_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "bench_transfer.py"), "--quick", "--out",
                     str(tmp_path)], check=True, capture_output=True)

@@ -19,6 +19,7 @@ INPUTS = {
     "mlp": (40,), "cnn1d": (40,), "gru_classifier": (40,), "siamese": (2, 64),
     "tied_autoencoder": (64,), "albert_encoder": (40,), "universal_transformer": (40,),
     "pondernet_gru": (8,), "early_exit_cnn": (40,), "moe_mlp": (64,), "adaptive_depth_mlp": (64,),
+    "resnet18": (3, 32, 32),
 }
 ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8}}
 
