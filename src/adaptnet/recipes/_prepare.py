@@ -49,7 +49,7 @@ def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None
                                *_backbone_spec(spec, limit), data)
         torch.manual_seed(recipe.seed)
         if spec is not None and spec.mode != "scratch" and pretrained is not None:
-            model = load_run(pretrained)[1].train()
+            model = _trained_model(pretrained).train()
             replace_head(model, args["num_classes"])
         else:
             model = build_model(recipe.model, args)
@@ -126,6 +126,15 @@ def read_run_config(run: str | Path) -> RunRecipe:
         raise RunDirError(f"{Path(run) / _rundir.CONFIG} does not hold a valid recipe: "
                           f"{e}") from None
     return RunRecipe(config.recipe, config.limit, recipe)
+
+
+def _trained_model(run: Path) -> nn.Module:
+    """A finished run's model and weights, built from the arguments its config.yaml stores
+    (no dataset is loaded: the data-derived arguments are stored resolved)."""
+    name, _, recipe = read_run_config(run)
+    model = build_model(recipe.model, recipe.args("model"))
+    apply_sharing(model, recipe)
+    return sharing.load(model, _rundir.weights(run, name))
 
 
 def load_run(run_dir: str | Path, config: RunRecipe | None = None
