@@ -2,10 +2,13 @@
 
     torchrun --nproc_per_node=2 tests/fsdp_script.py OUT_DIR        # 2 ranks, batch 8 each
     python tests/fsdp_script.py OUT_DIR                             # 1 process, batch 16
+        [--epochs N] [--resume]
 
-Writes ``OUT_DIR/weights.safetensors`` (adaptnet.save of the trained model: rank 0, the
-shards gathered) and, under torchrun, ``OUT_DIR/reloaded.safetensors``: a fresh sharded model
-loaded from the first file and saved again, and ``OUT_DIR/plan.json``.
+Checkpoints go to ``OUT_DIR/run`` every 5 steps (12 steps an epoch); ``--resume``
+continues from the newest one there. Writes ``OUT_DIR/weights.safetensors``
+(adaptnet.save of the trained model: rank 0, the shards gathered) and, under torchrun,
+``OUT_DIR/reloaded.safetensors`` (a fresh sharded model loaded from the first file and
+saved again) and ``OUT_DIR/plan.json``.
 """
 
 from __future__ import annotations
@@ -65,15 +68,18 @@ def main() -> None:
             (out / "plan.json").write_text(json.dumps({"units": plan.units,
                                                        "merged": plan.merged}))
     adaptnet.fit(model, (x, y), loss="cross_entropy", optimizer="adamw", lr=0.01,
-                 weight_decay=0.01, l1=1e-5, epochs=3, batch_size=16 // world, seed=1,
-                 strategy="fsdp")
+                 weight_decay=0.01, l1=1e-5, batch_size=16 // world, seed=1, strategy="fsdp",
+                 epochs=int(sys.argv[sys.argv.index("--epochs") + 1])
+                 if "--epochs" in sys.argv else 3,
+                 run_dir=out / "run", checkpoint_every=5, resume="--resume" in sys.argv)
     adaptnet.save(model, out / "weights.safetensors")  # every rank gathers; rank 0 writes
-    if world > 1:
+    if world > 1 and "--resume" not in sys.argv:
         fresh = Net()
         adaptnet.shard(fresh, ["blocks.0", "mid"])
         adaptnet.load(fresh, out / "weights.safetensors")
         adaptnet.assert_tied(fresh)
         adaptnet.save(fresh, out / "reloaded.safetensors")
+    if world > 1:
         dist.destroy_process_group()
 
 

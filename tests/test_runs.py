@@ -74,6 +74,16 @@ def test_resume_with_no_usable_checkpoint_refuses_instead_of_starting_over(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights, strict=True))
 
 
+def test_resume_with_other_parameter_groups_refuses(tmp_path):
+    x, y = data()
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=25, run_dir=tmp_path, weight_decay=0.1)
+    with pytest.raises(ResumeError, match=r"the checkpoint's optimizer state does not fit this "
+                       r"optimizer \(ValueError: .*\). Resume with the model, optimizer and "
+                       r"parameter groups the run was started with"):
+        adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True,
+                     weight_decay=0.1, no_decay=[])  # one group where the run had two
+
+
 def test_pruning_never_deletes_a_later_checkpoint_than_the_one_written(tmp_path):
     """A damaged newest checkpoint sorts after the ones written after the fall-back."""
     x, y = data()

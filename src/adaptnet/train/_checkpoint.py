@@ -11,6 +11,12 @@ at any moment leaves the previous complete checkpoint. Pruning never deletes a
 checkpoint of a later step than the one just written (such a checkpoint is one
 a resume fell back from).
 
+Under FSDP2 every rank calls :func:`optimizer_state` (the optimizer's shards
+are gathered whole, keyed by parameter name) and :func:`adaptnet.save` (the
+weights' shards are gathered); rank 0 writes. Resuming gives each rank its
+shard of both, so a checkpoint resumes in one process, under DDP or under
+FSDP2 at any world size, whichever wrote it.
+
 Loading verifies the checksums, the step recorded in ``checkpoint.json`` and
 in ``state.pt`` against the directory's name, and that the model fits, newest
 first; it falls back, with a warning, past any checkpoint that fails, and
@@ -38,7 +44,8 @@ from adaptnet._io import atomic_path
 from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError
 from adaptnet.sharing import load, save
 
-__all__ = ["checkpoints", "load_latest", "write_checkpoint"]
+__all__ = ["checkpoints", "load_latest", "optimizer_state", "restore_optimizer",
+           "write_checkpoint"]
 
 _NAME = re.compile(r"step-(\d{9})")
 MANIFEST = "checkpoint.json"
@@ -115,6 +122,55 @@ def load_latest(run_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any]] 
             + "\nNothing was changed. If the model or recipe changed, train into a new run "
             "directory; to start this one over, move its checkpoints/ directory away.")
     return None
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool
+                    ) -> dict[str, Any]:
+    """The optimizer state a checkpoint keeps: ``opt.state_dict()`` (parameters by index),
+    or, for a sharded (FSDP2) model, the whole state gathered to rank 0 on the CPU and keyed
+    by parameter name (a collective: every rank calls it; the others get ``{}``)."""
+    if not sharded:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def restore_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                      names: list[str], sharded: bool) -> None:
+    """Load a checkpoint's optimizer state, written by either layout, into ``opt``.
+
+    ``names`` are the names of ``opt``'s parameters in its own order (the order
+    ``opt.state_dict()`` numbers them in). A sharded model takes the state by
+    name, each rank keeping its shard; any other by index.
+
+    Raises:
+        ResumeError: the state does not fit ``opt`` (other parameters or groups).
+    """
+    by_name = any(isinstance(k, str) for g in state["param_groups"] for k in g["params"])
+    try:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+            state = state if by_name else _rekey(state, dict(enumerate(names)))
+            set_optimizer_state_dict(model, opt, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(_rekey(state, {n: i for i, n in enumerate(names)})
+                                if by_name else state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ResumeError(f"the checkpoint's optimizer state does not fit this optimizer "
+                          f"({type(e).__name__}: {e}). Resume with the model, optimizer and "
+                          "parameter groups the run was started with.") from None
+
+
+def _rekey(state: dict[str, Any], new: dict) -> dict[str, Any]:
+    """An optimizer state dict whose parameter keys are mapped through ``new``."""
+    return {"state": {new[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [new[k] for k in g["params"]]}
+                             for g in state["param_groups"]]}
 
 
 def _verified_state(path: Path) -> dict[str, Any]:

@@ -192,10 +192,6 @@ class TrainConfig(BaseModel):
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):  # names only
             raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0, got "
                              f"optimizer={self.optimizer!r}, momentum={self.momentum}.")
-        if self.strategy == "fsdp" and self.run_dir is not None:
-            raise ValueError("strategy='fsdp' writes no checkpoints yet (a sharded optimizer "
-                             "state); leave run_dir out and save the trained weights with "
-                             "adaptnet.save(model, path), called on every rank.")
         if self.resume and self.run_dir is None:
             raise ValueError("resume=True needs run_dir, the directory holding the checkpoints.")
         if self.checkpoint_every and self.run_dir is None:

@@ -31,8 +31,13 @@ from torch import nn
 
 from adaptnet._io import locked_dir
 from adaptnet.errors import ConfigError, NonFiniteError
-from adaptnet.sharing import param_groups
-from adaptnet.train._checkpoint import load_latest, write_checkpoint
+from adaptnet.sharing import param_groups, save
+from adaptnet.train._checkpoint import (
+    load_latest,
+    optimizer_state,
+    restore_optimizer,
+    write_checkpoint,
+)
 from adaptnet.train._config import TrainConfig, config_from
 from adaptnet.train._data import Batches, Indexed, Source, source
 from adaptnet.train._evaluate import run_evaluation
@@ -190,7 +195,8 @@ class _Trainer:
             if found is not None:
                 result.resumed_from, state = found
                 self._restore(state, pos, result)
-                acc = state["acc"].clone()
+                acc = state["acc"].clone() if self.rank == 0 else torch.zeros_like(acc)
+                # the checkpoint holds every rank's sums: rank 0 carries them on
         self.net = nn.parallel.DistributedDataParallel(
             model, find_unused_parameters=True) if self.world > 1 and not self.fsdp else model
         # find_unused_parameters: a dynamic model may leave a path unused on one rank in a
@@ -390,12 +396,18 @@ class _Trainer:
     def _checkpoint(self, epoch: int, batch: int, pos: dict, acc: torch.Tensor,
                     result: FitResult) -> Path | None:
         self._flush(acc)
+        total = acc.clone()
+        if self.world > 1:  # every rank's running sums so far in this epoch
+            dist.all_reduce(total)
+        optimizer = optimizer_state(self.model, self.opt, self.fsdp)  # FSDP2: every rank
         if self.rank != 0:
+            if self.fsdp:  # gathers its shards into the file rank 0 writes
+                save(self.model, os.devnull)
             return None
         state = {"format": 1, "epoch": epoch, "batch": batch, "step": pos["step"],
                  "best": pos["best"], "bad_epochs": pos["bad_epochs"], "order": pos["order"],
-                 "skipped": result.skipped, "history": result.history, "acc": acc.clone(),
-                 "optimizer": self.opt.state_dict(),
+                 "skipped": result.skipped, "history": result.history, "acc": total,
+                 "optimizer": optimizer,
                  "scheduler": self.sched.state_dict() if self.sched is not None else None,
                  "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
                  "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
@@ -404,7 +416,8 @@ class _Trainer:
                                 self.cfg.keep_checkpoints)
 
     def _restore(self, state: dict, pos: dict, result: FitResult) -> None:
-        self.opt.load_state_dict(state["optimizer"])
+        restore_optimizer(self.model, self.opt, state["optimizer"],
+                          [self.names[id(p)] for p in self.params], self.fsdp)
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
