@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-long clean
 
 # constraints.txt holds the exact versions (torch 2.14.1 + torchvision 0.29.1, ...);
 # pyproject.toml only the ranges adaptnet supports.
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# Fashion-MNIST's idx files, from Debian, when we may install packages (best effort).
 	if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "note: dataset-fashion-mnist not installed"; fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,data,vision]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,data,vision,bench]"
 	touch $@
 
 demo: $(STAMP)
@@ -31,6 +31,11 @@ test: lint
 # regenerated from benchmarks/results/. `python benchmarks/run.py NAME` runs one.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# The benchmarks that train a ResNet (earlyon side by side, torchvision ResNet-18 transfer):
+# about 100 minutes on 2 cores.
+bench-long: $(STAMP)
+	$(PY) benchmarks/run.py --long
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,6 +1,7 @@
 """Run the benchmark suite and regenerate the tables in BENCHMARKS.md.
 
-    python benchmarks/run.py                    # every benchmark (what `make bench` runs)
+    python benchmarks/run.py                    # the suite (what `make bench` runs)
+    python benchmarks/run.py --long             # the long ones (what `make bench-long` runs)
     python benchmarks/run.py route moe          # some of them, then regenerate every table
     python benchmarks/run.py --tables-only      # regenerate the tables from results/*.md
     python benchmarks/run.py --quick --out DIR  # smoke test: tiny sizes, BENCHMARKS.md untouched
@@ -28,10 +29,11 @@ from _common import RESULTS, machine, machine_line, table
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
-# Cheap and timing-sensitive first, long trainings last.
+# Cheap and timing-sensitive first, long trainings last; together under an hour on 2 cores.
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "fsdp", "demo",
-              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer",
-              "transfer_resnet"]
+              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
+# Each of these trains a ResNet for a quarter of an hour or more: `make bench-long`.
+LONG = ["earlyon", "transfer_resnet"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:
@@ -62,15 +64,18 @@ def regenerate(doc: Path, results: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+                        help=f"benchmarks to run (default: the suite): "
+                        f"{', '.join(BENCHMARKS + LONG)}")
+    parser.add_argument("--long", action="store_true", help=f"run {', '.join(LONG)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; tables untouched")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--tables-only", action="store_true",
                         help="run nothing; regenerate BENCHMARKS.md from the results files")
     args = parser.parse_args()
-    if unknown := [n for n in args.names if n not in BENCHMARKS]:
-        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
-    names = [] if args.tables_only else args.names or BENCHMARKS
+    if unknown := [n for n in args.names if n not in BENCHMARKS + LONG]:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from "
+                     f"{', '.join(BENCHMARKS + LONG)}")
+    names = [] if args.tables_only else args.names or (LONG if args.long else BENCHMARKS)
     seconds, failed = {}, []
     for name in names:
         print(f"== {name}", flush=True)

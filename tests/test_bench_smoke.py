@@ -81,6 +81,20 @@ def test_bench_fsdp_quick(tmp_path):
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
                     reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
                     "dataset-fashion-mnist)")
+def test_bench_earlyon_quick(tmp_path):
+    """earlyon (the bench extra, installed by make) and adaptnet run the same weights: an
+    untrained-enough network sends every sample to the same exit under both."""
+    result = _quick("earlyon", tmp_path)
+    assert set(result["timing"]) == {"1", "2"}
+    assert set(result["timing"]["1"]) == {"32", "256"}
+    assert result["same_exit"] > 0.99 and result["same_prediction"] > 0.99
+    assert sum(result["adaptnet_exits"]) == result["images"] == 256
+    assert "| threads | batch | plain ms |" in (tmp_path / "earlyon-quick.md").read_text()
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
+                    "dataset-fashion-mnist)")
 def test_bench_transfer_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH / "bench_transfer.py"), "--quick", "--out",
                     str(tmp_path)], check=True, capture_output=True)
