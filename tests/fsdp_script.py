@@ -4,8 +4,8 @@
     python tests/fsdp_script.py OUT_DIR                             # 1 process, batch 16
         [--epochs N] [--resume]
 
-Checkpoints go to ``OUT_DIR/run`` every 5 steps (12 steps an epoch); ``--resume``
-continues from the newest one there. Writes ``OUT_DIR/weights.safetensors``
+Checkpoints go to ``OUT_DIR/run`` every 5 steps (12 steps an epoch), all kept;
+``--resume`` continues from the newest one there. Writes ``OUT_DIR/weights.safetensors``
 (adaptnet.save of the trained model: rank 0, the shards gathered) and, under torchrun,
 ``OUT_DIR/reloaded.safetensors`` (a fresh sharded model loaded from the first file and
 saved again) and ``OUT_DIR/plan.json``.
@@ -71,7 +71,8 @@ def main() -> None:
                  weight_decay=0.01, l1=1e-5, batch_size=16 // world, seed=1, strategy="fsdp",
                  epochs=int(sys.argv[sys.argv.index("--epochs") + 1])
                  if "--epochs" in sys.argv else 3,
-                 run_dir=out / "run", checkpoint_every=5, resume="--resume" in sys.argv)
+                 run_dir=out / "run", checkpoint_every=5, keep_checkpoints=10,
+                 resume="--resume" in sys.argv)
     adaptnet.save(model, out / "weights.safetensors")  # every rank gathers; rank 0 writes
     if world > 1 and "--resume" not in sys.argv:
         fresh = Net()

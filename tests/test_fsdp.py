@@ -61,7 +61,8 @@ def test_two_sharded_processes_equal_one_process_with_ties_and_unused_parameters
 
 
 def _cut(out: Path) -> None:
-    """Leave the run in ``out`` as if stopped at step 20, mid-epoch 2 (batch 8 of 12)."""
+    """Leave the run in ``out`` as if stopped at step 20, mid-epoch 2 (batch 8 of 12): its
+    later checkpoints gone (its weights file is rewritten by the resumed run)."""
     for late in (out / "run" / "checkpoints").glob("step-*"):
         if int(late.name.removeprefix("step-")) > 20:
             shutil.rmtree(late)
@@ -76,15 +77,13 @@ def test_sharded_checkpoints_resume_mid_epoch_under_any_strategy(whole, tmp_path
     """FSDP2 run_dir checkpoints hold the optimizer state gathered whole, keyed by name; a run
     cut mid-epoch resumes to the uninterrupted run's weights under FSDP2, and a checkpoint
     written by 2 FSDP2 ranks resumes in 1 process, and one written by 1 process under FSDP2."""
-    _launch(tmp_path / "p2", 2, "--epochs", "2")
-    _launch(tmp_path / "p1", 1, "--epochs", "2")
-    state = torch.load(tmp_path / "p2" / "run" / "checkpoints" / "step-000000020" / "state.pt",
+    state = torch.load(whole / "two" / "run" / "checkpoints" / "step-000000020" / "state.pt",
                        weights_only=True)
     assert state["optimizer"]["state"]["embed.weight"]["exp_avg"].shape == (12, 8)  # whole
     assert "head.weight" not in state["optimizer"]["state"]  # a tie is one parameter
-    for part, cross in (("p2", "c21"), ("p1", "c12")):
-        _cut(tmp_path / part)
-        shutil.copytree(tmp_path / part, tmp_path / cross)
+    for source, cut in (("two", "p2"), ("two", "c21"), ("one", "c12")):
+        shutil.copytree(whole / source, tmp_path / cut)
+        _cut(tmp_path / cut)
     _launch(tmp_path / "p2", 2, "--resume")
     _launch(tmp_path / "c21", 1, "--resume")
     _launch(tmp_path / "c12", 2, "--resume")
