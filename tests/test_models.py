@@ -21,17 +21,20 @@ INPUTS = {
     "pondernet_gru": (8,), "early_exit_cnn": (40,), "moe_mlp": (64,), "adaptive_depth_mlp": (64,),
     "resnet18": (3, 32, 32),
 }
-ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8}}
+ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8},
+        "decoder": {"vocab_size": 50, "d_model": 8, "heads": 2, "mod_capacity": 0.5}}
 
 
 def _pred(out):
     if isinstance(out, torch.Tensor):
         return out
-    return out.logits if isinstance(out, adaptnet.ExitResult) else out.output
+    if isinstance(out, adaptnet.ExitResult | M.DecoderResult):
+        return out.logits
+    return out.output
 
 
 def _input(name: str, b: int) -> torch.Tensor:
-    if name == "lstm_lm":
+    if name in ("lstm_lm", "decoder"):
         return torch.randint(0, 50, (b, 7))
     return torch.randn(b, *INPUTS[name])
 

@@ -1,8 +1,9 @@
-"""Per-sample dynamic execution: each sample pays only for the path it takes.
+"""Per-sample and per-token dynamic execution: each pays only for the path it takes.
 
 Partition, don't mask: see docs/dynamic.md.
 """
 
+from adaptnet.dynamic._decode import generate
 from adaptnet.dynamic._depth import (
     ACTHalting,
     AdaptiveDepth,
@@ -26,29 +27,48 @@ from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._per_sample import per_sample
 from adaptnet.dynamic._result import DynamicResult
 from adaptnet.dynamic._route import branch, route_topk, switch
+from adaptnet.dynamic._tokens import (
+    CausalBlock,
+    KVCache,
+    MixtureOfDepths,
+    MixtureOfRecursions,
+    Routing,
+    TokenEarlyExit,
+    TokenExits,
+    rope,
+)
 
 __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
     "AllExits",
     "Calibration",
+    "CausalBlock",
     "Decision",
     "DepthResult",
     "DynamicResult",
     "EarlyExit",
     "ExitResult",
     "HaltingPolicy",
+    "KVCache",
     "MacCount",
+    "MixtureOfDepths",
+    "MixtureOfRecursions",
     "MoE",
     "MoEResult",
     "PonderNetHalting",
+    "Routing",
     "Step",
     "ThresholdHalting",
+    "TokenEarlyExit",
+    "TokenExits",
     "branch",
     "calibrate_exits",
     "calibrate_temperatures",
     "count_macs",
+    "generate",
     "per_sample",
+    "rope",
     "route_topk",
     "switch",
 ]

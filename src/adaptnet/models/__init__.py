@@ -15,6 +15,7 @@ from adaptnet.models._adaptive import (
     pondernet_gru,
 )
 from adaptnet.models._baselines import cnn1d, gru_classifier, logreg, mlp
+from adaptnet.models._decoder import Decoder, DecoderResult, decoder
 from adaptnet.models._registry import MODELS, build, describe
 from adaptnet.models._shared import (
     LSTMLanguageModel,
@@ -50,6 +51,8 @@ __all__ = [
     "SHARING",
     "AdaptiveMLP",
     "BranchNet",
+    "Decoder",
+    "DecoderResult",
     "EarlyExitCNN",
     "LSTMLanguageModel",
     "PonderGRU",
@@ -65,6 +68,7 @@ __all__ = [
     "build",
     "cnn1d",
     "contrastive_loss",
+    "decoder",
     "describe",
     "early_exit_cnn",
     "gru_classifier",

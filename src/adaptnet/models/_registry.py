@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from adaptnet.errors import ModelError
-from adaptnet.models import _adaptive, _baselines, _shared, _textbook, _transformer, _vision
+from adaptnet.models import (
+    _adaptive,
+    _baselines,
+    _decoder,
+    _shared,
+    _textbook,
+    _transformer,
+    _vision,
+)
 
 __all__ = ["MODELS", "build", "describe"]
 
@@ -39,6 +47,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "pondernet_gru": _adaptive.pondernet_gru,
     "early_exit_cnn": _adaptive.early_exit_cnn,
     "moe_mlp": _adaptive.moe_mlp,
+    # per-token adaptive depth
+    "decoder": _decoder.decoder,
     "adaptive_depth_mlp": _adaptive.adaptive_depth_mlp,
     # torchvision's (the vision extra)
     "resnet18": _vision.resnet18,

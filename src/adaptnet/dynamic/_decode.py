@@ -1,0 +1,69 @@
+"""Greedy decoding with a KV cache, at any batch size, each token at its own depth."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptnet.dynamic._result import DynamicResult
+from adaptnet.errors import ConfigError
+
+__all__ = ["generate"]
+
+
+def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
+             use_cache: bool = True) -> torch.Tensor:
+    """Extend each row of ``prompt_ids`` ``(B, T)`` by ``max_new_tokens`` greedy tokens.
+
+    ``model(ids, cache=...)`` returns logits ``(B, T, V)`` (or a result whose
+    ``prediction`` they are); ``model.new_cache(batch)`` makes the cache it
+    extends, one :class:`~adaptnet.dynamic.KVCache` per block, and
+    ``model.context`` is its longest sequence. With ``use_cache=False`` every
+    step runs the whole sequence again: the reference the cache must equal.
+    The model runs in eval mode (its training mode is put back after).
+
+    Raises:
+        ConfigError: a prompt that is not ``(B, T)`` integer ids; a prompt and
+            ``max_new_tokens`` longer than the model's context; a model with
+            no ``new_cache`` (no cache-capable block).
+    """
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or \
+            prompt_ids.dtype not in (torch.int64, torch.int32) or not prompt_ids.shape[1]:
+        shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else \
+            type(prompt_ids).__name__
+        raise ConfigError(f"generate(): prompt_ids must be (batch, tokens) integer ids with at "
+                          f"least one token, got {shape}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 0:
+        raise ConfigError(f"generate(): max_new_tokens must be a whole number >= 0, got "
+                          f"{max_new_tokens!r}.")
+    if use_cache and not callable(getattr(model, "new_cache", None)):
+        raise ConfigError(f"generate(): {type(model).__name__} has no new_cache(), so it "
+                          "cannot decode with a KV cache; build it from cache-capable blocks "
+                          "(adaptnet.dynamic.CausalBlock), or pass use_cache=False.")
+    context = getattr(model, "context", None)
+    total = prompt_ids.shape[1] + max_new_tokens
+    if isinstance(context, int) and total > context:
+        raise ConfigError(f"generate(): a prompt of {prompt_ids.shape[1]} tokens plus "
+                          f"max_new_tokens={max_new_tokens} makes {total}, longer than the "
+                          f"model's context of {context}; shorten the prompt or generate "
+                          "fewer tokens.")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = prompt_ids.long()
+            cache = model.new_cache(ids.shape[0]) if use_cache else None
+            step = ids
+            for _ in range(max_new_tokens):
+                logits = _logits(model(step, cache=cache) if use_cache else model(ids))
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+                step = nxt
+            return ids
+    finally:
+        model.train(was_training)
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.prediction if isinstance(out, DynamicResult) else out  # type: ignore[return-value]

@@ -1,0 +1,166 @@
+"""Decoder-only language models whose tokens take their own depth (Mixture-of-Depths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptnet.dynamic import (
+    CausalBlock,
+    KVCache,
+    MixtureOfDepths,
+    MixtureOfRecursions,
+    TokenEarlyExit,
+    TokenExits,
+)
+from adaptnet.errors import ConfigError, ModelError
+from adaptnet.sharing import tie
+
+__all__ = ["Decoder", "DecoderCache", "DecoderResult", "decoder"]
+
+
+@dataclass
+class DecoderCache:
+    """One :class:`~adaptnet.dynamic.KVCache` per block, and the tokens seen so far."""
+
+    layers: list  # a KVCache, or what the block's own new_cache() made
+    seen: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderResult:
+    """What :class:`Decoder` returns (a :class:`~adaptnet.DynamicResult`).
+
+    Attributes:
+        logits: ``(B, T, V)`` next-token logits.
+        depth: ``(B, T)`` blocks each token went through.
+        aux: training: the Mixture-of-Depths predictors' loss (summed over blocks).
+        exit_logits: training with per-token exits: every exit's logits.
+    """
+
+    logits: torch.Tensor
+    depth: torch.Tensor
+    aux: torch.Tensor | None
+    exit_logits: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.logits
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.aux
+
+    def task_loss(self, target: torch.Tensor, loss_fn=None, per_sample=None) -> torch.Tensor:
+        """The loss of the logits (default: token cross-entropy); with exits, the mean over
+        every exit's (equal weights)."""
+        loss_fn = loss_fn or _token_cross_entropy
+        if self.exit_logits:
+            return sum(loss_fn(z, target) for z in self.exit_logits) / len(self.exit_logits)
+        return loss_fn(self.logits, target)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"steps": self.depth.float().mean(1)}
+
+
+def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2), target.flatten())
+
+
+class Decoder(nn.Module):
+    """Token embedding, causal blocks (some may be Mixture-of-Depths), tied output head."""
+
+    def __init__(self, vocab_size: int, d_model: int, blocks: list[nn.Module],
+                 context: int, exit_threshold: float | None = None) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab_size, d_model)
+        if exit_threshold is not None:  # one stack whose every exit is this model's readout
+            blocks = [TokenEarlyExit(blocks, self.readout, exit_threshold)]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        tie(self, "head.weight", "embed.weight")
+        nn.init.normal_(self.embed.weight, std=0.02)  # it is the output layer too (GPT-2's)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of states ``h``: the final norm and the output layer (tied to the embedding)."""
+        return self.head(self.norm(h))
+
+    def new_cache(self, batch: int) -> DecoderCache:
+        return DecoderCache([b.new_cache(batch) if hasattr(b, "new_cache") else KVCache(batch)
+                             for b in self.blocks])
+
+    def forward(self, ids: torch.Tensor, *, cache: DecoderCache | None = None
+                ) -> DecoderResult:
+        b, t = ids.shape
+        start = cache.seen if cache is not None else 0
+        if start + t > self.context:
+            raise ConfigError(f"Decoder: a sequence of {start + t} tokens is longer than the "
+                              f"model's context of {self.context}; cut it, or build the "
+                              "model with a larger context.")
+        positions = (start + torch.arange(t, device=ids.device)).expand(b, t)
+        h = self.embed(ids)
+        depth = torch.zeros(b, t, dtype=torch.long, device=ids.device)
+        aux = None
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            h = block(h, positions, cache=layer_cache)
+            if isinstance(h, TokenExits):  # the exits read the logits out themselves
+                if cache is not None:
+                    cache.seen += t
+                return DecoderResult(h.logits, h.depth, None, h.exit_logits)
+            if isinstance(block, MixtureOfDepths | MixtureOfRecursions):
+                depth += block.last.depth * (len(block.blocks) if hasattr(block, "blocks")
+                                             else 1)
+                if block.last.aux_loss is not None:
+                    aux = block.last.aux_loss if aux is None else aux + block.last.aux_loss
+            else:
+                depth += 1
+        if cache is not None:
+            cache.seen += t
+        return DecoderResult(self.readout(h), depth, aux)
+
+
+def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: int = 4,
+            context: int = 256, mod_capacity: float | None = None, mod_every: int = 2,
+            recursions: int | None = None, router: str = "expert",
+            exit_threshold: float | None = None) -> Decoder:
+    """A decoder-only language model; ``mod_capacity`` makes every ``mod_every``-th block MoD.
+
+    Pre-norm causal blocks with rotary positions, the output head tied to the
+    embedding. With ``mod_capacity`` (e.g. 0.125, the Mixture-of-Depths
+    paper's), blocks ``mod_every - 1``, ``2 * mod_every - 1``, ... process that
+    fraction of each sequence's tokens in training (top-k by a router) and the
+    tokens their causal predictor picks in evaluation and decoding. With
+    ``recursions`` the ``layers`` blocks are one shared stack applied up to
+    that many times per token (Mixture-of-Recursions, ``router`` ``"expert"``
+    or ``"token"``). With ``exit_threshold`` each token leaves after the first
+    block where the shared readout is that confident (per-token early exit).
+    """
+    if layers < 1 or mod_every < 1:
+        raise ModelError(f"decoder: layers and mod_every must be >= 1, got layers={layers}, "
+                         f"mod_every={mod_every}.")
+    if exit_threshold is not None and (recursions is not None or mod_capacity is not None):
+        raise ModelError("decoder: exit_threshold (per-token early exit) goes with plain "
+                         "blocks; leave out mod_capacity and recursions.")
+    if exit_threshold is not None:
+        return Decoder(vocab_size, d_model, [CausalBlock(d_model, heads) for _ in range(layers)],
+                       context, exit_threshold)
+    if recursions is not None:
+        if mod_capacity is not None:
+            raise ModelError("decoder: give mod_capacity (Mixture-of-Depths) or recursions "
+                             "(Mixture-of-Recursions), not both.")
+        stack = [CausalBlock(d_model, heads) for _ in range(layers)]
+        return Decoder(vocab_size, d_model, [MixtureOfRecursions(stack, recursions, d_model,
+                                                                 router)], context)
+    blocks: list[nn.Module] = []
+    for i in range(layers):
+        block = CausalBlock(d_model, heads)
+        if mod_capacity is not None and i % mod_every == mod_every - 1:
+            block = MixtureOfDepths(block, mod_capacity, d_model)
+        blocks.append(block)
+    return Decoder(vocab_size, d_model, blocks, context)

@@ -1,0 +1,447 @@
+"""Per-token adaptive depth: CausalBlock, Mixture-of-Depths and KV-cache decoding.
+
+The oracle is a per-token Python loop: each token's query attends to exactly
+the keys the rule allows, computed from the block's weights one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import adaptnet
+from adaptnet.dynamic import CausalBlock, KVCache, MixtureOfDepths, MixtureOfRecursions, rope
+from adaptnet.errors import ConfigError, DynamicError
+from adaptnet.models import decoder
+
+D, H = 8, 2
+
+
+def token_loop(block: CausalBlock, x: torch.Tensor, positions: torch.Tensor,
+               keep: torch.Tensor) -> torch.Tensor:
+    """``block`` on the tokens ``keep`` ``(B, T)`` of each row, one query at a time.
+
+    Token ``i`` of row ``b`` attends to the kept tokens of row ``b`` whose
+    position is at most its own. Rows of ``x`` not kept are returned as they are.
+    """
+    out = x.clone()
+    dh = D // H
+    for b in range(x.shape[0]):
+        idx = keep[b].nonzero().squeeze(1).tolist()
+        if not idx:
+            continue
+        xs = x[b, idx]  # (n, d)
+        pos = positions[b, idx]
+        q, k, v = block.qkv(block.norm1(xs)).view(len(idx), 3, H, dh).unbind(1)
+        q = rope(q.transpose(0, 1)[None], pos[None])[0]  # (H, n, dh)
+        k = rope(k.transpose(0, 1)[None], pos[None])[0]
+        v = v.transpose(0, 1)
+        for j, i in enumerate(idx):
+            allowed = [m for m in range(len(idx)) if pos[m] <= pos[j]]
+            w = torch.softmax(q[:, j:j + 1] @ k[:, allowed].transpose(1, 2) / math.sqrt(dh),
+                              dim=-1)
+            att = (w @ v[:, allowed]).transpose(0, 1).reshape(1, D)
+            h = xs[j:j + 1] + block.proj(att)
+            out[b, i] = (h + block.mlp(block.norm2(h)))[0]
+    return out
+
+
+def mod_loop(mod: MixtureOfDepths, x: torch.Tensor, positions: torch.Tensor,
+             keep: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-Depths by the loop: kept tokens move by router weight × the block's update."""
+    done = token_loop(mod.block, x, positions, keep)
+    weight = torch.sigmoid(mod.router(x))
+    return torch.where(keep[..., None], x + weight * (done - x), x)
+
+
+def top_k(mod: MixtureOfDepths, x: torch.Tensor) -> torch.Tensor:
+    scores = mod.router(x).squeeze(-1)
+    k = math.ceil(mod.capacity * x.shape[1])
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for b in range(x.shape[0]):
+        keep[b, scores[b].topk(k).indices] = True
+    return keep
+
+
+def grads(out: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    return list(torch.autograd.grad((out * w).sum(), tensors, retain_graph=True))
+
+
+def params_and_input(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [x, *module.parameters()]
+
+
+sizes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes, st.sampled_from([1.0, 0.5, 0.25, 0.01]))
+@example((3, 9, 0), 0.5)
+def test_mixture_of_depths_top_k_equals_the_token_loop(size, capacity):
+    b, t, seed = size
+    torch.manual_seed(seed)
+    mod = MixtureOfDepths(CausalBlock(D, H), capacity, D).train()
+    x = torch.randn(b, t, D, requires_grad=True)
+    positions = torch.arange(t).expand(b, t)
+    out = mod(x)
+    keep = top_k(mod, x)
+    assert torch.equal(mod.last.selected, keep)
+    assert int(keep.sum(1).min()) == math.ceil(capacity * t)  # capacity 0.01: one token
+    want = mod_loop(mod, x, positions, keep)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads(out, *params_and_input(mod.block, x)),
+                    grads(want, *params_and_input(mod.block, x)), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    g_router = grads(out, *mod.router.parameters())
+    w_router = grads(want, *mod.router.parameters())
+    for g, w in zip(g_router, w_router, strict=True):  # the router is on the gradient path
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        assert g.abs().sum() > 0
+
+
+def test_capacity_one_is_the_dense_block_scaled_by_the_router():
+    torch.manual_seed(0)
+    mod = MixtureOfDepths(CausalBlock(D, H), 1.0, D).train()
+    x = torch.randn(3, 7, D)
+    dense = mod.block(x)  # plain causal attention over every token
+    weight = torch.sigmoid(mod.router(x))
+    torch.testing.assert_close(mod(x), x + weight * (dense - x), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes, st.sampled_from(["predictor", "none", "all"]))
+@example((3, 9, 3), "predictor")  # rows keep 4, 1 and 0 tokens: padding in a ragged batch
+def test_the_causal_rule_equals_the_token_loop(size, rule):
+    """Evaluation: each token is processed iff its predictor logit is > 0; ragged rows."""
+    b, t, seed = size
+    torch.manual_seed(seed)
+    mod = MixtureOfDepths(CausalBlock(D, H), 0.5, D).eval()
+    if rule != "predictor":  # every token skips, or every token is processed
+        torch.nn.init.zeros_(mod.predictor[2].weight)
+        torch.nn.init.constant_(mod.predictor[2].bias, -1.0 if rule == "none" else 1.0)
+    x = torch.randn(b, t, D, requires_grad=True)
+    positions = torch.arange(t).expand(b, t)
+    out = mod(x)
+    keep = mod.predictor(x).squeeze(-1) > 0
+    assert torch.equal(mod.last.selected, keep)
+    want = mod_loop(mod, x, positions, keep)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    if rule == "none":
+        assert torch.equal(out, x)
+    g, w = grads(out, x), grads(want, x)
+    torch.testing.assert_close(g[0], w[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_block_on_gathered_tokens_rotates_by_their_positions():
+    """Positions travel with the tokens: tokens 1 and 4 alone, at positions 1 and 4."""
+    torch.manual_seed(0)
+    block = CausalBlock(D, H)
+    x = torch.randn(1, 6, D)
+    pos = torch.arange(6)[None]
+    keep = torch.zeros(1, 6, dtype=torch.bool)
+    keep[0, [1, 4]] = True
+    alone = block(x[:, [1, 4]], pos[:, [1, 4]])
+    torch.testing.assert_close(alone, token_loop(block, x, pos, keep)[:, [1, 4]],
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone, block(x[:, [1, 4]]))  # positions 0, 1 differ
+
+
+def test_the_cache_holds_ragged_rows_and_attends_only_to_their_keys():
+    """Prefill then one token at a time, rows skipping at random: the same as no cache."""
+    torch.manual_seed(0)
+    block = CausalBlock(D, H).eval()
+    b, t = 3, 6
+    x = torch.randn(b, t, D)
+    pos = torch.arange(t).expand(b, t)
+    keep = torch.rand(b, t) < 0.6
+    keep[:, 0] = True
+    want = token_loop(block, x, pos, keep)
+    cache = KVCache(b)
+    with torch.no_grad():
+        for i in range(t):
+            rows = keep[:, i].nonzero().squeeze(1)
+            if len(rows):
+                got = block(x[rows, i:i + 1], pos[rows, i:i + 1], cache=cache, rows=rows)
+                torch.testing.assert_close(got[:, 0], want[rows, i], rtol=1e-5, atol=1e-6)
+    assert cache.length.tolist() == keep.sum(1).tolist()
+
+
+def mor_loop(mor: MixtureOfRecursions, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture-of-Recursions by the loop: per step, the rule's tokens go through the stack one
+    block at a time, each attending among that step's tokens; returns output and depth."""
+    b, t, _ = x.shape
+    positions = torch.arange(t).expand(b, t)
+    depth = torch.zeros(b, t, dtype=torch.long)
+    active = torch.ones(b, t, dtype=torch.bool)
+    if mor.router_kind == "token":
+        probs = torch.softmax(mor.depth_router(x), -1)
+        weight, chosen = probs.max(-1)
+    for r in range(mor.recursions):
+        if mor.router_kind == "token":
+            keep = chosen >= r
+        else:
+            weight = torch.sigmoid(mor.routers[r](x).squeeze(-1))
+            if mor.training:
+                k = math.ceil(t * (mor.recursions - r) / mor.recursions)
+                keep = torch.zeros_like(active)
+                for row in range(b):
+                    going = active[row].nonzero().squeeze(1)
+                    keep[row, going[weight[row, going].topk(k).indices]] = True
+            else:
+                keep = active & (mor.predictors[r](x).squeeze(-1) > 0) if r else active
+            active = keep
+        done = x
+        for block in mor.blocks:
+            done = token_loop(block, done, positions, keep)
+        x = torch.where(keep[..., None], x + weight[..., None] * (done - x), x)
+        depth += keep
+    return x, depth
+
+
+@settings(max_examples=20, deadline=None)
+@given(sizes, st.sampled_from(["expert", "token"]), st.booleans(), st.integers(1, 3))
+@example((3, 9, 0), "expert", True, 3)
+@example((3, 9, 1), "token", False, 3)
+def test_mixture_of_recursions_equals_the_token_loop(size, router, training, recursions):
+    b, t, seed = size
+    torch.manual_seed(seed)
+    mor = MixtureOfRecursions([CausalBlock(D, H), CausalBlock(D, H)], recursions, D,
+                              router).train(training)
+    if router == "token":  # spread the chosen depths
+        torch.nn.init.normal_(mor.depth_router.weight, std=2.0)
+    x = torch.randn(b, t, D, requires_grad=True)
+    out = mor(x)
+    want, depth = mor_loop(mor, x)
+    assert torch.equal(mor.last.depth, depth)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    tensors = [x, *mor.parameters()]
+    got_g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                tensors, allow_unused=True, retain_graph=True)
+    want_g = torch.autograd.grad((want * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                 tensors, allow_unused=True)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert (g is None) == (w is None) or float((g if w is None else w).abs().sum()) == 0
+        if g is not None and w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    if training and router == "expert":
+        assert mor.last.aux_loss is not None
+        assert depth.sum(1).tolist() == [sum(math.ceil(t * (recursions - r) / recursions)
+                                             for r in range(recursions))] * b
+
+
+def test_recursions_share_one_stack_at_half_the_unique_parameters():
+    vanilla = adaptnet.summary(decoder(layers=4))
+    mor = adaptnet.summary(decoder(layers=2, recursions=2))
+    assert mor.unique < 0.55 * vanilla.unique  # the stack once, plus routers and predictors
+    with pytest.raises(ConfigError, match=r"router must be 'expert' or 'token', got 'tokens'"):
+        MixtureOfRecursions([CausalBlock(D, H)], 2, D, "tokens")
+    with pytest.raises(ConfigError, match=r"max_recursions must be a whole number >= 1"):
+        MixtureOfRecursions([CausalBlock(D, H)], 0, D)
+
+
+@pytest.mark.parametrize("router", ["expert", "token"])
+def test_generate_with_recursion_wise_caches_equals_full_recompute(router):
+    torch.manual_seed(1)
+    model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=24, recursions=3,
+                    router=router)
+    mor = model.blocks[0]
+    if router == "expert":
+        for p in mor.predictors:
+            torch.nn.init.normal_(p[2].weight, std=3.0)
+    else:
+        torch.nn.init.normal_(mor.depth_router.weight, std=3.0)
+    prompt = torch.randint(0, 11, (3, 4))
+    cached = adaptnet.generate(model, prompt, 10)
+    assert torch.equal(cached, adaptnet.generate(model, prompt, 10, use_cache=False))
+    with torch.no_grad():
+        cache = model.eval().new_cache(3)
+        model(cached, cache=cache)
+    depth = mor.last.depth
+    assert len(set(depth.flatten().tolist())) > 1, "every token took the same depth"
+    held = [int(c.held().sum()) for c in cache.layers[0]]
+    assert held[::2] == [int((depth > r).sum()) for r in range(3)]  # keys per step
+
+
+def attend(block: CausalBlock, h: torch.Tensor, pos: int, states: torch.Tensor) -> torch.Tensor:
+    """One token's pass through ``block``: its query against ``states`` at positions 0..n-1."""
+    dh = D // H
+    w, bias = block.qkv.weight, block.qkv.bias
+    q = F.linear(block.norm1(h), w[:D], bias[:D]).view(1, H, 1, dh).transpose(1, 2)
+    kv = block.norm1(states)
+    k = F.linear(kv, w[D:2 * D], bias[D:2 * D]).view(1, -1, H, dh).transpose(1, 2)
+    v = F.linear(kv, w[2 * D:], bias[2 * D:]).view(1, -1, H, dh).transpose(1, 2)
+    n = states.shape[0]
+    q = rope(q.transpose(1, 2), torch.tensor([[pos]]))
+    k = rope(k, torch.arange(n)[None])
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v  # (1, H, 1, dh)
+    out = h + block.proj(att.transpose(1, 2).reshape(D))
+    return out + block.mlp(block.norm2(out))
+
+
+def exit_loop(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token early exit by the loop: tokens in order, each block by hand; a token that
+    left stands in every later block by its last state (state propagation)."""
+    exits = model.blocks[0]
+    b, t = ids.shape
+    logits = torch.zeros(b, t, model.head.out_features)
+    depth = torch.zeros(b, t, dtype=torch.long)
+    for row in range(b):
+        states = [[None] * t for _ in exits.blocks]  # the input state of each block
+        for i in range(t):
+            h, left = model.embed(ids[row, i]), False
+            for j, block in enumerate(exits.blocks):
+                states[j][i] = h
+                if left:
+                    continue
+                h = attend(block, h, i, torch.stack(states[j][:i + 1]))
+                depth[row, i] += 1
+                out = model.readout(h)
+                last = j == len(exits.blocks) - 1
+                if last or torch.softmax(out, -1).max() >= exits.threshold:
+                    logits[row, i], left = out, True
+    return logits, depth
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes, st.sampled_from([0.6, 0.7, 0.8, 1e-9, 1.0]))
+@example((3, 9, 0), 0.7)
+def test_per_token_early_exit_equals_the_token_loop(size, threshold):
+    """1e-9: every token leaves after block 1; 1.0: none leaves early (the dense model)."""
+    b, t, seed = size
+    torch.manual_seed(seed)
+    model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=16,
+                    exit_threshold=threshold).eval()
+    torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
+    ids = torch.randint(0, 11, (b, t))
+    out = model(ids)
+    want, depth = exit_loop(model, ids)
+    assert torch.equal(out.depth, depth)
+    if size == (3, 9, 0):
+        assert set(depth.flatten().tolist()) == {1, 2, 3}
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    if threshold == 1e-9:
+        assert bool((depth == 1).all())
+    if threshold == 1.0:
+        assert bool((depth == 3).all())
+        dense = model.train()(ids)
+        torch.testing.assert_close(out.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters())
+    got = torch.autograd.grad((model.eval()(ids).logits * 1.5).sum(), params, allow_unused=True)
+    ref = torch.autograd.grad((want * 1.5).sum(), params, allow_unused=True)
+    for g, w in zip(got, ref, strict=True):
+        if g is None or w is None:
+            assert (g is None or float(g.abs().sum()) == 0) and (w is None or
+                                                                float(w.abs().sum()) == 0)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_per_token_exits_decode_with_propagated_keys_as_full_recompute():
+    torch.manual_seed(0)
+    model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=24,
+                    exit_threshold=0.7)
+    torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
+    prompt = torch.randint(0, 11, (4, 3))
+    cached = adaptnet.generate(model, prompt, 12)
+    assert torch.equal(cached, adaptnet.generate(model, prompt, 12, use_cache=False))
+    with torch.no_grad():
+        full = model.eval()(cached)
+        cache = model.new_cache(4)
+        steps = [model(cached[:, :3], cache=cache).logits]
+        steps += [model(cached[:, i:i + 1], cache=cache).logits for i in range(3, 15)]
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, rtol=1e-5, atol=1e-5)
+    assert set(full.depth.flatten().tolist()) == {1, 2, 3}, "tokens should leave at every block"
+    out = model.train()(cached)  # training: every exit, a joint loss over them
+    assert len(out.exit_logits) == 3 and bool((out.depth == 3).all())
+    loss = out.task_loss(cached)
+    torch.testing.assert_close(loss, sum(F.cross_entropy(z.flatten(0, 1), cached.flatten())
+                                         for z in out.exit_logits) / 3)
+    with pytest.raises(ConfigError, match=r"threshold is the top softmax probability to leave "
+                       r"at, in \(0, 1\]; got 0"):
+        decoder(exit_threshold=0)
+
+
+@pytest.mark.parametrize("mod_capacity", [None, 0.5])
+def test_generate_with_the_cache_equals_full_recompute_at_batch_three(mod_capacity):
+    torch.manual_seed(0)
+    model = decoder(vocab_size=11, d_model=D, layers=4, heads=H, context=24,
+                    mod_capacity=mod_capacity)
+    torch.nn.init.normal_(model.embed.weight)  # varied tokens, so rows route differently
+    if mod_capacity is not None:  # a predictor that selects some tokens and skips others
+        for block in model.blocks[1::2]:
+            torch.nn.init.normal_(block.predictor[2].weight, std=3.0)
+    prompt = torch.randint(0, 11, (3, 5))
+    cached = adaptnet.generate(model, prompt, 12)
+    full = adaptnet.generate(model, prompt, 12, use_cache=False)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached[:, :5], prompt) and cached.shape == (3, 17)
+    with torch.no_grad():
+        model.eval()
+        cache = model.new_cache(3)
+        step = model(cached[:, :10], cache=cache).logits
+        ref = model(cached[:, :11]).logits
+        nxt = model(cached[:, 10:11], cache=cache).logits
+    torch.testing.assert_close(step, ref[:, :10], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt[:, 0], ref[:, 10], rtol=1e-5, atol=1e-5)
+    if mod_capacity is not None:
+        keys = [c.held().tolist() for c in cache.layers[1::2]]
+        assert any(len(set(row)) > 1 for row in keys), "no two rows kept different tokens"
+        assert all(0 < sum(row) < 3 * 11 for row in keys)  # some tokens skipped, some not
+
+
+def test_a_decoder_trains_with_fit_and_reports_depth_per_token():
+    torch.manual_seed(0)
+    model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=16,
+                    mod_capacity=0.25, mod_every=2)
+    ids = torch.randint(0, 11, (32, 9))
+    result = adaptnet.fit(model, (ids[:, :-1], ids[:, 1:]), loss="cross_entropy",
+                          epochs=2, batch_size=8, metrics=("loss", "steps"))
+    row = result.history[-1]
+    assert row["train/steps"] == pytest.approx(1 + 2 / 8)  # 2 of 8 tokens reach block 2
+    out = model.train()(ids[:, :-1])
+    assert out.aux_loss is not None and out.depth.shape == (32, 8)
+    adaptnet.assert_tied(model)
+
+
+@pytest.mark.parametrize("capacity", [0, -0.5, 1.5, True, float("nan"), "half"])
+def test_capacity_outside_zero_one_is_refused(capacity):
+    with pytest.raises(ConfigError, match=r"capacity is the fraction of tokens a block "
+                       r"processes, in \(0, 1\]; got"):
+        MixtureOfDepths(CausalBlock(D, H), capacity, D)
+
+
+def test_bad_decoding_requests_name_the_argument_and_the_fix():
+    model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=8)
+    with pytest.raises(ConfigError, match=r"a prompt of 6 tokens plus max_new_tokens=3 makes 9, "
+                       r"longer than the model's context of 8"):
+        adaptnet.generate(model, torch.zeros(2, 6, dtype=torch.long), 3)
+    with pytest.raises(ConfigError, match=r"a sequence of 9 tokens is longer than the model's "
+                       r"context of 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"prompt_ids must be \(batch, tokens\) integer ids"):
+        adaptnet.generate(model, torch.zeros(6), 3)
+    with pytest.raises(ConfigError, match=r"has no new_cache\(\), so it cannot decode with a KV "
+                       r"cache"):
+        adaptnet.generate(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), 1)
+    mod = MixtureOfDepths(CausalBlock(D, H), 0.5, D).train()
+    with pytest.raises(DynamicError, match=r"a KV cache is for decoding; call model.eval\(\)"):
+        mod(torch.randn(1, 3, D), cache=KVCache(1))
+    with pytest.raises(ConfigError, match=r"d_model=6 must split into 2 heads of an even width"):
+        CausalBlock(6, 2)
+
+
+def test_rope_is_a_rotation_and_relative():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    p = torch.tensor([[3]])
+    torch.testing.assert_close(rope(q, p).norm(), q.norm())
+    a = (rope(q, p + 5) * rope(k, p)).sum()
+    b = (rope(q, p + 9) * rope(k, p + 4)).sum()  # same offset: same score
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert F.cosine_similarity(rope(q, p).flatten(), q.flatten(), dim=0) < 0.999
