@@ -32,8 +32,8 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# The benchmarks that train a ResNet (earlyon side by side, torchvision ResNet-18 transfer):
-# about 100 minutes on 2 cores.
+# The long benchmarks (per-token depth decoders, earlyon side by side, torchvision ResNet-18
+# transfer): about two hours on 2 cores.
 bench-long: $(STAMP)
 	$(PY) benchmarks/run.py --long
 

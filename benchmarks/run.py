@@ -32,8 +32,8 @@ DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last; together under an hour on 2 cores.
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "fsdp", "demo",
               "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
-# Each of these trains a ResNet for a quarter of an hour or more: `make bench-long`.
-LONG = ["earlyon", "transfer_resnet"]
+# Each of these trains for ten minutes or more (ResNets, four decoders): `make bench-long`.
+LONG = ["tokens", "earlyon", "transfer_resnet"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:
