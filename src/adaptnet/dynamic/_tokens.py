@@ -133,12 +133,16 @@ class CausalBlock(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
         ok = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
-        q = rope(self._project(x, 0).transpose(1, 2), positions)  # (B, H, T, dh)
-        if context is None:
-            k, v, kpos, kvalid = *self.keys(x, positions), positions, ok
+        h = self.norm1(x)
+        if context is None:  # one fused projection
+            q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+            k = rope(k.transpose(1, 2), positions).transpose(1, 2)
+            kpos, kvalid = positions, ok
         else:
+            q = self._project(h, 0)
             k, v = self.keys(context, context_positions)
             kpos, kvalid = context_positions, torch.ones_like(context_positions, dtype=torch.bool)
+        q = rope(q.transpose(1, 2), positions)  # (B, H, T, dh)
         if cache is not None:
             rows = torch.arange(b, device=x.device) if rows is None else rows
             cache.write(rows, k, v, kpos, kvalid)
@@ -156,8 +160,9 @@ class CausalBlock(nn.Module):
 
     def keys(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The keys (rotated) and values ``(B, T, H, dh)`` of states ``x`` at ``positions``."""
-        k = rope(self._project(x, 1).transpose(1, 2), positions).transpose(1, 2)
-        return k, self._project(x, 2)
+        h = self.norm1(x)
+        k = rope(self._project(h, 1).transpose(1, 2), positions).transpose(1, 2)
+        return k, self._project(h, 2)
 
     def remember(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  rows: torch.Tensor, valid: torch.Tensor) -> None:
@@ -165,11 +170,11 @@ class CausalBlock(nn.Module):
         k, v = self.keys(x, positions)
         cache.write(rows, k, v, positions, valid)
 
-    def _project(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        """Queries (0), keys (1) or values (2) of ``x``, ``(B, T, H, dh)``."""
-        d = x.shape[-1]
+    def _project(self, h: torch.Tensor, part: int) -> torch.Tensor:
+        """Queries (0), keys (1) or values (2) of normalised states ``h``, ``(B, T, H, dh)``."""
+        d = h.shape[-1]
         w, bias = self.qkv.weight[part * d:(part + 1) * d], self.qkv.bias[part * d:(part + 1) * d]
-        return F.linear(self.norm1(x), w, bias).unflatten(-1, (self.heads, d // self.heads))
+        return F.linear(h, w, bias).unflatten(-1, (self.heads, d // self.heads))
 
 
 @dataclass
