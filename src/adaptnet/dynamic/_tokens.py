@@ -386,39 +386,33 @@ class MixtureOfRecursions(nn.Module):
             raise DynamicError("MixtureOfRecursions: a KV cache is for decoding; call "
                                "model.eval() first.")
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
-        all_rows = torch.arange(b, device=x.device)
-        if self.router_kind == "token":
-            probs = torch.softmax(self.depth_router(x), dim=-1)  # chosen from the input state
-            weight, chosen = probs.max(-1)
-            for r in range(self.recursions):
-                going = chosen >= r  # depth chosen + 1 steps
-                packed = _pack(going)
-                if packed is None:
-                    break
-                x = _update(x, positions, weight, *packed, self._stack(r, cache))
-                depth += going
-            self.last = Routing(depth, None)
-            return x
-        active = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        going = torch.ones(b, t, dtype=torch.bool, device=x.device)
         aux = None
+        if self.router_kind == "token":  # every depth chosen up front, from the input state
+            weight, chosen = torch.softmax(self.depth_router(x), dim=-1).max(-1)
         for r in range(self.recursions):
-            weight = torch.sigmoid(self.routers[r](x).squeeze(-1))
-            if self.training:
-                idx = _top_k(weight, math.ceil(t * (self.recursions - r) / self.recursions),
-                             active)
-                active = torch.zeros_like(active).scatter_(1, idx, True)
-                guess = self.predictors[r](x.detach()).squeeze(-1)
-                loss = F.binary_cross_entropy_with_logits(guess, active.to(guess.dtype))
-                aux = loss if aux is None else aux + loss
-                x = _update(x, positions, weight, all_rows, idx, None, self._stack(r, None))
-            else:  # step 0 takes every token, as in training
-                if r:
-                    active = active & (self.predictors[r](x).squeeze(-1) > 0)
-                packed = _pack(active)
-                if packed is None:
-                    break
-                x = _update(x, positions, weight, *packed, self._stack(r, cache))
-            depth += active
+            if self.router_kind == "token":
+                going = chosen >= r  # depth chosen + 1 steps
+            else:
+                weight = torch.sigmoid(self.routers[r](x).squeeze(-1))
+                if self.training:  # top-k of the tokens still going, hierarchically
+                    k = math.ceil(t * (self.recursions - r) / self.recursions)
+                    idx = _top_k(weight, k, going)
+                    going = torch.zeros_like(going).scatter_(1, idx, True)
+                    guess = self.predictors[r](x.detach()).squeeze(-1)
+                    loss = F.binary_cross_entropy_with_logits(guess, going.to(guess.dtype))
+                    aux = loss if aux is None else aux + loss
+                    x = _update(x, positions, weight, torch.arange(b, device=x.device), idx,
+                                None, self._stack(r, None))
+                    depth += going
+                    continue
+                if r:  # step 0 takes every token, as in training
+                    going = going & (self.predictors[r](x).squeeze(-1) > 0)
+            packed = _pack(going)
+            if packed is None:
+                break
+            x = _update(x, positions, weight, *packed, self._stack(r, cache))
+            depth += going
         self.last = Routing(depth, aux)
         return x
 

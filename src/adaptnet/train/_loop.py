@@ -399,15 +399,15 @@ class _Trainer:
         total = acc.clone()
         if self.world > 1:  # every rank's running sums so far in this epoch
             dist.all_reduce(total)
-        optimizer = optimizer_state(self.model, self.opt, self.fsdp)  # FSDP2: every rank
         if self.rank != 0:
-            if self.fsdp:  # gathers its shards into the file rank 0 writes
+            if self.fsdp:  # gathers its shards into the files rank 0 writes
+                optimizer_state(self.model, self.opt, sharded=True)
                 save(self.model, os.devnull)
             return None
         state = {"format": 1, "epoch": epoch, "batch": batch, "step": pos["step"],
                  "best": pos["best"], "bad_epochs": pos["bad_epochs"], "order": pos["order"],
                  "skipped": result.skipped, "history": result.history, "acc": total,
-                 "optimizer": optimizer,
+                 "optimizer": optimizer_state(self.model, self.opt, self.fsdp),
                  "scheduler": self.sched.state_dict() if self.sched is not None else None,
                  "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
                  "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
