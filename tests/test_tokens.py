@@ -15,19 +15,29 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import adaptnet
-from adaptnet.dynamic import CausalBlock, KVCache, MixtureOfDepths, MixtureOfRecursions, rope
-from adaptnet.errors import ConfigError, DynamicError
+from adaptnet.dynamic import (
+    CausalBlock,
+    KVCache,
+    MixtureOfDepths,
+    MixtureOfRecursions,
+    TokenEarlyExit,
+    rope,
+)
+from adaptnet.errors import ConfigError, DynamicError, ModelError
 from adaptnet.models import decoder
 
 D, H = 8, 2
 
 
 def token_loop(block: CausalBlock, x: torch.Tensor, positions: torch.Tensor,
-               keep: torch.Tensor) -> torch.Tensor:
+               keep: torch.Tensor, keys_from: tuple | None = None) -> torch.Tensor:
     """``block`` on the tokens ``keep`` ``(B, T)`` of each row, one query at a time.
 
     Token ``i`` of row ``b`` attends to the kept tokens of row ``b`` whose
-    position is at most its own. Rows of ``x`` not kept are returned as they are.
+    position is at most its own, or with ``keys_from`` ``(states (B, T, d), block)``
+    to the keys ``block`` makes of those states, of every token of the row.
+    Rows of ``x`` not kept
+    are returned as they are.
     """
     out = x.clone()
     dh = D // H
@@ -37,12 +47,16 @@ def token_loop(block: CausalBlock, x: torch.Tensor, positions: torch.Tensor,
             continue
         xs = x[b, idx]  # (n, d)
         pos = positions[b, idx]
-        q, k, v = block.qkv(block.norm1(xs)).view(len(idx), 3, H, dh).unbind(1)
+        q = block.qkv(block.norm1(xs)).view(len(idx), 3, H, dh)[:, 0]
+        src = list(range(x.shape[1])) if keys_from is not None else idx
+        states, by = keys_from if keys_from is not None else (x, block)
+        _, k, v = by.qkv(by.norm1(states[b, src])).view(len(src), 3, H, dh).unbind(1)
+        kpos = positions[b, src]
         q = rope(q.transpose(0, 1)[None], pos[None])[0]  # (H, n, dh)
-        k = rope(k.transpose(0, 1)[None], pos[None])[0]
+        k = rope(k.transpose(0, 1)[None], kpos[None])[0]
         v = v.transpose(0, 1)
         for j, i in enumerate(idx):
-            allowed = [m for m in range(len(idx)) if pos[m] <= pos[j]]
+            allowed = [m for m in range(len(src)) if kpos[m] <= pos[j]]
             w = torch.softmax(q[:, j:j + 1] @ k[:, allowed].transpose(1, 2) / math.sqrt(dh),
                               dim=-1)
             att = (w @ v[:, allowed]).transpose(0, 1).reshape(1, D)
@@ -173,12 +187,14 @@ def test_the_cache_holds_ragged_rows_and_attends_only_to_their_keys():
 
 
 def mor_loop(mor: MixtureOfRecursions, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixture-of-Recursions by the loop: per step, the rule's tokens go through the stack one
-    block at a time, each attending among that step's tokens; returns output and depth."""
+    """Mixture-of-Recursions by the loop: per step, the rule's tokens go through the step's
+    layers one at a time, each attending among that step's tokens (``kv="share"``: to the
+    keys that layer made at step 0, of every token); returns output and depth."""
     b, t, _ = x.shape
     positions = torch.arange(t).expand(b, t)
     depth = torch.zeros(b, t, dtype=torch.long)
     active = torch.ones(b, t, dtype=torch.bool)
+    first = []  # the input states of step 0's layers
     if mor.router_kind == "token":
         probs = torch.softmax(mor.depth_router(x), -1)
         weight, chosen = probs.max(-1)
@@ -194,25 +210,32 @@ def mor_loop(mor: MixtureOfRecursions, x: torch.Tensor) -> tuple[torch.Tensor, t
                     going = active[row].nonzero().squeeze(1)
                     keep[row, going[weight[row, going].topk(k).indices]] = True
             else:
-                keep = active & (mor.predictors[r](x).squeeze(-1) > 0) if r else active
+                keep = active & (mor.predictors[r - 1](x).squeeze(-1) > 0) if r else active
             active = keep
         done = x
-        for block in mor.blocks:
-            done = token_loop(block, done, positions, keep)
+        for j, which in enumerate(mor.schedule[r]):
+            if r == 0:
+                first.append((done, mor.blocks[which]))
+            shared = first[j] if mor.kv == "share" and r else None
+            done = token_loop(mor.blocks[which], done, positions, keep, shared)
         x = torch.where(keep[..., None], x + weight[..., None] * (done - x), x)
         depth += keep
     return x, depth
 
 
 @settings(max_examples=20, deadline=None)
-@given(sizes, st.sampled_from(["expert", "token"]), st.booleans(), st.integers(1, 3))
-@example((3, 9, 0), "expert", True, 3)
-@example((3, 9, 1), "token", False, 3)
-def test_mixture_of_recursions_equals_the_token_loop(size, router, training, recursions):
+@given(sizes, st.sampled_from(["expert", "token"]), st.booleans(), st.integers(1, 3),
+       st.sampled_from(["cycle", "sequence"]), st.sampled_from(["cache", "share"]))
+@example((3, 9, 0), "expert", True, 3, "cycle", "cache")
+@example((3, 9, 1), "token", False, 3, "cycle", "share")
+@example((2, 7, 2), "expert", False, 2, "sequence", "share")
+@example((1, 1, 3), "expert", True, 2, "sequence", "share")
+def test_mixture_of_recursions_equals_the_token_loop(size, router, training, recursions, share,
+                                                     kv):
     b, t, seed = size
     torch.manual_seed(seed)
     mor = MixtureOfRecursions([CausalBlock(D, H), CausalBlock(D, H)], recursions, D,
-                              router).train(training)
+                              router, share=share, kv=kv).train(training)
     if router == "token":  # spread the chosen depths
         torch.nn.init.normal_(mor.depth_router.weight, std=2.0)
     x = torch.randn(b, t, D, requires_grad=True)
@@ -230,30 +253,57 @@ def test_mixture_of_recursions_equals_the_token_loop(size, router, training, rec
         if g is not None and w is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     if training and router == "expert":
-        assert mor.last.aux_loss is not None
+        assert (mor.last.aux_loss is not None) == (recursions > 1)
         assert depth.sum(1).tolist() == [sum(math.ceil(t * (recursions - r) / recursions)
                                              for r in range(recursions))] * b
+
+
+def test_the_share_strategies_order_the_recursion_steps():
+    two = [CausalBlock(D, H), CausalBlock(D, H)]
+    assert MixtureOfRecursions(two, 2, D).schedule == [[0, 1], [0, 1]]
+    assert MixtureOfRecursions(two, 2, D, share="sequence").schedule == [[0, 0], [1, 1]]
+    assert MixtureOfRecursions(two, 3, D, share="sequence").schedule == [[0, 0], [0, 1], [1, 1]]
+    assert adaptnet.share(torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(6)]),
+                          [str(i) for i in range(6)], blocks=2, strategy="sequence") == \
+        ["0", "0", "0", "3", "3", "3"]  # the same order as adaptnet.share's
 
 
 def test_recursions_share_one_stack_at_half_the_unique_parameters():
     vanilla = adaptnet.summary(decoder(layers=4))
     mor = adaptnet.summary(decoder(layers=2, recursions=2))
-    assert mor.unique < 0.55 * vanilla.unique  # the stack once, plus routers and predictors
+    blocks = adaptnet.summary(CausalBlock(128, 4)).unique
+    embed = 65 * 128
+    # the stack once, the (tied) embedding and final norm once, routers and one predictor
+    assert mor.unique == embed + 2 * 128 + 2 * blocks + 2 * 129 + (128 * 32 + 32 + 33)
+    assert vanilla.unique == embed + 2 * 128 + 4 * blocks
+    assert mor.unique / vanilla.unique < 0.515  # over 1/2 by half the embedding and the rest
     with pytest.raises(ConfigError, match=r"router must be 'expert' or 'token', got 'tokens'"):
         MixtureOfRecursions([CausalBlock(D, H)], 2, D, "tokens")
+    with pytest.raises(ConfigError, match=r"share must be 'cycle' or 'sequence', got 'all'"):
+        MixtureOfRecursions([CausalBlock(D, H)], 2, D, share="all")
+    with pytest.raises(ConfigError, match=r"kv must be 'cache' or 'share', got 'none'"):
+        MixtureOfRecursions([CausalBlock(D, H)], 2, D, kv="none")
     with pytest.raises(ConfigError, match=r"max_recursions must be a whole number >= 1"):
         MixtureOfRecursions([CausalBlock(D, H)], 0, D)
+    with pytest.raises(ModelError, match=r"share='sequence' and kv='cache' choose how "
+                       r"recursions reuse the stack; give recursions too"):
+        decoder(share="sequence")
 
 
-@pytest.mark.parametrize("router", ["expert", "token"])
-def test_generate_with_recursion_wise_caches_equals_full_recompute(router):
+@pytest.mark.parametrize(("router", "share", "kv"), [("expert", "cycle", "cache"),
+                                                     ("token", "cycle", "cache"),
+                                                     ("expert", "sequence", "share"),
+                                                     ("token", "cycle", "share")])
+def test_generate_with_recursion_caches_equals_full_recompute(router, share, kv):
     torch.manual_seed(1)
     model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=24, recursions=3,
-                    router=router)
+                    router=router, share=share, kv=kv)
     mor = model.blocks[0]
+    torch.nn.init.normal_(model.embed.weight)  # varied tokens, so they route differently
     if router == "expert":
         for p in mor.predictors:
             torch.nn.init.normal_(p[2].weight, std=3.0)
+            torch.nn.init.zeros_(p[2].bias)
     else:
         torch.nn.init.normal_(mor.depth_router.weight, std=3.0)
     prompt = torch.randint(0, 11, (3, 4))
@@ -261,11 +311,17 @@ def test_generate_with_recursion_wise_caches_equals_full_recompute(router):
     assert torch.equal(cached, adaptnet.generate(model, prompt, 10, use_cache=False))
     with torch.no_grad():
         cache = model.eval().new_cache(3)
-        model(cached, cache=cache)
+        stepwise = [model(cached[:, :4], cache=cache).logits]
+        stepwise += [model(cached[:, i:i + 1], cache=cache).logits for i in range(4, 14)]
+        full = model(cached).logits
+    torch.testing.assert_close(torch.cat(stepwise, 1), full, rtol=1e-5, atol=1e-5)
     depth = mor.last.depth
     assert len(set(depth.flatten().tolist())) > 1, "every token took the same depth"
     held = [int(c.held().sum()) for c in cache.layers[0]]
-    assert held[::2] == [int((depth > r).sum()) for r in range(3)]  # keys per step
+    if kv == "cache":
+        assert held[::2] == [int((depth > r).sum()) for r in range(3)]  # keys per step
+    else:  # the step-0 keys of every token, once per layer
+        assert held == [3 * 14, 3 * 14]
 
 
 def attend(block: CausalBlock, h: torch.Tensor, pos: int, states: torch.Tensor) -> torch.Tensor:
@@ -303,21 +359,36 @@ def exit_loop(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 depth[row, i] += 1
                 out = model.readout(h)
                 last = j == len(exits.blocks) - 1
-                if last or torch.softmax(out, -1).max() >= exits.threshold:
+                if exits.rule == "learned":
+                    sure = torch.sigmoid(exits.classifiers[j](h)).item() if not last else 1.0
+                else:
+                    sure = torch.softmax(out, -1).max()
+                if last or sure >= exits.threshold:
                     logits[row, i], left = out, True
     return logits, depth
 
 
+def learned_exits(model) -> None:
+    """Classifiers that let some tokens leave at every block and keep others."""
+    for c in model.blocks[0].classifiers:
+        torch.nn.init.normal_(c.weight, std=2.0)
+        torch.nn.init.zeros_(c.bias)
+
+
 @settings(max_examples=15, deadline=None)
-@given(sizes, st.sampled_from([0.6, 0.7, 0.8, 1e-9, 1.0]))
-@example((3, 9, 0), 0.7)
-def test_per_token_early_exit_equals_the_token_loop(size, threshold):
+@given(sizes, st.sampled_from([0.6, 0.7, 0.8, 1e-9, 1.0]), st.sampled_from(["confidence",
+                                                                             "learned"]))
+@example((3, 9, 0), 0.7, "confidence")
+@example((3, 9, 0), 0.6, "learned")
+def test_per_token_early_exit_equals_the_token_loop(size, threshold, rule):
     """1e-9: every token leaves after block 1; 1.0: none leaves early (the dense model)."""
     b, t, seed = size
     torch.manual_seed(seed)
     model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=16,
-                    exit_threshold=threshold).eval()
+                    exit_threshold=threshold, exit_rule=rule).eval()
     torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
+    if rule == "learned":
+        learned_exits(model)
     ids = torch.randint(0, 11, (b, t))
     out = model(ids)
     want, depth = exit_loop(model, ids)
@@ -342,11 +413,14 @@ def test_per_token_early_exit_equals_the_token_loop(size, threshold):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_per_token_exits_decode_with_propagated_keys_as_full_recompute():
+@pytest.mark.parametrize("rule", ["confidence", "learned"])
+def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=24,
-                    exit_threshold=0.7)
+                    exit_threshold=0.7 if rule == "confidence" else 0.5, exit_rule=rule)
     torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
+    if rule == "learned":
+        learned_exits(model)
     prompt = torch.randint(0, 11, (4, 3))
     cached = adaptnet.generate(model, prompt, 12)
     assert torch.equal(cached, adaptnet.generate(model, prompt, 12, use_cache=False))
@@ -362,9 +436,38 @@ def test_per_token_exits_decode_with_propagated_keys_as_full_recompute():
     loss = out.task_loss(cached)
     torch.testing.assert_close(loss, sum(F.cross_entropy(z.flatten(0, 1), cached.flatten())
                                          for z in out.exit_logits) / 3)
-    with pytest.raises(ConfigError, match=r"threshold is the top softmax probability to leave "
-                       r"at, in \(0, 1\]; got 0"):
+    if rule == "confidence":
+        assert out.aux_loss is None
+        return
+    exits = model.blocks[0]  # the classifiers learn whether exit i agrees with the last one
+    final = out.exit_logits[-1].argmax(-1)
+    states, h = [], model.embed(cached)
+    for block in exits.blocks:
+        h = block(h)
+        states.append(h)
+    want = sum(F.binary_cross_entropy_with_logits(
+        c(s).squeeze(-1), (z.argmax(-1) == final).float())
+        for c, s, z in zip(exits.classifiers, states, out.exit_logits, strict=False))
+    torch.testing.assert_close(out.aux_loss, want)
+    assert torch.autograd.grad(out.aux_loss, model.embed.weight, allow_unused=True)[0] is None
+
+
+def test_bad_exit_settings_name_the_argument():
+    with pytest.raises(ConfigError, match=r"threshold is the confidence to leave at, in "
+                       r"\(0, 1\]; got 0"):
         decoder(exit_threshold=0)
+    with pytest.raises(ConfigError, match=r"rule must be 'confidence' \(top softmax "
+                       r"probability\) or 'learned' \(a classifier per exit\), got 'meta'"):
+        decoder(exit_threshold=0.5, exit_rule="meta")
+    with pytest.raises(ConfigError, match=r"rule='learned' needs d_model"):
+        TokenEarlyExit([CausalBlock(D, H)], lambda h: h, 0.5, "learned")
+    with pytest.raises(ModelError, match=r"exit_rule='learned' goes with exit_threshold"):
+        decoder(exit_rule="learned")
+    block = CausalBlock(D, H)
+    x = torch.randn(1, 2, D)
+    with pytest.raises(DynamicError, match=r"give kv= \(keys to attend to\) or cache="):
+        block(x, kv=(*block.keys(x, torch.arange(2)[None]), torch.arange(2)[None],
+                     torch.ones(1, 2, dtype=torch.bool)), cache=KVCache(1))
 
 
 @pytest.mark.parametrize("mod_capacity", [None, 0.5])
@@ -376,6 +479,7 @@ def test_generate_with_the_cache_equals_full_recompute_at_batch_three(mod_capaci
     if mod_capacity is not None:  # a predictor that selects some tokens and skips others
         for block in model.blocks[1::2]:
             torch.nn.init.normal_(block.predictor[2].weight, std=3.0)
+            torch.nn.init.zeros_(block.predictor[2].bias)
     prompt = torch.randint(0, 11, (3, 5))
     cached = adaptnet.generate(model, prompt, 12)
     full = adaptnet.generate(model, prompt, 12, use_cache=False)
@@ -445,3 +549,107 @@ def test_rope_is_a_rotation_and_relative():
     b = (rope(q, p + 9) * rope(k, p + 4)).sum()  # same offset: same score
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert F.cosine_similarity(rope(q, p).flatten(), q.flatten(), dim=0) < 0.999
+
+
+KINDS = {
+    "vanilla": {},
+    "mod": {"mod_capacity": 0.5},
+    "mor-expert": {"layers": 2, "recursions": 3},
+    "mor-token-kv-share": {"layers": 2, "recursions": 2, "router": "token", "kv": "share"},
+    "mor-sequence-kv-share": {"layers": 2, "recursions": 2, "share": "sequence", "kv": "share"},
+    "exit": {"layers": 3, "exit_threshold": 0.6},
+    "exit-learned": {"layers": 3, "exit_threshold": 0.5, "exit_rule": "learned"},
+}
+
+
+def spread(model) -> None:
+    """Weights under which tokens route, recur and leave differently."""
+    torch.nn.init.normal_(model.embed.weight)
+    for m in model.modules():
+        for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
+            if p is not None:
+                torch.nn.init.normal_(p[2].weight, std=3.0)
+                torch.nn.init.zeros_(p[2].bias)
+        if hasattr(m, "depth_router"):
+            torch.nn.init.normal_(m.depth_router.weight, std=2.0)
+        if hasattr(m, "classifiers"):
+            learned_exits(model)
+
+
+def padded(rows: list[torch.Tensor], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded to ``t`` with junk ids: even rows on the left, odd rows on the right."""
+    ids = torch.randint(0, 11, (len(rows), t))
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        at = slice(t - len(row), t) if i % 2 == 0 else slice(0, len(row))
+        ids[i, at], mask[i, at] = row, True
+    return ids, mask
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_padding_is_invisible_outputs_and_gradients_equal_each_row_alone(kind, training):
+    torch.manual_seed(0)
+    model = decoder(vocab_size=11, d_model=D, heads=H, context=16, **({"layers": 4}
+                                                                      | KINDS[kind]))
+    spread(model)
+    model.train(training)
+    rows = [torch.randint(0, 11, (n,)) for n in (5, 1, 0, 8, 3, 6)]  # 0: all padding
+    ids, mask = padded(rows, 8)
+    out = model(ids, mask=mask)
+    weights = torch.randn(*ids.shape, 11)
+    params = list(model.parameters())
+    got = torch.autograd.grad((out.logits * weights)[mask].sum(), params, allow_unused=True)
+    total = 0
+    for i, row in enumerate(rows):
+        if not len(row):
+            continue
+        alone = model(row[None])
+        torch.testing.assert_close(out.logits[i, mask[i]], alone.logits[0], rtol=1e-5,
+                                   atol=1e-5)
+        assert torch.equal(out.depth[i, mask[i]], alone.depth[0])
+        total = total + (alone.logits[0] * weights[i, mask[i]]).sum()
+    assert bool((out.depth[~mask] == 0).all())
+    if not training and kind != "vanilla":
+        assert len(set(out.depth[mask].tolist())) > 1, "every token took the same depth"
+    want = torch.autograd.grad(total, params, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        if g is None or w is None:
+            assert all(v is None or float(v.abs().sum()) == 0 for v in (g, w))
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "mod", "mor-sequence-kv-share", "exit"])
+def test_generate_from_left_padded_prompts_equals_each_prompt_alone(kind):
+    torch.manual_seed(0)
+    model = decoder(vocab_size=11, d_model=D, heads=H, context=24, **({"layers": 4}
+                                                                      | KINDS[kind]))
+    spread(model)
+    prompts = [torch.randint(0, 11, (n,)) for n in (4, 1, 6)]
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, 6 - len(p):], mask[i, 6 - len(p):] = p, True
+    cached = adaptnet.generate(model, ids, 8, prompt_mask=mask)
+    assert torch.equal(cached, adaptnet.generate(model, ids, 8, prompt_mask=mask,
+                                                 use_cache=False))
+    for i, p in enumerate(prompts):
+        alone = adaptnet.generate(model, p[None], 8)
+        assert torch.equal(cached[i, 6 - len(p):], alone[0])
+
+
+def test_bad_masks_name_the_argument_and_the_fix():
+    model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=8)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"mask must be a bool tensor shaped like ids "
+                       r"\(2, 3\) \(True at real tokens\), got torch.bool \(2, 4\)"):
+        model(ids, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match=r"mask must be a bool tensor .* got torch.int64"):
+        model(ids, mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"prompt_mask must be a bool tensor shaped like "
+                       r"prompt_ids \(2, 3\)"):
+        adaptnet.generate(model, ids, 1, prompt_mask=torch.ones(3, 2, dtype=torch.bool))
+    right = torch.tensor([[True, True, False], [True, True, True]])
+    with pytest.raises(ConfigError, match=r"prompt_mask must pad on the left"):
+        adaptnet.generate(model, ids, 1, prompt_mask=right)

@@ -12,8 +12,12 @@ __all__ = ["generate"]
 
 
 def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Extend each row of ``prompt_ids`` ``(B, T)`` by ``max_new_tokens`` greedy tokens.
+
+    Prompts of different lengths are padded on the left and marked by
+    ``prompt_mask`` ``(B, T)`` bool (True at real tokens), which the model
+    takes as ``mask=`` (the tokens after the prompt are all real).
 
     ``model(ids, cache=...)`` returns logits ``(B, T, V)`` (or a result whose
     ``prediction`` they are); ``model.new_cache(batch)`` makes the cache it
@@ -23,9 +27,10 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     The model runs in eval mode (its training mode is put back after).
 
     Raises:
-        ConfigError: a prompt that is not ``(B, T)`` integer ids; a prompt and
-            ``max_new_tokens`` longer than the model's context; a model with
-            no ``new_cache`` (no cache-capable block).
+        ConfigError: a prompt that is not ``(B, T)`` integer ids; a
+            ``prompt_mask`` not shaped like it or not padding on the left; a
+            prompt and ``max_new_tokens`` longer than the model's context; a
+            model with no ``new_cache`` (no cache-capable block).
     """
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or \
             prompt_ids.dtype not in (torch.int64, torch.int32) or not prompt_ids.shape[1]:
@@ -37,6 +42,8 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
             max_new_tokens < 0:
         raise ConfigError(f"generate(): max_new_tokens must be a whole number >= 0, got "
                           f"{max_new_tokens!r}.")
+    if prompt_mask is not None:
+        _check_prompt_mask(prompt_mask, prompt_ids)
     if use_cache and not callable(getattr(model, "new_cache", None)):
         raise ConfigError(f"generate(): {type(model).__name__} has no new_cache(), so it "
                           "cannot decode with a KV cache; build it from cache-capable blocks "
@@ -54,15 +61,33 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
         with torch.no_grad():
             ids = prompt_ids.long()
             cache = model.new_cache(ids.shape[0]) if use_cache else None
-            step = ids
+            step, mask = ids, prompt_mask
             for _ in range(max_new_tokens):
-                logits = _logits(model(step, cache=cache) if use_cache else model(ids))
+                masked = {} if prompt_mask is None else {"mask": mask}
+                logits = _logits(model(step, cache=cache, **masked) if use_cache else
+                                 model(ids, **masked))
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
+                if prompt_mask is not None:  # every token after the prompt is real
+                    real = torch.ones_like(nxt, dtype=torch.bool)
+                    mask = real if use_cache else torch.cat([mask, real], dim=1)
                 step = nxt
             return ids
     finally:
         model.train(was_training)
+
+
+def _check_prompt_mask(mask: object, ids: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
+            mask.shape != ids.shape:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
+            type(mask).__name__
+        raise ConfigError(f"generate(): prompt_mask must be a bool tensor shaped like "
+                          f"prompt_ids {tuple(ids.shape)} (True at real tokens), got {got}.")
+    if not bool(mask[:, -1].all()) or bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ConfigError("generate(): prompt_mask must pad on the left: each row False "
+                          "before its prompt and True from its first token to the end (the "
+                          "next token follows the last column); pad your prompts on the left.")
 
 
 def _logits(out: object) -> torch.Tensor:

@@ -118,36 +118,38 @@ class CausalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, *,
                 valid: torch.Tensor | None = None, cache: KVCache | None = None,
-                rows: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_positions: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, kv: tuple[torch.Tensor, ...] | None = None
+                ) -> torch.Tensor:
         """``x`` ``(B, T, d)`` at ``positions`` ``(B, T)`` (default ``0..T-1``).
 
         Each token attends to the tokens of its row at positions up to its own:
-        by default those of ``x`` (where ``valid``, default all); with
-        ``context`` ``(B, S, d)`` at ``context_positions``, those instead (the
-        states of every token of the rows, e.g. of tokens that left earlier);
-        with a ``cache``, those it holds for ``rows`` (default all rows), which
-        this call first extends with the keys of ``x`` (or of ``context``).
+        by default those of ``x`` (where ``valid``, default all); with ``kv``
+        ``(keys, values, positions, valid)`` (``(B, S, H, dh)`` twice, ``(B, S)``
+        twice: another pass's keys, e.g. :meth:`keys` of the states of tokens
+        that left earlier, or :meth:`KVCache.read`), those instead; with a
+        ``cache``, those it holds for ``rows`` (default all rows), which this
+        call first extends with the keys of ``x``.
         """
         b, t, d = x.shape
-        if positions is None:
-            positions = torch.arange(t, device=x.device).expand(b, t)
+        positions = _positions(x, positions)
         ok = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
         h = self.norm1(x)
-        if context is None:  # one fused projection
+        if kv is None:  # one fused projection
             q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).unbind(2)
             k = rope(k.transpose(1, 2), positions).transpose(1, 2)
             kpos, kvalid = positions, ok
         else:
+            if cache is not None:
+                raise DynamicError("CausalBlock: give kv= (keys to attend to) or cache= (keys "
+                                   "to extend and attend to), not both.")
             q = self._project(h, 0)
-            k, v = self.keys(context, context_positions)
-            kpos, kvalid = context_positions, torch.ones_like(context_positions, dtype=torch.bool)
+            k, v, kpos, kvalid = kv
         q = rope(q.transpose(1, 2), positions)  # (B, H, T, dh)
         if cache is not None:
             rows = torch.arange(b, device=x.device) if rows is None else rows
             cache.write(rows, k, v, kpos, kvalid)
             k, v, kpos, kvalid = cache.read(rows)
-        if cache is None and valid is None and context is None:  # dense: plain causal
+        if cache is None and valid is None and kv is None:  # dense: plain causal
             att = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True)
         else:
@@ -207,15 +209,47 @@ def _check_capacity(owner: str, capacity: object) -> float:
 
 
 def _predictor(d_model: int) -> nn.Module:
-    """A token's own guess whether top-k would pick it (a logit), for causal decoding."""
-    return nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 1))
+    """A token's own guess whether top-k would pick it (a logit), for causal decoding: a
+    small MLP (hidden width ``d_model // 4``)."""
+    hidden = max(d_model // 4, 1)
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
 
-def _top_k(scores: torch.Tensor, k: int, active: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, k)`` indices of each row's ``k`` highest scores among ``active``, in causal order."""
+def _top_k(scores: torch.Tensor, k: int | torch.Tensor, active: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's ``k`` highest scores among ``active``, in causal order: ``(B, max k)``
+    indices and, for ``k`` per row (``(B,)``), which are real (they come first); else None."""
     if active is not None:
         scores = scores.masked_fill(~active, float("-inf"))
-    return scores.topk(k, dim=1).indices.sort(dim=1).values
+    if isinstance(k, int):
+        return scores.topk(k, dim=1).indices.sort(dim=1).values, None
+    t = scores.shape[1]
+    top = scores.topk(int(k.max()), dim=1).indices
+    real = torch.arange(top.shape[1], device=top.device) < k[:, None]
+    key = torch.where(real, top, top + t).sort(dim=1).values  # the real ones first, in order
+    return key % t, key < t
+
+
+def _quota(fraction: float, t: int, valid: torch.Tensor | None) -> int | torch.Tensor:
+    """``ceil(fraction * n)`` of each row's ``n`` real tokens (``t`` each without ``valid``)."""
+    if valid is None:
+        return math.ceil(fraction * t)
+    return torch.ceil(valid.sum(1).double() * fraction).long()
+
+
+def _bce(guess: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Binary cross-entropy of the logits ``guess`` at the real tokens (mean)."""
+    if valid is None:
+        return F.binary_cross_entropy_with_logits(guess, target.to(guess.dtype))
+    w = valid.to(guess.dtype)
+    loss = F.binary_cross_entropy_with_logits(guess, target.to(guess.dtype), weight=w,
+                                              reduction="sum")
+    return loss / w.sum().clamp(min=1)
+
+
+def _positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    b, t = x.shape[:2]
+    return torch.arange(t, device=x.device).expand(b, t) if positions is None else positions
 
 
 def _pack(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -287,25 +321,29 @@ class MixtureOfDepths(nn.Module):
         self.last: Routing | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, *,
-                cache: KVCache | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> torch.Tensor:
+        """``x`` ``(B, T, d)``; ``valid`` ``(B, T)`` marks the real tokens (padding is never
+        processed, attended to or counted in the capacity)."""
         b, t, _ = x.shape
-        if positions is None:
-            positions = torch.arange(t, device=x.device).expand(b, t)
+        positions = _positions(x, positions)
         weight = torch.sigmoid(self.router(x).squeeze(-1))  # (B, T)
         if self.training:
             if cache is not None:
                 raise DynamicError("MixtureOfDepths: a KV cache is for decoding; call "
                                    "model.eval() first (training routes by top-k over the "
                                    "whole sequence).")
-            idx = _top_k(weight, math.ceil(self.capacity * t))
-            out = _update(x, positions, weight, torch.arange(b, device=x.device), idx, None,
-                          lambda p, pos, v, rows: self.block(p, pos))
-            selected = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, idx, True)
-            guess = self.predictor(x.detach()).squeeze(-1)
-            aux = F.binary_cross_entropy_with_logits(guess, selected.to(guess.dtype))
+            idx, real = _top_k(weight, _quota(self.capacity, t, valid), valid)
+            out = _update(x, positions, weight, torch.arange(b, device=x.device), idx, real,
+                          lambda p, pos, v, rows: _call(self.block, p, pos, v, rows, None))
+            selected = torch.zeros_like(weight, dtype=torch.bool).scatter_(
+                1, idx, True if real is None else real)
+            aux = _bce(self.predictor(x.detach()).squeeze(-1), selected, valid)
             self.last = Routing(selected.long(), aux)
             return out
         selected = self.predictor(x).squeeze(-1) > 0  # (B, T): each token on its own
+        if valid is not None:
+            selected = selected & valid
         self.last = Routing(selected.long(), None)
         packed = _pack(selected)
         if packed is None:
@@ -318,11 +356,16 @@ class MixtureOfRecursions(nn.Module):
     """Mixture-of-Recursions (Bae et al. 2025): one shared stack, applied per token up to
     ``max_recursions`` times.
 
-    The stack (``blocks``, applied in order) is the same modules at every
-    recursion: its weights are tied by reuse. Each recursion step runs the
-    stack on the tokens still going, gathered with their positions, attending
-    among the tokens at that step; the others keep their state. A token's
-    update is scaled by its router weight, as in :class:`MixtureOfDepths`.
+    The stack's blocks are the same modules at every recursion: their weights
+    are tied by reuse. Each recursion step runs ``len(blocks)`` layers on the
+    tokens still going, gathered with their positions, attending among the
+    tokens at that step; the others keep their state. A token's update is
+    scaled by its router weight, as in :class:`MixtureOfDepths`.
+
+    Which block each layer is follows :func:`adaptnet.share`'s strategies over
+    the ``R * len(blocks)`` layers (step ``r`` runs layers ``r*L .. r*L+L-1``):
+    ``share="cycle"`` (blocks 0 1 0 1 for two blocks, two steps: the paper's
+    recursion) or ``"sequence"`` (0 0 1 1: step 0 runs block 0 twice).
 
     Routers:
         ``"expert"``: at step ``r`` (0-based) a router per step keeps the top
@@ -334,88 +377,115 @@ class MixtureOfRecursions(nn.Module):
             argmax of ``R`` logits on its input state; weight: that depth's
             softmax probability). Causal as it stands.
 
-    KV: recursion-wise caching. Each (step, block) has its own
-    :class:`KVCache` (:meth:`new_cache`), holding the keys of the tokens that
-    ran that step.
+    KV (``kv``): ``"cache"``, recursion-wise caching: each (step, layer) has
+    its own :class:`KVCache` (:meth:`new_cache`), holding the keys of the
+    tokens that ran that step; attention at a step is among its tokens.
+    ``"share"``, recursive KV sharing: every token runs step 0, and at later
+    steps a layer's queries attend to the keys and values that layer made at
+    step 0, of every earlier token (one cache per layer).
 
     Args:
         blocks: the shared stack (:class:`CausalBlock` or compatible).
         max_recursions: ``R``, the most times a token goes through the stack.
         d_model: width of the routers' input.
         router: ``"expert"`` or ``"token"``.
+        share: ``"cycle"`` or ``"sequence"``.
+        kv: ``"cache"`` or ``"share"``.
     """
 
     def __init__(self, blocks: nn.Module | list[nn.Module], max_recursions: int, d_model: int,
-                 router: str = "expert") -> None:
+                 router: str = "expert", *, share: str = "cycle", kv: str = "cache") -> None:
         super().__init__()
         if isinstance(max_recursions, bool) or not isinstance(max_recursions, int) or \
                 max_recursions < 1:
             raise ConfigError(f"MixtureOfRecursions: max_recursions must be a whole number "
                               f">= 1, got {max_recursions!r}.")
-        if router not in ("expert", "token"):
-            raise ConfigError(f"MixtureOfRecursions: router must be 'expert' or 'token', got "
-                              f"{router!r}.")
+        for name, value, allowed in (("router", router, ("expert", "token")),
+                                     ("share", share, ("cycle", "sequence")),
+                                     ("kv", kv, ("cache", "share"))):
+            if value not in allowed:
+                raise ConfigError(f"MixtureOfRecursions: {name} must be "
+                                  f"{' or '.join(map(repr, allowed))}, got {value!r}.")
         self.blocks = nn.ModuleList(blocks if isinstance(blocks, list | tuple | nn.ModuleList)
                                     else [blocks])
-        self.recursions, self.router_kind = max_recursions, router
+        self.recursions, self.router_kind, self.kv = max_recursions, router, kv
+        n, total = len(self.blocks), max_recursions * len(self.blocks)
+        order = [i % n if share == "cycle" else i // max_recursions for i in range(total)]
+        self.schedule = [order[r * n:(r + 1) * n] for r in range(max_recursions)]
         if router == "expert":
             self.routers = nn.ModuleList(nn.Linear(d_model, 1) for _ in range(max_recursions))
-            self.predictors = nn.ModuleList(_predictor(d_model) for _ in range(max_recursions))
+            self.predictors = nn.ModuleList(_predictor(d_model)  # none for step 0: all go
+                                            for _ in range(max_recursions - 1))
         else:
             self.depth_router = nn.Linear(d_model, max_recursions)
         self.last: Routing | None = None
 
     def new_cache(self, batch: int) -> list[KVCache]:
-        """One cache per (recursion step, block of the stack)."""
-        return [KVCache(batch) for _ in range(self.recursions * len(self.blocks))]
+        """One cache per (recursion step, layer of the stack); with ``kv="share"`` per layer."""
+        steps = 1 if self.kv == "share" else self.recursions
+        return [KVCache(batch) for _ in range(steps * len(self.blocks))]
 
-    def _stack(self, step: int, cache: list[KVCache] | None):
+    def _stack(self, step: int, cache: list[KVCache] | None, first: list[KVCache] | None):
+        """Step ``step``'s layers as ``_update``'s ``run``; ``first``: the step-0 keys."""
         def run(picked, positions, valid, rows):
-            for j, block in enumerate(self.blocks):
-                layer = cache[step * len(self.blocks) + j] if cache is not None else None
-                picked = _call(block, picked, positions, valid, rows, layer)
+            for j, b in enumerate(self.schedule[step]):
+                block = self.blocks[b]
+                if first is not None and step:  # recursive sharing: attend to step 0's keys
+                    picked = block(picked, positions, kv=first[j].read(rows),
+                                   **({} if valid is None else {"valid": valid}))
+                else:
+                    layer = first[j] if first is not None else \
+                        cache[step * len(self.blocks) + j] if cache is not None else None
+                    picked = _call(block, picked, positions, valid, rows, layer)
             return picked
         return run
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, *,
-                cache: list[KVCache] | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, cache: list[KVCache] | None = None
+                ) -> torch.Tensor:
+        """``x`` ``(B, T, d)``; ``valid`` ``(B, T)`` marks the real tokens (padding is never
+        processed, attended to or counted in a step's top-k)."""
         b, t, _ = x.shape
-        if positions is None:
-            positions = torch.arange(t, device=x.device).expand(b, t)
+        positions = _positions(x, positions)
         if cache is not None and self.training:
             raise DynamicError("MixtureOfRecursions: a KV cache is for decoding; call "
                                "model.eval() first.")
+        first = None
+        if self.kv == "share":  # step 0's keys: the decoding cache, or kept for this pass
+            first = cache if cache is not None else [KVCache(b) for _ in self.blocks]
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
-        going = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        going = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
         aux = None
         if self.router_kind == "token":  # every depth chosen up front, from the input state
             weight, chosen = torch.softmax(self.depth_router(x), dim=-1).max(-1)
         for r in range(self.recursions):
             if self.router_kind == "token":
                 going = chosen >= r  # depth chosen + 1 steps
+                if valid is not None:
+                    going = going & valid
             else:
                 weight = torch.sigmoid(self.routers[r](x).squeeze(-1))
                 if self.training:  # top-k of the tokens still going, hierarchically
-                    k = math.ceil(t * (self.recursions - r) / self.recursions)
-                    idx = _top_k(weight, k, going)
-                    going = torch.zeros_like(going).scatter_(1, idx, True)
-                    guess = self.predictors[r](x.detach()).squeeze(-1)
-                    loss = F.binary_cross_entropy_with_logits(guess, going.to(guess.dtype))
-                    aux = loss if aux is None else aux + loss
+                    k = _quota((self.recursions - r) / self.recursions, t, valid)
+                    idx, real = _top_k(weight, k, going)
+                    going = torch.zeros_like(going).scatter_(1, idx, True if real is None
+                                                             else real)
+                    if r:
+                        loss = _bce(self.predictors[r - 1](x.detach()).squeeze(-1), going, valid)
+                        aux = loss if aux is None else aux + loss
                     x = _update(x, positions, weight, torch.arange(b, device=x.device), idx,
-                                None, self._stack(r, None))
+                                real, self._stack(r, None, first))
                     depth += going
                     continue
                 if r:  # step 0 takes every token, as in training
-                    going = going & (self.predictors[r](x).squeeze(-1) > 0)
+                    going = going & (self.predictors[r - 1](x).squeeze(-1) > 0)
             packed = _pack(going)
             if packed is None:
                 break
-            x = _update(x, positions, weight, *packed, self._stack(r, cache))
+            x = _update(x, positions, weight, *packed, self._stack(r, cache, first))
             depth += going
         self.last = Routing(depth, aux)
         return x
-
 
 
 @dataclass(frozen=True)
@@ -427,11 +497,13 @@ class TokenExits:
             (training: from the last block).
         exit_logits: training only: every exit's logits, first block to last.
         depth: ``(B, T)`` blocks each token went through.
+        aux_loss: training with ``rule="learned"``: the exit classifiers' loss.
     """
 
     logits: torch.Tensor
     exit_logits: tuple[torch.Tensor, ...]
     depth: torch.Tensor
+    aux_loss: torch.Tensor | None = None
 
 
 class TokenEarlyExit(nn.Module):
@@ -439,9 +511,15 @@ class TokenEarlyExit(nn.Module):
 
     After each block but the last, ``head`` (e.g. the final norm and the output
     layer tied to the embedding: every exit shares it) reads each token still
-    going; a token leaves when its top softmax probability reaches
-    ``threshold``. Training runs every block on every token and returns every
-    exit's logits (for a joint loss).
+    going; a token leaves when its confidence reaches ``threshold``. Training
+    runs every block on every token and returns every exit's logits (for a
+    joint loss).
+
+    Confidence (``rule``): ``"confidence"``, the exit's top softmax
+    probability; ``"learned"``, a linear classifier per exit on the token's
+    state (CALM's early-exit classifier), trained beside the model (on
+    detached states, :attr:`TokenExits.aux_loss`) to predict whether the exit's
+    top token is the last block's.
 
     Keys for the blocks a token skips come by state propagation: its hidden
     state when it left stands for it in every later block, whose key and value
@@ -455,41 +533,70 @@ class TokenEarlyExit(nn.Module):
         head: maps states ``(..., d)`` to logits ``(..., V)``; not a submodule
             here (it belongs to the model that passes it).
         threshold: the confidence to leave at, in (0, 1].
+        rule: ``"confidence"`` or ``"learned"``.
+        d_model: the states' width; needed by ``rule="learned"``.
     """
 
-    def __init__(self, blocks: list[nn.Module], head, threshold: float) -> None:
+    def __init__(self, blocks: list[nn.Module], head, threshold: float,
+                 rule: str = "confidence", d_model: int | None = None) -> None:
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or \
                 not 0.0 < threshold <= 1.0:
-            raise ConfigError(f"TokenEarlyExit: threshold is the top softmax probability to "
-                              f"leave at, in (0, 1]; got {threshold!r}.")
-        self.blocks, self.threshold = nn.ModuleList(blocks), float(threshold)
+            raise ConfigError(f"TokenEarlyExit: threshold is the confidence to leave at, in "
+                              f"(0, 1]; got {threshold!r}.")
+        if rule not in ("confidence", "learned"):
+            raise ConfigError(f"TokenEarlyExit: rule must be 'confidence' (top softmax "
+                              f"probability) or 'learned' (a classifier per exit), got {rule!r}.")
+        if rule == "learned" and not isinstance(d_model, int):
+            raise ConfigError("TokenEarlyExit: rule='learned' needs d_model (the width of the "
+                              f"states its classifiers read), got d_model={d_model!r}.")
+        self.blocks, self.threshold, self.rule = nn.ModuleList(blocks), float(threshold), rule
+        if rule == "learned":
+            self.classifiers = nn.ModuleList(nn.Linear(d_model, 1)
+                                             for _ in range(len(blocks) - 1))
         self._head = head
 
     def new_cache(self, batch: int) -> list[KVCache]:
         return [KVCache(batch) for _ in self.blocks]
 
+    def confidence(self, i: int, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Exit ``i``'s confidence in its prediction ``logits`` of states ``h``, in [0, 1]."""
+        if self.rule == "learned":
+            return torch.sigmoid(self.classifiers[i](h).squeeze(-1))
+        return torch.softmax(logits.float(), -1).amax(-1)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, *,
-                cache: list[KVCache] | None = None) -> TokenExits:
+                valid: torch.Tensor | None = None, cache: list[KVCache] | None = None
+                ) -> TokenExits:
+        """``x`` ``(B, T, d)``; ``valid`` ``(B, T)`` marks the real tokens (padding is never
+        processed or attended to; its logits are zero and its depth 0)."""
         b, t, _ = x.shape
-        if positions is None:
-            positions = torch.arange(t, device=x.device).expand(b, t)
+        positions = _positions(x, positions)
         last = len(self.blocks) - 1
         if self.training:
             if cache is not None:
                 raise DynamicError("TokenEarlyExit: a KV cache is for decoding; call "
                                    "model.eval() first.")
-            exits = []
+            exits, states = [], []
             for block in self.blocks:
-                x = block(x, positions)
+                x = block(x, positions, valid=valid)
+                states.append(x)
                 exits.append(self._head(x))
             depth = torch.full((b, t), len(self.blocks), dtype=torch.long, device=x.device)
-            return TokenExits(exits[-1], tuple(exits), depth)
-        active = torch.ones(b, t, dtype=torch.bool, device=x.device)
+            if valid is not None:
+                depth = depth * valid
+            aux = None
+            if self.rule == "learned":  # does exit i already say what the last block says?
+                final = exits[-1].detach().argmax(-1)
+                aux = sum(_bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, valid)
+                          for c, h, z in zip(self.classifiers, states, exits, strict=False))
+            return TokenExits(exits[-1], tuple(exits), depth, aux)
+        real = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
+        active = real
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
         logits = None
         for i, block in enumerate(self.blocks):
-            if cache is not None and (gone := _pack(~active)) is not None:
+            if cache is not None and (gone := _pack(real & ~active)) is not None:
                 rows, idx, valid = gone  # their states stand in for them from now on
                 block.remember(x[rows[:, None], idx], positions[rows[:, None], idx], cache[i],
                                rows, valid)
@@ -502,8 +609,8 @@ class TokenEarlyExit(nn.Module):
             if cache is not None:
                 done = block(picked, positions[r, idx], valid=valid, cache=cache[i], rows=rows)
             else:
-                done = block(picked, positions[r, idx], valid=valid, context=x[rows],
-                             context_positions=positions[rows])
+                kv = (*block.keys(x[rows], positions[rows]), positions[rows], real[rows])
+                done = block(picked, positions[r, idx], valid=valid, kv=kv)
             x = x.clone()
             x[r, idx] = torch.where(valid[..., None], done, picked)
             depth += active
@@ -511,10 +618,12 @@ class TokenEarlyExit(nn.Module):
             if logits is None:
                 logits = out.new_zeros(b, t, out.shape[-1])
             leave = valid if i == last else \
-                valid & (torch.softmax(out.float(), -1).amax(-1) >= self.threshold)
+                valid & (self.confidence(i, done, out) >= self.threshold)
             taken = torch.where(leave[..., None], out, logits[r, idx])
             logits[r, idx] = taken
             left = torch.zeros_like(active)
             left[r, idx] = leave
             active = active & ~left
+        if logits is None:  # no real token at all
+            logits = self._head(x[:, :0]).new_zeros(b, t, self._head(x[:, :0]).shape[-1])
         return TokenExits(logits, (), depth)

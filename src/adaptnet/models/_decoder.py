@@ -24,10 +24,12 @@ __all__ = ["Decoder", "DecoderCache", "DecoderResult", "decoder"]
 
 @dataclass
 class DecoderCache:
-    """One :class:`~adaptnet.dynamic.KVCache` per block, and the tokens seen so far."""
+    """One :class:`~adaptnet.dynamic.KVCache` per block, the tokens fed so far (padding
+    included) and each row's next position (``(B,)``; None before the first call)."""
 
     layers: list  # a KVCache, or what the block's own new_cache() made
     seen: int = 0
+    next: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class DecoderResult:
     Attributes:
         logits: ``(B, T, V)`` next-token logits.
         depth: ``(B, T)`` blocks each token went through.
-        aux: training: the Mixture-of-Depths predictors' loss (summed over blocks).
+        aux: training: the causal predictors' loss (Mixture-of-Depths/Recursions, summed
+            over blocks) or the learned exit classifiers'.
         exit_logits: training with per-token exits: every exit's logits.
     """
 
@@ -74,12 +77,13 @@ class Decoder(nn.Module):
     """Token embedding, causal blocks (some may be Mixture-of-Depths), tied output head."""
 
     def __init__(self, vocab_size: int, d_model: int, blocks: list[nn.Module],
-                 context: int, exit_threshold: float | None = None) -> None:
+                 context: int, exit_threshold: float | None = None,
+                 exit_rule: str = "confidence") -> None:
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab_size, d_model)
         if exit_threshold is not None:  # one stack whose every exit is this model's readout
-            blocks = [TokenEarlyExit(blocks, self.readout, exit_threshold)]
+            blocks = [TokenEarlyExit(blocks, self.readout, exit_threshold, exit_rule, d_model)]
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -94,41 +98,58 @@ class Decoder(nn.Module):
         return DecoderCache([b.new_cache(batch) if hasattr(b, "new_cache") else KVCache(batch)
                              for b in self.blocks])
 
-    def forward(self, ids: torch.Tensor, *, cache: DecoderCache | None = None
-                ) -> DecoderResult:
+    def forward(self, ids: torch.Tensor, *, mask: torch.Tensor | None = None,
+                cache: DecoderCache | None = None) -> DecoderResult:
+        """Logits of ``ids`` ``(B, T)``; ``mask`` ``(B, T)`` bool marks the real tokens.
+
+        Padding (``mask`` False, on either side) is invisible: no block
+        processes it, no token attends to it, it takes no position (a row's
+        first real token is at position 0) and its depth is 0; its logits are
+        meaningless (give its targets ``-100`` so the loss ignores them).
+        """
         b, t = ids.shape
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                 or mask.shape != ids.shape):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
+                type(mask).__name__
+            raise ConfigError(f"Decoder: mask must be a bool tensor shaped like ids "
+                              f"{tuple(ids.shape)} (True at real tokens), got {got}.")
         start = cache.seen if cache is not None else 0
         if start + t > self.context:
             raise ConfigError(f"Decoder: a sequence of {start + t} tokens is longer than the "
                               f"model's context of {self.context}; cut it, or build the "
                               "model with a larger context.")
-        positions = (start + torch.arange(t, device=ids.device)).expand(b, t)
+        first = torch.zeros(b, dtype=torch.long, device=ids.device)
+        if cache is not None and cache.next is not None:
+            first = cache.next
+        steps = torch.arange(t, device=ids.device) if mask is None else mask.cumsum(1) - 1
+        positions = first[:, None] + steps.clamp(min=0).expand(b, t)
+        if cache is not None:
+            cache.seen += t
+            cache.next = first + (t if mask is None else mask.sum(1))
         h = self.embed(ids)
         depth = torch.zeros(b, t, dtype=torch.long, device=ids.device)
         aux = None
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            h = block(h, positions, cache=layer_cache)
+            h = block(h, positions, valid=mask, cache=layer_cache)
             if isinstance(h, TokenExits):  # the exits read the logits out themselves
-                if cache is not None:
-                    cache.seen += t
-                return DecoderResult(h.logits, h.depth, None, h.exit_logits)
+                return DecoderResult(h.logits, h.depth, h.aux_loss, h.exit_logits)
             if isinstance(block, MixtureOfDepths | MixtureOfRecursions):
                 depth += block.last.depth * (len(block.blocks) if hasattr(block, "blocks")
                                              else 1)
                 if block.last.aux_loss is not None:
                     aux = block.last.aux_loss if aux is None else aux + block.last.aux_loss
             else:
-                depth += 1
-        if cache is not None:
-            cache.seen += t
+                depth += 1 if mask is None else mask.long()
         return DecoderResult(self.readout(h), depth, aux)
 
 
 def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: int = 4,
             context: int = 256, mod_capacity: float | None = None, mod_every: int = 2,
-            recursions: int | None = None, router: str = "expert",
-            exit_threshold: float | None = None) -> Decoder:
+            recursions: int | None = None, router: str = "expert", share: str = "cycle",
+            kv: str = "cache", exit_threshold: float | None = None,
+            exit_rule: str = "confidence") -> Decoder:
     """A decoder-only language model; ``mod_capacity`` makes every ``mod_every``-th block MoD.
 
     Pre-norm causal blocks with rotary positions, the output head tied to the
@@ -138,8 +159,11 @@ def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: in
     tokens their causal predictor picks in evaluation and decoding. With
     ``recursions`` the ``layers`` blocks are one shared stack applied up to
     that many times per token (Mixture-of-Recursions, ``router`` ``"expert"``
-    or ``"token"``). With ``exit_threshold`` each token leaves after the first
-    block where the shared readout is that confident (per-token early exit).
+    or ``"token"``; ``share`` ``"cycle"`` or ``"sequence"``, ``kv`` ``"cache"``
+    or ``"share"``: see :class:`~adaptnet.dynamic.MixtureOfRecursions`). With
+    ``exit_threshold`` each token leaves after the first block where the
+    shared readout is that confident (per-token early exit; ``exit_rule``
+    ``"confidence"`` or ``"learned"``: see :class:`~adaptnet.dynamic.TokenEarlyExit`).
     """
     if layers < 1 or mod_every < 1:
         raise ModelError(f"decoder: layers and mod_every must be >= 1, got layers={layers}, "
@@ -147,16 +171,23 @@ def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: in
     if exit_threshold is not None and (recursions is not None or mod_capacity is not None):
         raise ModelError("decoder: exit_threshold (per-token early exit) goes with plain "
                          "blocks; leave out mod_capacity and recursions.")
+    if recursions is None and (share, kv) != ("cycle", "cache"):
+        raise ModelError(f"decoder: share={share!r} and kv={kv!r} choose how recursions reuse "
+                         "the stack; give recursions too, or leave them out.")
+    if exit_threshold is None and exit_rule != "confidence":
+        raise ModelError(f"decoder: exit_rule={exit_rule!r} goes with exit_threshold; give "
+                         "both, or leave exit_rule out.")
     if exit_threshold is not None:
         return Decoder(vocab_size, d_model, [CausalBlock(d_model, heads) for _ in range(layers)],
-                       context, exit_threshold)
+                       context, exit_threshold, exit_rule)
     if recursions is not None:
         if mod_capacity is not None:
             raise ModelError("decoder: give mod_capacity (Mixture-of-Depths) or recursions "
                              "(Mixture-of-Recursions), not both.")
         stack = [CausalBlock(d_model, heads) for _ in range(layers)]
         return Decoder(vocab_size, d_model, [MixtureOfRecursions(stack, recursions, d_model,
-                                                                 router)], context)
+                                                                 router, share=share, kv=kv)],
+                       context)
     blocks: list[nn.Module] = []
     for i in range(layers):
         block = CausalBlock(d_model, heads)
