@@ -1,98 +1,152 @@
-"""Benchmark: per-token depth on character-level Shakespeare: perplexity, parameters, time.
+"""Benchmark: per-token depth on character-level Shakespeare, at equal training compute.
 
 Four decoders from the zoo's ``decoder`` (width 128, 4 heads, rotary
-positions, output tied to the embedding), trained the same way (AdamW,
-the same seed, batches and number of steps; 64-character windows):
+positions, output tied to the embedding; 64-character windows):
 
 - *vanilla*: 4 blocks;
 - *MoD*: 4 blocks, blocks 2 and 4 Mixture-of-Depths at capacity 12.5%
   (the paper's setting);
-- *MoR*: 2 shared blocks applied up to 2 times per token (expert choice);
+- *MoR*: 2 shared blocks applied up to 2 times per token (expert choice,
+  recursion-wise KV caching);
 - *early exit*: 4 blocks, each token leaving at the first block whose
   shared readout reaches confidence ``EXIT``.
 
-For each: unique parameters, median milliseconds per training step, the
-validation perplexity in evaluation mode (MoD/MoR decide by their causal
-predictors there, as when decoding), the MoD predictors' accuracy at telling
-top-k membership, and greedy decoding throughput with the KV cache
-(``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch 1
-and 8, 1 and 2 threads, medians of interleaved rounds. This is a short,
-equal-steps run, not a converged or equal-compute comparison.
+Equal compute: each variant's training forward multiply-adds per token
+(``adaptnet.count_macs`` on a training batch) set its number of steps, so
+that every variant spends vanilla's ``BUDGET`` steps' worth: a cheaper
+model takes more steps. AdamW (lr 2e-3, 100 warm-up steps, cosine decay over
+the run), batches of 32 windows drawn at random from the 1M-character
+training split; validation perplexity (evaluation mode: MoD/MoR decide by
+their causal predictors, as when decoding) after each quarter of the run;
+seeds 0, 1, 2 (initialisation and batches). Then, on the seed-0 models:
+the causal predictors' agreement with top-k membership, median ms per
+training step (2 threads, interleaved), and greedy decoding throughput with
+the KV cache (``adaptnet.generate``, a 16-character prompt, 64 new tokens)
+at batch 1 and 8, 1 and 2 threads.
 
-    python benchmarks/bench_tokens.py           # full (about 15 minutes on 2 cores)
+    python benchmarks/bench_tokens.py           # full (about 90 minutes on 2 cores)
     python benchmarks/bench_tokens.py --quick   # smoke test
 """
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import time
+from pathlib import Path
 
 import torch
-from _common import medians, parse_args, publish, table, time_calls, time_steps
+from _common import medians, parse_args, publish, show, spread, table, time_calls, time_steps
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import adaptnet
 from adaptnet import sharing
 from adaptnet.data import shakespeare
-from adaptnet.dynamic import MixtureOfDepths
+from adaptnet.dynamic import MixtureOfDepths, MixtureOfRecursions
 from adaptnet.models import decoder
 
 EXIT = 0.8
+BATCH = 32
+QUARTERS = 4  # validation points per run
 VARIANTS = {"vanilla": {}, "MoD": {"mod_capacity": 0.125, "mod_every": 2},
             "MoR": {"layers": 2, "recursions": 2, "router": "expert"},
             "early exit": {"exit_threshold": EXIT}}
 
 
+def build(name: str, vocab: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return decoder(vocab_size=vocab, **({"layers": 4} | VARIANTS[name]))
+
+
+def macs_per_token(model: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
+    model.train(training)
+    with torch.no_grad(), adaptnet.count_macs() as macs:
+        model(x)
+    return macs.total / x.numel()
+
+
 def predictor_accuracy(model: torch.nn.Module, x: torch.Tensor) -> float | None:
-    """How often MoD's causal predictors agree with top-k membership, on ``x`` in training
-    mode (None for a model without MoD blocks)."""
-    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0])))
-             for m in model.modules() if isinstance(m, MixtureOfDepths)]
+    """How often the causal predictors (MoD's, and MoR's for its later steps) agree with
+    top-k membership, on ``x`` in training mode (None for a model without them)."""
+    guesses: dict[torch.nn.Module, torch.Tensor] = {}
+    hooks = [p.register_forward_hook(lambda p, a, out: guesses.__setitem__(p, out[..., 0] > 0))
+             for m in model.modules() if isinstance(m, MixtureOfDepths | MixtureOfRecursions)
+             for p in ([m.predictor] if isinstance(m, MixtureOfDepths) else m.predictors)]
     if not hooks:
         return None
+    hits = total = 0
     with torch.no_grad():
         model.train()(x)
-        hits = total = 0
-        for m, h in seen:
-            guess = m.predictor(h).squeeze(-1) > 0
-            hits += int((guess == m.last.selected).sum())
-            total += guess.numel()
-    for h in hooks:
-        h.remove()
+        for m in model.modules():
+            if isinstance(m, MixtureOfDepths):
+                pairs = [(guesses[m.predictor], m.last.selected)]
+            elif isinstance(m, MixtureOfRecursions):  # step r + 1's: "ran more than r + 1"
+                pairs = [(guesses[p], m.last.depth > r + 1) for r, p in enumerate(m.predictors)]
+            else:
+                continue
+            for guess, truth in pairs:
+                hits += int((guess == truth).sum())
+                total += guess.numel()
+    for hook in hooks:
+        hook.remove()
     model.eval()
     return hits / total
 
 
-def run(steps: int, max_tokens: int, rounds: int, new_tokens: int) -> dict:
+def train(model: torch.nn.Module, train_set: TensorDataset, val: tuple, steps: int,
+          seed: int) -> dict:
+    """``steps`` AdamW steps on random batches, validated after each quarter."""
+    per = steps // QUARTERS
+    sampler = RandomSampler(train_set, num_samples=per * BATCH,
+                            generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(train_set, batch_size=BATCH, sampler=sampler, drop_last=True)
+    start = time.perf_counter()
+    fit = adaptnet.fit(model, loader, val=val, loss="cross_entropy", optimizer="adamw",
+                       lr=2e-3, weight_decay=0.01, epochs=QUARTERS, seed=seed,
+                       warmup_steps=min(100, per), scheduler="CosineAnnealingLR",
+                       scheduler_args={"T_max": per * QUARTERS, "eta_min": 2e-4},
+                       clip_grad_norm=1.0, metrics=("loss", "steps"), progress=False)
+    curve = [math.exp(row["val/loss"]) for row in fit.history]
+    return {"steps": fit.steps, "seconds": time.perf_counter() - start, "curve": curve,
+            "valid_perplexity": curve[-1], "mean_depth": fit.history[-1]["val/steps"]}
+
+
+def run(budget: int, max_tokens: int, rounds: int, new_tokens: int, seeds: list[int],
+        partial: Path) -> dict:
     data = shakespeare(level="char", seq_len=64, max_tokens=max_tokens)
     x, y = data.train.tensors
     xv, yv = data.valid.tensors
-    rows, models = {}, {}
-    batch = 32
-    adaptnet.fit(decoder(vocab_size=data.num_classes), (x[:64], y[:64]), loss="cross_entropy",
-                 batch_size=batch, epochs=1, progress=False)  # warm-up: the first fit pays it
-    for name, args in VARIANTS.items():
-        torch.manual_seed(0)
-        model = decoder(vocab_size=data.num_classes, **({"layers": 4} | args))
-        n = min(len(x), steps * batch)
-        start = time.perf_counter()
-        fit = adaptnet.fit(model, (x[:n], y[:n]), loss="cross_entropy", optimizer="adamw",
-                           lr=2e-3, weight_decay=0.01, batch_size=batch, epochs=1, seed=0,
-                           warmup_steps=min(50, steps // 4), clip_grad_norm=1.0,
-                           metrics=("loss",), progress=False)
-        seconds = time.perf_counter() - start
-        model.eval()
-        values = adaptnet.evaluate(model, (xv, yv), loss="cross_entropy",
-                                   metrics=("loss", "steps"), batch_size=64)
+    vocab = data.num_classes
+    xb, yb = x[:BATCH], y[:BATCH]
+    probe = {name: build(name, vocab, 0) for name in VARIANTS}
+    macs = {name: {"train": macs_per_token(m, xb, True), "eval": macs_per_token(m, xb, False)}
+            for name, m in probe.items()}
+    steps = {name: QUARTERS * round(budget * macs["vanilla"]["train"] / m["train"] / QUARTERS)
+             for name, m in macs.items()}
+    adaptnet.fit(build("vanilla", vocab, 0), (x[:64], y[:64]), loss="cross_entropy",
+                 batch_size=BATCH, epochs=1, progress=False)  # warm-up: the first fit pays it
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    models = {}
+    for seed in seeds:
+        for name in VARIANTS:
+            model = build(name, vocab, seed)
+            runs[name].append({"seed": seed, **train(model, TensorDataset(x, y), (xv, yv),
+                                                      steps[name], seed)})
+            print(name, seed, runs[name][-1], flush=True)
+            partial.write_text(json.dumps(runs, indent=1) + "\n")  # a cut run keeps these
+            if seed == seeds[0]:
+                models[name] = model
+    rows = {}
+    for name, model in models.items():
+        ppl = [r["valid_perplexity"] for r in runs[name]]
         rows[name] = {"unique_params": sharing.summary(model).unique,
-                      "fit_ms_per_step": seconds / fit.steps * 1e3,
-                      "train_steps": fit.steps,
-                      "valid_perplexity": math.exp(values["loss"]),
-                      "mean_depth": values.get("steps"),
-                      "predictor_accuracy": predictor_accuracy(model, xv[:64])}
-        models[name] = model.eval()
-    xb, yb = x[:batch], y[:batch]
+                      "train_macs_per_token": macs[name]["train"],
+                      "eval_macs_per_token": macs[name]["eval"],
+                      "train_steps": steps[name],
+                      "valid_perplexity": spread(ppl),
+                      "mean_depth": statistics.median(r["mean_depth"] for r in runs[name]),
+                      "predictor_accuracy": predictor_accuracy(model, xv[:256])}
 
     def loss(model: torch.nn.Module):
         def step() -> torch.Tensor:
@@ -104,7 +158,7 @@ def run(steps: int, max_tokens: int, rounds: int, new_tokens: int) -> dict:
     params = [p for m in models.values() for p in m.parameters()]
     torch.set_num_threads(2)
     step_ms = medians(time_steps({k: loss(m) for k, m in models.items()}, params, rounds,
-                                 max(1, steps // 60), loss=lambda v: v))
+                                 10 if budget > 100 else 1, loss=lambda v: v))
     for name in models:
         rows[name]["train_ms_per_step"] = step_ms[name] * 1e3
         models[name].eval()
@@ -117,22 +171,28 @@ def run(steps: int, max_tokens: int, rounds: int, new_tokens: int) -> dict:
         ms = medians(time_calls(fns, rounds, 1))
         decode[str(threads)] = {k: {"tokens_per_s": int(k.split("@")[1]) * new_tokens / v}
                                 for k, v in ms.items()}
-    return {"rows": rows, "decode": decode, "steps": steps, "max_tokens": max_tokens,
-            "rounds": rounds, "new_tokens": new_tokens, "train_windows": len(x)}
+    return {"rows": rows, "runs": runs, "decode": decode, "budget": budget, "seeds": seeds,
+            "max_tokens": max_tokens, "rounds": rounds, "new_tokens": new_tokens,
+            "train_windows": len(x), "valid_windows": len(xv)}
 
 
 def markdown(r: dict) -> str:
     base = r["rows"]["vanilla"]
-    rows = []
+    vppl = base["valid_perplexity"]["median"]
+    rows, curves = [], []
     for name, row in r["rows"].items():
-        acc = row["predictor_accuracy"]
+        acc, ppl = row["predictor_accuracy"], row["valid_perplexity"]
+        rel = {k: v / vppl - 1 for k, v in ppl.items()}
         rows.append([name, f"{row['unique_params']:,}",
                      f"{row['unique_params'] / base['unique_params']:.2f}",
-                     f"{row['valid_perplexity']:.2f}",
-                     f"{row['valid_perplexity'] / base['valid_perplexity'] - 1:+.1%}",
+                     f"{row['train_macs_per_token'] / base['train_macs_per_token']:.2f}",
+                     f"{row['train_steps']:,}", show(ppl, ".2f"), show(rel, "+.1%"),
                      f"{row['train_ms_per_step']:.0f}",
                      f"{base['train_ms_per_step'] / row['train_ms_per_step']:.2f}×",
                      f"{row['mean_depth']:.2f}", "" if acc is None else f"{acc:.1%}"])
+        for run in r["runs"][name]:
+            curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
+                           f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}"])
     speed = []
     for threads, by in r["decode"].items():
         for b in (1, 8):
@@ -140,27 +200,34 @@ def markdown(r: dict) -> str:
             speed.append([threads, str(b)] + [
                 f"{by[f'{n}@{b}']['tokens_per_s']:.0f} ({by[f'{n}@{b}']['tokens_per_s'] / v:.2f}×)"
                 for n in r["rows"]])
+    quarters = [f"after {i + 1}/{QUARTERS}" for i in range(QUARTERS)]
     return "\n".join([
-        f"Each decoder trained {base['train_steps']} steps of 32 windows of 64 characters "
-        f"(AdamW, seed 0; {r['train_windows']:,} training windows, one epoch); perplexity on "
-        "the validation plays in evaluation mode. A short run, equal in steps, not in "
-        "compute, and not converged. "
-        "Train ms/step: one forward and backward on 32 windows (2 threads), median of "
+        f"Equal training compute: every variant spends the forward multiply-adds of "
+        f"{base['train_steps']:,} vanilla steps (batches of {BATCH} windows of 64 characters "
+        f"drawn from {r['train_windows']:,} training windows); seeds "
+        f"{', '.join(map(str, r['seeds']))}, median (min–max). Perplexity on the "
+        f"{r['valid_windows']:,} validation windows in evaluation mode. Train ms/step: one "
+        "forward and backward on 32 windows (2 threads), median of "
         f"{r['rounds']} interleaved rounds after training.", "",
-        *table(["model", "unique params", "vs vanilla", "valid perplexity", "vs vanilla",
-                "train ms/step", "step speed-up", "blocks per token (eval)",
-                "MoD predictor agrees with top-k"], rows), "",
+        *table(["model", "unique params", "vs vanilla", "train MACs/token vs vanilla",
+                "steps", "valid perplexity", "vs vanilla", "train ms/step", "step speed-up",
+                "blocks per token (eval)", "causal predictors agree with top-k"], rows), "",
+        "Validation perplexity through each run (the last column: change over the last "
+        "quarter):", "",
+        *table(["model", "seed", *quarters, "last quarter"], curves), "",
         f"Greedy decoding with the KV cache (`adaptnet.generate`, 16-character prompt, "
-        f"{r['new_tokens']} new tokens), tokens/s, median of {r['rounds']} interleaved rounds "
-        "(vs vanilla):", "",
+        f"{r['new_tokens']} new tokens), seed-0 models, tokens/s, median of {r['rounds']} "
+        "interleaved rounds (vs vanilla):", "",
         *table(["threads", "batch", *r["rows"]], speed)]) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    steps, tokens, rounds, new = (4, 20_000, 1, 4) if args.quick else \
-        (600, 400_000, args.rounds or 3, 64)
-    publish("tokens", args, run(steps, tokens, rounds, new), markdown)
+    budget, tokens, rounds, new, seeds = (8, 20_000, 1, 4, [0]) if args.quick else \
+        (2000, 1_000_000, args.rounds or 3, 64, [0, 1, 2])
+    partial = args.out / ("tokens-quick-runs.json" if args.quick else "tokens-runs.json")
+    args.out.mkdir(parents=True, exist_ok=True)
+    publish("tokens", args, run(budget, tokens, rounds, new, seeds, partial), markdown)
 
 
 if __name__ == "__main__":
