@@ -431,8 +431,7 @@ class MixtureOfRecursions(nn.Module):
             for j, b in enumerate(self.schedule[step]):
                 block = self.blocks[b]
                 if first is not None and step:  # recursive sharing: attend to step 0's keys
-                    picked = block(picked, positions, kv=first[j].read(rows),
-                                   **({} if valid is None else {"valid": valid}))
+                    picked = block(picked, positions, valid=valid, kv=first[j].read(rows))
                 else:
                     layer = first[j] if first is not None else \
                         cache[step * len(self.blocks) + j] if cache is not None else None
@@ -625,5 +624,6 @@ class TokenEarlyExit(nn.Module):
             left[r, idx] = leave
             active = active & ~left
         if logits is None:  # no real token at all
-            logits = self._head(x[:, :0]).new_zeros(b, t, self._head(x[:, :0]).shape[-1])
+            empty = self._head(x[:, :0])
+            logits = empty.new_zeros(b, t, empty.shape[-1])
         return TokenExits(logits, (), depth)
