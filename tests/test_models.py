@@ -19,7 +19,7 @@ INPUTS = {
     "mlp": (40,), "cnn1d": (40,), "gru_classifier": (40,), "siamese": (2, 64),
     "tied_autoencoder": (64,), "albert_encoder": (40,), "universal_transformer": (40,),
     "pondernet_gru": (8,), "early_exit_cnn": (40,), "moe_mlp": (64,), "adaptive_depth_mlp": (64,),
-    "resnet18": (3, 32, 32),
+    "resnet18": (3, 32, 32), "sdn_resnet": (1, 28, 28),
 }
 ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8},
         "decoder": {"vocab_size": 50, "d_model": 8, "heads": 2, "mod_capacity": 0.5}}
@@ -115,6 +115,42 @@ def test_ties_survive_training_and_save_load(tmp_path):
     torch.testing.assert_close(fresh.embedding.weight, net.embedding.weight)
 
 
+def test_tied_autoencoder_untied_baseline_has_a_decoder_of_its_own():
+    tied, untied = M.tied_autoencoder(6, 4), M.tied_autoencoder(6, 4, tied=False)
+    assert adaptnet.summary(tied).unique == 6 * 4 + 4 + 6
+    assert adaptnet.summary(untied).unique == 2 * 6 * 4 + 4 + 6
+    assert untied.decoder.weight.shape == (6, 4)
+    with torch.no_grad():
+        untied.encoder.weight.zero_()
+    assert untied.decoder.weight.abs().sum() > 0  # not a view of the encoder's
+
+
+def test_sdn_resnet_is_resnet20_with_an_exit_after_every_block():
+    plain = M.sdn_resnet(in_channels=3, exits=False)
+    conv = 9 * 3 * 16 + 6 * (16 * 16 * 9) + (16 * 32 * 9 + 5 * 32 * 32 * 9) \
+        + (32 * 64 * 9 + 5 * 64 * 64 * 9) + 16 * 32 + 32 * 64  # 3x3 convs, 1x1 shortcuts
+    bn = 2 * (16 + 6 * 16 + 7 * 32 + 7 * 64)  # stem, two per block, one per shortcut
+    assert adaptnet.summary(plain).unique == conv + bn + 64 * 10 + 10 == 272_474  # He et al.
+    net = M.sdn_resnet(in_channels=3, pool=2)
+    assert len(net.exits.heads) == 9 and net.exits.heads[0][2].in_features == 16 * 2 * 2
+    assert net.exits.weights == pytest.approx([i / 9 for i in range(1, 10)])
+
+
+def test_sdn_resnet_with_no_early_exit_taken_is_the_plain_network():
+    torch.manual_seed(0)
+    plain = M.sdn_resnet(exits=False).eval()
+    net = M.sdn_resnet(threshold=1.0).eval()  # a softmax of random logits never reaches 1
+    stages = list(plain)
+    net.stem.load_state_dict(stages[0].state_dict())
+    for mine, theirs in zip(net.exits.stages, stages[1:-1], strict=True):
+        mine.load_state_dict(theirs.state_dict())
+    net.exits.heads[-1].load_state_dict(stages[-1].state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    out = net(x)
+    assert (out.exit_index == 8).all()
+    torch.testing.assert_close(out.logits, plain(x))
+
+
 def test_count_macs_through_a_transposed_tie_without_grad():
     net = M.tied_autoencoder(in_features=6, hidden=4)
     with torch.no_grad(), adaptnet.count_macs() as macs:
@@ -130,6 +166,8 @@ def test_build_errors():
         M.build("mlp", hiden=3)
     with pytest.raises(ModelError, match="sharing must be one of"):
         M.build("albert_encoder", sharing="some")
+    with pytest.raises(ModelError, match=r"sdn_resnet: widths must be .* blocks=0"):
+        M.build("sdn_resnet", blocks=0)
     with pytest.raises(ModelError, match="halting must be"):
         M.build("pondernet_gru", halting="fixed")
 

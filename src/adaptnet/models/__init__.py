@@ -13,6 +13,7 @@ from adaptnet.models._adaptive import (
     early_exit_cnn,
     moe_mlp,
     pondernet_gru,
+    sdn_resnet,
 )
 from adaptnet.models._baselines import cnn1d, gru_classifier, logreg, mlp
 from adaptnet.models._decoder import Decoder, DecoderResult, decoder
@@ -79,6 +80,7 @@ __all__ = [
     "pondernet_gru",
     "resnet18",
     "reused_layer",
+    "sdn_resnet",
     "shared_scale_net",
     "siamese",
     "small_cnn",

@@ -24,7 +24,7 @@ from adaptnet.models._parts import MeanPool, readout
 from adaptnet.sharing import share
 
 __all__ = ["EarlyExitCNN", "PonderGRU", "adaptive_depth_mlp", "early_exit_cnn", "moe_mlp",
-           "pondernet_gru"]
+           "pondernet_gru", "sdn_resnet"]
 
 
 class _Residual(nn.Module):
@@ -98,6 +98,67 @@ def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
     if share_stages and stages > 1:
         share(model, "exits.stages")
     return model
+
+
+class _BasicBlock(nn.Module):
+    """He et al.'s basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def sdn_resnet(in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64),
+               blocks: int = 3, exits: bool = True, threshold: float = 0.9, pool: int = 4,
+               capacity: float | None = None) -> nn.Module:
+    """A ResNet for small images (He et al. 2016, sec. 4.2) with an exit after every block.
+
+    A 3×3 stem, then ``len(widths)`` stages of ``blocks`` basic blocks, each
+    stage after the first halving the resolution (``widths=(16, 32, 64)``,
+    ``blocks=3``: ResNet-20). As in Shallow-Deep Networks (Kaya et al. 2019)
+    each block but the last is followed by an internal classifier (average
+    pooling to ``pool`` bins per side, a linear layer) and the last by the
+    ResNet's own head (global average pooling, a linear layer). The joint loss
+    weights exit ``i`` of ``L`` by ``i / L``, SDN's final weights, so the
+    deep exits, which decide accuracy, are not outweighed by the shallow ones.
+    In evaluation a sample leaves at the first exit whose top softmax
+    probability reaches ``threshold``.
+
+    Args:
+        exits: ``False`` builds the same network without internal classifiers
+            (a plain ``nn.Sequential``): the static baseline.
+        capacity: :class:`~adaptnet.EarlyExit` capacity mode instead of ``threshold``.
+    """
+    if not widths or blocks < 1 or min(widths) < 1 or pool < 1:
+        raise ModelError(f"sdn_resnet: widths must be positive channel counts and blocks and "
+                         f"pool >= 1, got widths={widths}, blocks={blocks}, pool={pool}.")
+    stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(widths[0]), nn.ReLU())
+    layers, cin = [], widths[0]
+    for i, width in enumerate(widths):
+        for j in range(blocks):
+            layers.append(_BasicBlock(cin, width, 2 if i and not j else 1))
+            cin = width
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    if not exits:
+        return nn.Sequential(stem, *layers, final)
+    heads = [nn.Sequential(MeanPool(pool, 2), nn.Flatten(),
+                           nn.Linear(block.conv2.out_channels * pool ** 2, num_classes))
+             for block in layers[:-1]]
+    n = len(layers)
+    return EarlyExitCNN(stem, EarlyExit(layers, [*heads, final],
+                                        weights=[(i + 1) / n for i in range(n)],
+                                        thresholds=None if capacity else threshold,
+                                        capacity=capacity))
 
 
 class _GRUStep(nn.Module):

@@ -46,6 +46,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "universal_transformer": _transformer.universal_transformer,
     "pondernet_gru": _adaptive.pondernet_gru,
     "early_exit_cnn": _adaptive.early_exit_cnn,
+    "sdn_resnet": _adaptive.sdn_resnet,
     "moe_mlp": _adaptive.moe_mlp,
     # per-token adaptive depth
     "decoder": _decoder.decoder,

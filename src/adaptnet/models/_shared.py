@@ -51,22 +51,30 @@ def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, same: torch.Tensor, mar
 
 
 class TiedAutoencoder(nn.Module):
-    """``x -> sigmoid(W^T relu(W x + b) + c)``: the decoder weight is the encoder's transpose."""
+    """``x -> sigmoid(W^T relu(W x + b) + c)``: the decoder weight is the encoder's transpose.
 
-    def __init__(self, in_features: int, hidden: int) -> None:
+    ``tied=False`` gives the decoder its own weight (the baseline to compare with).
+    """
+
+    def __init__(self, in_features: int, hidden: int, tied: bool = True) -> None:
         super().__init__()
         self.encoder = nn.Linear(in_features, hidden)
         self.decoder = nn.Linear(hidden, in_features)
-        tie(self, "decoder.weight", "encoder.weight", transform="T")
+        if tied:
+            tie(self, "decoder.weight", "encoder.weight", transform="T")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> same shape
         flat = x.flatten(1)
         return torch.sigmoid(self.decoder(torch.relu(self.encoder(flat)))).view_as(x)
 
 
-def tied_autoencoder(in_features: int = 64, hidden: int = 32) -> TiedAutoencoder:
-    """An autoencoder whose decoder is the encoder transposed (one weight matrix)."""
-    return TiedAutoencoder(in_features, hidden)
+def tied_autoencoder(in_features: int = 64, hidden: int = 32, tied: bool = True
+                     ) -> TiedAutoencoder:
+    """An autoencoder whose decoder is the encoder transposed (one weight matrix).
+
+    ``tied=False``: the same network with a decoder weight of its own.
+    """
+    return TiedAutoencoder(in_features, hidden, tied)
 
 
 class LSTMLanguageModel(nn.Module):
