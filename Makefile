@@ -32,8 +32,10 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# The long benchmarks (per-token depth decoders, earlyon side by side, torchvision ResNet-18
-# transfer): about two hours on 2 cores.
+# The long benchmarks: tying, ALBERT sharing and an SDN ResNet trained to convergence with
+# three seeds, per-token depth decoders, earlyon side by side, torchvision ResNet-18
+# transfer. Many hours on 2 cores; the converged ones keep their runs in runs/bench/ and
+# pick up where they were cut when run again.
 bench-long: $(STAMP)
 	$(PY) benchmarks/run.py --long
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Where the long benchmarks keep their runs, so that a cut one resumes (git ignores runs/).
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "bench"
 
 
 def machine() -> dict:
@@ -123,19 +126,49 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds: list[int],
                 root: Path, limit: int | None = None) -> list[dict]:
-    """Train every variant of ``recipe`` once per seed (``adaptnet.recipes.compare``).
+    """Train every variant of ``recipe`` once per seed; return one row per run.
 
-    Returns compare's rows with a ``seed`` key. ``seed=S`` sets initialisation
-    and data order; the dataset itself (its own ``data.seed``) stays as the recipe has it.
+    Each run goes to ``root/<variant>-<hash>/seed-<S>``, the hash naming the
+    recipe exactly as trained (overrides and limit applied), so a changed
+    setting never picks up an old run. Given a lasting ``root`` the benchmark can
+    be cut and run again: a finished run (its ``results.json`` is there) is read
+    back, one cut short resumes from its last checkpoint (``train_recipe``
+    checks it is the same recipe). ``seed=S`` sets initialisation and data order;
+    the dataset itself (its own ``data.seed``) stays as the recipe has it.
+    Every variant is validated before the first one trains.
     """
-    from adaptnet.recipes import compare
+    from adaptnet.recipes import load_recipe, parse_overrides, train_recipe
 
-    rows = []
+    base = parse_overrides(overrides)
+    runs = []
     for seed in seeds:
-        for r in compare(recipe, plans, [*overrides, f"seed={seed}"], root / f"seed-{seed}",
-                         limit=limit):
-            rows.append({"seed": seed, **r})
+        for label, plan in plans.items():
+            name, loaded = load_recipe(recipe, {**base, **plan, "seed": seed})
+            setting = {k: v for k, v in loaded.to_dict().items() if k != "seed"}
+            key = json.dumps([setting, limit], sort_keys=True).encode()
+            slug = re.sub(r"\W+", "_", label)[:60]
+            runs.append((seed, label, name, loaded,
+                         root / f"{slug}-{hashlib.sha1(key).hexdigest()[:10]}" / f"seed-{seed}"))
+    rows = []
+    for seed, label, name, loaded, run_dir in runs:
+        done = run_dir / "results.json"
+        if not done.is_file():
+            train_recipe(name, loaded, run_dir, resume=(run_dir / "config.yaml").is_file(),
+                         limit=limit)
+        values = json.loads(done.read_text())
+        rows.append({"seed": seed, "variant": label, "run_dir": str(run_dir),
+                     "unique_params": values["params"]["unique"],
+                     "per_use_params": values["params"]["per_use"],
+                     "metric": values["metric"][0], "value": values["metric"][1],
+                     "macs": values["test"].get("macs"), "epochs": values["epochs"],
+                     "history": values["history"], "train_seconds": values["train_seconds"]})
     return rows
+
+
+def stopped_early(history: list[dict], patience: int) -> bool:
+    """Early stopping fired: the last ``patience`` epochs did not beat the best before them."""
+    loss = [row["val/loss"] for row in history]
+    return len(loss) > patience and min(loss[-patience:]) >= min(loss[:-patience])
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

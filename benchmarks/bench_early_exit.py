@@ -56,12 +56,14 @@ def batched(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> None:
             model(chunk)
 
 
-def run(task: str, overrides: list[str], limit: int | None, rounds: int, root: Path) -> dict:
-    recipe, extra = TASKS[task]
-    plans = {"plain": {"model.exits": False}, "early exit": {"model.exits": True}}
-    plain_row, exit_row = train_seeds(recipe, plans, [*extra, *overrides], [0], root, limit)
-    data, plain, _ = load_run(plain_row["run_dir"])
-    _, net, _ = load_run(exit_row["run_dir"])
+def sweep(data, plain: torch.nn.Module, net: torch.nn.Module, rounds: int,
+          batch: int = 256) -> dict:
+    """The plain network against the early-exit one at every threshold and the calibrated one.
+
+    Accuracy, multiply-adds per sample and the share leaving at each exit on
+    the test split; ms per batched eval-mode pass over it, all variants timed
+    in the same interleaved rounds.
+    """
     plain.eval()
     net.eval()
     metrics = ("accuracy", "macs")
@@ -89,10 +91,10 @@ def run(task: str, overrides: list[str], limit: int | None, rounds: int, root: P
     def at(t: float):
         def call() -> None:
             net.exits.set_thresholds(t)
-            batched(net, x)
+            batched(net, x, batch)
         return call
 
-    fns = {"plain": lambda: batched(plain, x)} | {k: at(t) for k, t in points.items()}
+    fns = {"plain": lambda: batched(plain, x, batch)} | {k: at(t) for k, t in points.items()}
     ms = {k: v * 1e3 for k, v in medians(time_calls(fns, rounds, 1)).items()}
     for label, r in rows.items():
         r["ms"] = ms[label]
@@ -101,14 +103,24 @@ def run(task: str, overrides: list[str], limit: int | None, rounds: int, root: P
         r["points_lost"] = (base["accuracy"] - r["accuracy"]) * 100
         r["meets"] = (r["macs_ratio"] >= TARGET_MACS and r["speedup"] >= TARGET_SPEED
                       and r["points_lost"] <= TOLERANCE * 100)
-    return {"task": task, "recipe": recipe, "overrides": [*extra, *overrides],
-            "test_samples": len(x), "rounds": rounds,
-            "plain": {"unique_params": plain_row["unique_params"], "accuracy": base["accuracy"],
-                      "valid_accuracy": base_valid, "macs": base["macs"], "ms": ms["plain"]},
-            "early_exit_params": exit_row["unique_params"],
+    return {"test_samples": len(x), "rounds": rounds,
+            "plain": {"accuracy": base["accuracy"], "valid_accuracy": base_valid,
+                      "macs": base["macs"], "ms": ms["plain"]},
             "calibration": {"threshold": cal.threshold, "valid_accuracy": cal.accuracy,
                             "reached": reached},
             "thresholds": rows}
+
+
+def run(task: str, overrides: list[str], limit: int | None, rounds: int, root: Path) -> dict:
+    recipe, extra = TASKS[task]
+    plans = {"plain": {"model.exits": False}, "early exit": {"model.exits": True}}
+    plain_row, exit_row = train_seeds(recipe, plans, [*extra, *overrides], [0], root, limit)
+    data, plain, _ = load_run(plain_row["run_dir"])
+    _, net, _ = load_run(exit_row["run_dir"])
+    result = sweep(data, plain, net, rounds)
+    result["plain"]["unique_params"] = plain_row["unique_params"]
+    return {"task": task, "recipe": recipe, "overrides": [*extra, *overrides],
+            "early_exit_params": exit_row["unique_params"], **result}
 
 
 def markdown(result: dict) -> str:

@@ -1,29 +1,38 @@
-"""Benchmark: embedding/output weight tying in a word-level LSTM language model.
+"""Benchmark: embedding/output tying in a word-level LSTM language model, trained to convergence.
 
 Recipe ``shakespeare-lstm`` (34 plays for training, Macbeth and Twelfth Night
 for validation, Hamlet and The Tempest for test; lowercased words, the 10,000
-most frequent training words) with the same width for the embedding and the
-LSTM, trained tied (the output layer reuses the embedding matrix; Press &
-Wolf 2017, Inan et al. 2017) and untied, with the same seed, optimizer and
-epochs. Reported: unique parameters, and validation and test perplexity of
-the final model. Target: tied has at least 30% fewer parameters and a
-perplexity no worse than untied.
+most frequent training words; a 2-layer LSTM, dropout 0.3, Adam 0.002) at two
+widths (embedding = LSTM width), trained tied (the output layer reuses the
+embedding matrix; Press & Wolf 2017, Inan et al. 2017) and untied with the
+same seeds. Each run trains until the validation
+loss has not improved for ``PATIENCE`` epochs (at most ``MAX_EPOCHS``); the
+table gives the final model's test perplexity, the best validation perplexity
+and the epochs trained, median (min–max) over ``SEEDS``. Target: tied has at
+least 30% fewer parameters and a test perplexity no worse than untied, at
+both widths.
 
-    python benchmarks/bench_lm_tying.py           # full
-    python benchmarks/bench_lm_tying.py --quick   # smoke test: 64 windows, 1 epoch
+Runs go to ``runs/bench/lm_tying/`` (one directory per variant, width and
+seed): the benchmark can be cut and run again; finished runs are read back,
+a cut one resumes from its last epoch.
+
+    python benchmarks/bench_lm_tying.py           # full (hours on 2 cores)
+    python benchmarks/bench_lm_tying.py --quick   # smoke test: 64 windows, tiny model
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 from _common import (
+    RUNS,
     parse_args,
     publish,
-    settings,
     show,
     spread,
+    stopped_early,
     table,
     train_seeds,
     verdict,
@@ -31,54 +40,82 @@ from _common import (
 
 from adaptnet.recipes import evaluate_run
 
-# Width 128 and one epoch keep the run to about seven minutes on 2 CPU cores.
-SIZE = ["model.embed_size=128", "model.hidden=128", "train.batch_size=64", "train.epochs=1"]
+WIDTHS, SEEDS = [64, 128], [0, 1, 2]
+MAX_EPOCHS, PATIENCE = 40, 2
+LM = ["train.batch_size=64", f"train.epochs={MAX_EPOCHS}", f"train.early_stopping={PATIENCE}"]
 TARGET_FEWER = 0.30
 
 
-def run(seeds: list[int], overrides: list[str], limit: int | None) -> dict:
+def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
+       limit: int | None) -> list[dict]:
     plans = {"tied": {"model.tied": True}, "untied": {"model.tied": False}}
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = train_seeds("shakespeare-lstm", plans, overrides, seeds, Path(tmp), limit)
-        for r in rows:
-            r["valid_perplexity"] = evaluate_run(r["run_dir"], "valid")["perplexity"]
-    variants = {}
-    for name in plans:
-        mine = [r for r in rows if r["variant"] == name]
-        variants[name] = {"unique_params": mine[0]["unique_params"],
-                          "per_use_params": mine[0]["per_use_params"],
-                          "valid_perplexity": spread([r["valid_perplexity"] for r in mine]),
-                          "test_perplexity": spread([r["value"] for r in mine]),
-                          "train_seconds": spread([r["train_seconds"] for r in mine])}
-    tied, untied = variants["tied"], variants["untied"]
-    fewer = 1 - tied["unique_params"] / untied["unique_params"]
-    no_worse = tied["test_perplexity"]["median"] <= untied["test_perplexity"]["median"]
-    return {"seeds": seeds, "overrides": overrides, "variants": variants,
-            "tied_vs_untied": {"fewer_params": fewer, "perplexity_no_worse": no_worse,
-                               "met": fewer >= TARGET_FEWER and no_worse}}
+    out = []
+    for width in widths:
+        size = [f"model.embed_size={width}", f"model.hidden={width}"]
+        rows = train_seeds("shakespeare-lstm", plans, [*overrides, *size], seeds,
+                           root / f"width-{width}", limit)
+        variants = {}
+        for name in plans:
+            mine = [r for r in rows if r["variant"] == name]
+            for r in mine:  # the final model's validation perplexity, as the test one's
+                r["valid_perplexity"] = evaluate_run(r["run_dir"], "valid")["perplexity"]
+            variants[name] = {
+                "unique_params": mine[0]["unique_params"],
+                "test_perplexity": spread([r["value"] for r in mine]),
+                "valid_perplexity": spread([r["valid_perplexity"] for r in mine]),
+                "best_valid_perplexity": spread(
+                    [math.exp(min(h["val/loss"] for h in r["history"])) for r in mine]),
+                "epochs": spread([r["epochs"] for r in mine]),
+                "converged": [stopped_early(r["history"], PATIENCE) for r in mine],
+                "per_seed": {r["seed"]: r["value"] for r in mine},
+                "train_seconds": spread([r["train_seconds"] for r in mine])}
+        tied, untied = variants["tied"], variants["untied"]
+        fewer = 1 - tied["unique_params"] / untied["unique_params"]
+        no_worse = tied["test_perplexity"]["median"] <= untied["test_perplexity"]["median"]
+        out.append({"width": width, "variants": variants, "fewer_params": fewer,
+                    "perplexity_no_worse": no_worse,
+                    "met": fewer >= TARGET_FEWER and no_worse})
+    return out
+
+
+def run(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
+        limit: int | None) -> dict:
+    return {"seeds": seeds, "max_epochs": MAX_EPOCHS, "patience": PATIENCE,
+            "overrides": overrides, "lm": lm(widths, seeds, overrides, root, limit)}
 
 
 def markdown(result: dict) -> str:
-    rows = [[name, f"{v['unique_params']:,}", show(v["valid_perplexity"], ".1f"),
-             show(v["test_perplexity"], ".1f"), f"{v['train_seconds']['median']:.0f}"]
-            for name, v in result["variants"].items()]
-    c = result["tied_vs_untied"]
+    rows = []
+    for w in result["lm"]:
+        for name, v in w["variants"].items():
+            done = sum(v["converged"])
+            rows.append([f"{w['width']}", name, f"{v['unique_params']:,}",
+                         show(v["test_perplexity"], ".1f"), show(v["best_valid_perplexity"], ".1f"),
+                         show(v["epochs"], ".0f"), f"{done}/{len(v['converged'])}",
+                         f"{v['train_seconds']['median'] / 60:.0f}"])
+    verdicts = "; ".join(
+        f"width {w['width']}: {w['fewer_params']:.1%} fewer, perplexity "
+        f"{'no worse' if w['perplexity_no_worse'] else 'worse'}, {verdict(w['met'])}"
+        for w in result["lm"])
     return "\n".join([
-        *table(["variant", "unique params", "valid perplexity", "test perplexity", "train s"],
-               rows), "",
-        f"{settings(result)} Target (tied ≥ {TARGET_FEWER:.0%} fewer parameters, test "
-        "perplexity no worse): "
-        f"{c['fewer_params']:.1%} fewer, perplexity "
-        f"{'no worse' if c['perplexity_no_worse'] else 'worse'}: {verdict(c['met'])}."]) + "\n"
+        *table(["width", "variant", "unique params", "test perplexity",
+                "best valid perplexity", "epochs", "stopped early", "train min"], rows), "",
+        f"Settings: {', '.join(result['overrides'])}; seeds "
+        f"{', '.join(map(str, result['seeds']))}; each run stops when the validation loss has "
+        f"not improved for {result['patience']} epochs (at most {result['max_epochs']}); "
+        "test perplexity is the final model's; median (min–max) over seeds. Target (tied ≥ "
+        f"{TARGET_FEWER:.0%} fewer parameters, test perplexity no worse): {verdicts}."]) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
     if args.quick:
-        result = run([0], ["model.embed_size=16", "model.hidden=16", "data.max_vocab=200",
-                             "train.epochs=1"], 64)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run([16], [0], ["model.embed_size=16", "model.hidden=16",
+                                     "data.max_vocab=200", "train.epochs=2",
+                                     f"train.early_stopping={PATIENCE}"], Path(tmp), 64)
     else:
-        result = run([0], SIZE, None)
+        result = run(WIDTHS, SEEDS, LM, RUNS / "lm_tying", None)
     publish("lm_tying", args, result, markdown)
 
 

@@ -31,9 +31,11 @@ HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last; together under an hour on 2 cores.
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "fsdp", "demo",
-              "early_exit", "adaptive", "lm_tying", "albert", "ponder", "mnist1d", "transfer"]
-# Each of these trains for ten minutes or more (ResNets, four decoders): `make bench-long`.
-LONG = ["tokens", "earlyon", "transfer_resnet"]
+              "early_exit", "adaptive", "autoencoder", "ponder", "mnist1d", "transfer"]
+# Each of these trains for ten minutes or more (ResNets, decoders, several seeds to
+# convergence): `make bench-long`. The converged ones keep their runs in runs/bench/ and
+# resume when run again.
+LONG = ["lm_tying", "albert", "sdn", "tokens", "earlyon", "transfer_resnet"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:

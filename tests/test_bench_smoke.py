@@ -132,22 +132,44 @@ def test_bench_mnist1d_quick(tmp_path):
     result = _quick("mnist1d", tmp_path)
     assert [m["model"] for m in result["models"]] == ["logreg", "mlp", "cnn", "gru"]
     assert [m["unique_params"] for m in result["models"]] == [410, 15_210, 5_210, 5_134]
+    assert [(g["width"], g["unique_params"]) for g in result["gap"]] == [
+        (100, 15_210), (100, 15_210), (256, 78_858), (256, 78_858)]
 
 
 def test_bench_albert_quick(tmp_path):
     modes = _quick("albert", tmp_path)["modes"]
-    assert list(modes) == ["none", "attention", "ffn", "all"]
+    assert list(modes) == ["none", "attention", "ffn", "all", "cycle", "sequence"]
     enc = {m: v["encoder_params"] for m, v in modes.items()}
-    # six distinct layers hold exactly six times what the all-shared encoder holds
-    assert enc["none"] == 6 * enc["all"] and enc["all"] < enc["attention"] < enc["none"]
+    # four distinct blocks hold exactly four times what the all-shared stack holds, and
+    # the two orders of two blocks twice
+    assert enc["none"] == 4 * enc["all"] and enc["cycle"] == enc["sequence"] == 2 * enc["all"]
+    assert enc["all"] < enc["attention"] < enc["none"] and enc["all"] < enc["ffn"] < enc["none"]
 
 
 def test_bench_lm_tying_quick(tmp_path):
-    result = _quick("lm_tying", tmp_path)
-    tied, untied = result["variants"]["tied"], result["variants"]["untied"]
+    [width] = _quick("lm_tying", tmp_path)["lm"]
+    tied, untied = width["variants"]["tied"], width["variants"]["untied"]
     # width 16, vocabulary 200: the tie saves the 200 x 16 output matrix
     assert untied["unique_params"] - tied["unique_params"] == 200 * 16
-    assert tied["valid_perplexity"]["median"] > 1
+    assert tied["test_perplexity"]["median"] > 1 and tied["epochs"]["median"] == 2
+
+
+def test_bench_autoencoder_quick(tmp_path):
+    variants = _quick("autoencoder", tmp_path)["variants"]
+    assert variants["untied"]["unique_params"] - variants["tied"]["unique_params"] == 64 * 32
+    assert all(v["test_mse"]["median"] > 0 for v in variants.values())
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
+                    reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
+                    "dataset-fashion-mnist)")
+def test_bench_sdn_quick(tmp_path):
+    result = _quick("sdn", tmp_path)
+    [run] = result["runs"]
+    assert set(result["params"]) == {"plain", "early exit"} and result["batch"] == 128
+    points = run["thresholds"]
+    assert len(points) == 8 and any(k.startswith("calibrated") for k in points)
+    assert all(len(p["exits"]) == 3 for p in points.values())  # one block per stage
 
 
 def test_bench_ponder_quick(tmp_path):

@@ -1,0 +1,123 @@
+"""Benchmark: a Shallow-Deep Network on Fashion-MNIST, converged, three seeds, batched CPU time.
+
+Recipe ``fashion-sdn-resnet``: a ResNet for 28×28 images (``sdn_resnet``,
+widths 16/32/64, ``BLOCKS`` basic blocks per stage) with an internal
+classifier after every block (Kaya et al. 2019), trained jointly from
+scratch, against the same ResNet without them (``model.exits=false``), each
+until the validation loss has not improved for ``PATIENCE`` epochs. For each
+seed the early-exit network is swept over confidence thresholds and one is
+calibrated on the validation split (the cheapest within 0.5 points of the
+plain network's validation accuracy); accuracy and multiply-adds are on the
+10,000 test images, times are batched (``BATCH``) eval-mode passes over them,
+the plain network and every threshold interleaved in the same rounds. The
+table gives the median (min–max) over seeds. Target at the calibrated
+threshold: ≥ 2× fewer multiply-adds and ≥ 1.6× faster at ≤ 0.5 points.
+
+Runs go to ``runs/bench/sdn/``: the benchmark can be cut and run again.
+
+    python benchmarks/bench_sdn.py           # full (hours on 2 cores)
+    python benchmarks/bench_sdn.py --quick   # smoke test: 64 images, 1 epoch
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import (
+    RUNS,
+    parse_args,
+    publish,
+    show,
+    spread,
+    stopped_early,
+    table,
+    train_seeds,
+    verdict,
+)
+from bench_early_exit import TARGET_MACS, TARGET_SPEED, TOLERANCE, sweep
+
+from adaptnet.recipes import load_run
+
+BLOCKS, SEEDS, PATIENCE, BATCH, ROUNDS = 2, [0, 1, 2], 3, 128, 5
+SETTINGS = [f"model.blocks={BLOCKS}", f"train.early_stopping={PATIENCE}"]
+
+
+def run(seeds: list[int], overrides: list[str], root: Path, limit: int | None, rounds: int
+        ) -> dict:
+    plans = {"plain": {"model.exits": False}, "early exit": {"model.exits": True}}
+    rows = train_seeds("fashion-sdn-resnet", plans, overrides, seeds, root, limit)
+    per_seed = []
+    for seed in seeds:
+        plain_row, exit_row = (next(r for r in rows if r["seed"] == seed and r["variant"] == v)
+                               for v in plans)
+        data, plain, _ = load_run(plain_row["run_dir"])
+        net = load_run(exit_row["run_dir"])[1]
+        per_seed.append({"seed": seed, "epochs": {"plain": plain_row["epochs"],
+                                                  "early exit": exit_row["epochs"]},
+                         "stopped_early": all(stopped_early(r["history"], PATIENCE)
+                                              for r in (plain_row, exit_row)),
+                         **sweep(data, plain, net, rounds, BATCH)})
+    params = {v: next(r["unique_params"] for r in rows if r["variant"] == v) for v in plans}
+    return {"seeds": seeds, "overrides": overrides, "batch": BATCH, "params": params,
+            "runs": per_seed}
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+
+    def over(get) -> dict:
+        return spread([get(r) for r in runs])
+
+    plain = [["plain (no exits)", "", show(over(lambda r: r["plain"]["accuracy"])), "",
+              f"{statistics.median(r['plain']['macs'] for r in runs):,.0f}", "1.00",
+              show(over(lambda r: r["plain"]["ms"]), ".0f"), "1.00", ""]]
+    labels = [k for k in runs[0]["thresholds"] if not k.startswith("calibrated")]
+    rows = []
+    for label in [*labels, "calibrated"]:
+        def point(r: dict, label: str = label) -> dict:
+            return next(v for k, v in r["thresholds"].items() if k.split(" ")[0] == label)
+
+        meets = sum(point(r)["meets"] for r in runs)
+        rows.append([f"early exit, threshold {label}" + (
+            f" ({show(over(lambda r: r['calibration']['threshold']), '.3f')})"
+            if label == "calibrated" else ""),
+            " / ".join(f"{statistics.median(point(r)['exits'][i] for r in runs):.0%}"
+                       for i in range(len(point(runs[0])["exits"]))),
+            show(over(lambda r: point(r)["accuracy"])),
+            show(over(lambda r: -point(r)["points_lost"]), "+.2f"),
+            f"{statistics.median(point(r)['macs'] for r in runs):,.0f}",
+            show(over(lambda r: point(r)["macs_ratio"]), ".2f"),
+            show(over(lambda r: point(r)["ms"]), ".0f"),
+            show(over(lambda r: point(r)["speedup"]), ".2f"),
+            f"{verdict(meets == len(runs))} ({meets}/{len(runs)} seeds)"])
+    epochs = "; ".join(f"seed {r['seed']}: {r['epochs']['plain']} / {r['epochs']['early exit']}"
+                       f"{'' if r['stopped_early'] else ' (not stopped early)'}" for r in runs)
+    p = result["params"]
+    return "\n".join([
+        f"Parameters: plain {p['plain']:,}, early exit {p['early exit']:,}. Epochs (plain / "
+        f"early exit): {epochs}.", "",
+        *table(["variant", "samples leaving at exit 1 / 2 / … (median)", "test accuracy",
+                "points vs plain", "multiply-adds / sample (median)", "fewer MACs (×)",
+                f"ms per test pass (B={result['batch']})", "speed-up (×)",
+                f"target (≥ {TARGET_MACS:g}× MACs, ≥ {TARGET_SPEED:g}× speed, "
+                f"≤ {TOLERANCE * 100:g} points)"], plain + rows), "",
+        f"Settings: {', '.join(result['overrides'])}; seeds "
+        f"{', '.join(map(str, result['seeds']))}; median (min–max) over seeds; times: median "
+        f"of {runs[0]['rounds']} interleaved rounds per seed."]) + "\n"
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    if args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run([0], ["model.blocks=1", "train.epochs=1"], Path(tmp), 64,
+                         args.rounds or 2)
+    else:
+        result = run(SEEDS, SETTINGS, RUNS / "sdn", None, args.rounds or ROUNDS)
+    publish("sdn", args, result, markdown)
+
+
+if __name__ == "__main__":
+    main()
