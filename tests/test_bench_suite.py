@@ -93,3 +93,39 @@ def test_run_names_an_unknown_benchmark():
                           text=True)
     assert proc.returncode == 2
     assert "unknown benchmark 'rout'; choose from sharing, route" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_train_seeds_reads_back_finished_runs_resumes_cut_ones_and_keys_by_setting(
+        common, tmp_path):
+    plans = {"tied": {}, "untied": {"model.tied": False}}
+    over = ["train.epochs=2"]
+    first = common.train_seeds("digits-tied-autoencoder", plans, over, [0, 1], tmp_path, 64)
+    assert [(r["seed"], r["variant"]) for r in first] == [
+        (0, "tied"), (0, "untied"), (1, "tied"), (1, "untied")]
+    assert first[1]["unique_params"] - first[0]["unique_params"] == 64 * 32
+    done = {r["run_dir"]: Path(r["run_dir"], "results.json").stat().st_mtime_ns for r in first}
+    again = common.train_seeds("digits-tied-autoencoder", plans, over, [0, 1], tmp_path, 64)
+    assert again == first  # read back, not retrained
+    assert {d: Path(d, "results.json").stat().st_mtime_ns for d in done} == done
+    # a run cut after its first epoch (checkpoint kept, no results) resumes from it
+    cut = Path(first[0]["run_dir"])
+    (cut / "results.json").unlink()
+    resumed = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, over, [0], tmp_path,
+                                 64)
+    assert resumed[0]["run_dir"] == str(cut) and resumed[0]["epochs"] == 2
+    # another setting never reads this one's runs
+    other = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, ["train.epochs=1"], [0],
+                               tmp_path, 64)
+    assert other[0]["run_dir"] != str(cut) and other[0]["epochs"] == 1
