@@ -13,16 +13,25 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def suite():
-    sys.path.insert(0, str(BENCH))  # run.py imports _common, as it does when run as a script
+def _script(name: str, file: str):
+    sys.path.insert(0, str(BENCH))  # the scripts import _common, as they do when run
     try:
-        spec = importlib.util.spec_from_file_location("bench_suite", BENCH / "run.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    yield from _script("bench_suite", "run.py")
+
+
+@pytest.fixture(scope="module")
+def common():
+    yield from _script("bench_common", "_common.py")
 
 
 DOC = """# Benchmarks
@@ -93,18 +102,6 @@ def test_run_names_an_unknown_benchmark():
                           text=True)
     assert proc.returncode == 2
     assert "unknown benchmark 'rout'; choose from sharing, route" in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def common():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_train_seeds_reads_back_finished_runs_resumes_cut_ones_and_keys_by_setting(
