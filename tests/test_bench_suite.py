@@ -108,12 +108,11 @@ def test_train_seeds_reads_back_finished_runs_resumes_cut_ones_and_keys_by_setti
         common, tmp_path):
     plans = {"tied": {}, "untied": {"model.tied": False}}
     over = ["train.epochs=2"]
-    first = common.train_seeds("digits-tied-autoencoder", plans, over, [0, 1], tmp_path, 64)
-    assert [(r["seed"], r["variant"]) for r in first] == [
-        (0, "tied"), (0, "untied"), (1, "tied"), (1, "untied")]
+    first = common.train_seeds("digits-tied-autoencoder", plans, over, [0], tmp_path, 64)
+    assert [(r["seed"], r["variant"]) for r in first] == [(0, "tied"), (0, "untied")]
     assert first[1]["unique_params"] - first[0]["unique_params"] == 64 * 32
     done = {r["run_dir"]: Path(r["run_dir"], "results.json").stat().st_mtime_ns for r in first}
-    again = common.train_seeds("digits-tied-autoencoder", plans, over, [0, 1], tmp_path, 64)
+    again = common.train_seeds("digits-tied-autoencoder", plans, over, [0], tmp_path, 64)
     assert again == first  # read back, not retrained
     assert {d: Path(d, "results.json").stat().st_mtime_ns for d in done} == done
     # a run cut after its first epoch (checkpoint kept, no results) resumes from it
