@@ -171,6 +171,14 @@ def stopped_early(history: list[dict], patience: int) -> bool:
     return len(loss) > patience and min(loss[-patience:]) >= min(loss[:-patience])
 
 
+def stopping(result: dict) -> str:
+    """The sentence that states a converged benchmark's overrides, seeds and stopping rule."""
+    return (f"Settings: {', '.join(result['overrides'])}; seeds "
+            f"{', '.join(map(str, result['seeds']))}; each run stops when the validation loss "
+            f"has not improved for {result['patience']} epochs (at most {result['max_epochs']}); "
+            "test perplexity is the final model's; median (min–max) over seeds.")
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

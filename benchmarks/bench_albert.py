@@ -37,6 +37,7 @@ from _common import (
     show,
     spread,
     stopped_early,
+    stopping,
     table,
     train_seeds,
     verdict,
@@ -105,11 +106,8 @@ def markdown(result: dict) -> str:
     return "\n".join([
         *table(["sharing", "encoder params", "fewer (×)", "all params", "test perplexity",
                 "vs none", "epochs", "stopped early", "train min"], rows), "",
-        f"Settings: {', '.join(result['overrides'])}; seeds "
-        f"{', '.join(map(str, result['seeds']))}; each run stops when the validation loss has "
-        f"not improved for {result['patience']} epochs (at most {result['max_epochs']}); test "
-        "perplexity is the final model's; median (min–max) over seeds. Target (all vs none: "
-        f"≥ {TARGET_FEWER:g}× fewer encoder parameters within {TARGET_WORSE:.0%} perplexity): "
+        f"{stopping(result)} Target (all vs none: ≥ {TARGET_FEWER:g}× fewer encoder "
+        f"parameters within {TARGET_WORSE:.0%} perplexity): "
         f"{a['fewer_encoder_params']:.1f}× fewer, {a['perplexity_worse']:+.1%}: "
         f"{verdict(a['met'])}."]) + "\n"
 

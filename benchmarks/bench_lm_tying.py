@@ -5,10 +5,10 @@ for validation, Hamlet and The Tempest for test; lowercased words, the 10,000
 most frequent training words; a 2-layer LSTM, dropout 0.3, Adam 0.002) at two
 widths (embedding = LSTM width), trained tied (the output layer reuses the
 embedding matrix; Press & Wolf 2017, Inan et al. 2017) and untied with the
-same seeds. Each run trains until the validation
-loss has not improved for ``PATIENCE`` epochs (at most ``MAX_EPOCHS``); the
-table gives the final model's test perplexity, the best validation perplexity
-and the epochs trained, median (min–max) over ``SEEDS``. Target: tied has at
+same seeds. Each run trains until the validation loss has not improved for
+``PATIENCE`` epochs (at most ``MAX_EPOCHS``); the table gives the final
+model's test perplexity, the best validation perplexity and the epochs
+trained, median (min–max) over ``SEEDS``. Target: tied has at
 least 30% fewer parameters and a test perplexity no worse than untied, at
 both widths.
 
@@ -33,12 +33,11 @@ from _common import (
     show,
     spread,
     stopped_early,
+    stopping,
     table,
     train_seeds,
     verdict,
 )
-
-from adaptnet.recipes import evaluate_run
 
 WIDTHS, SEEDS = [64, 128], [0, 1, 2]
 MAX_EPOCHS, PATIENCE = 40, 2
@@ -57,12 +56,12 @@ def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
         variants = {}
         for name in plans:
             mine = [r for r in rows if r["variant"] == name]
-            for r in mine:  # the final model's validation perplexity, as the test one's
-                r["valid_perplexity"] = evaluate_run(r["run_dir"], "valid")["perplexity"]
             variants[name] = {
                 "unique_params": mine[0]["unique_params"],
                 "test_perplexity": spread([r["value"] for r in mine]),
-                "valid_perplexity": spread([r["valid_perplexity"] for r in mine]),
+                # the final model's, from its last epoch's validation pass
+                "valid_perplexity": spread(
+                    [math.exp(r["history"][-1]["val/loss"]) for r in mine]),
                 "best_valid_perplexity": spread(
                     [math.exp(min(h["val/loss"] for h in r["history"])) for r in mine]),
                 "epochs": spread([r["epochs"] for r in mine]),
@@ -100,11 +99,8 @@ def markdown(result: dict) -> str:
     return "\n".join([
         *table(["width", "variant", "unique params", "test perplexity",
                 "best valid perplexity", "epochs", "stopped early", "train min"], rows), "",
-        f"Settings: {', '.join(result['overrides'])}; seeds "
-        f"{', '.join(map(str, result['seeds']))}; each run stops when the validation loss has "
-        f"not improved for {result['patience']} epochs (at most {result['max_epochs']}); "
-        "test perplexity is the final model's; median (min–max) over seeds. Target (tied ≥ "
-        f"{TARGET_FEWER:.0%} fewer parameters, test perplexity no worse): {verdicts}."]) + "\n"
+        f"{stopping(result)} Target (tied ≥ {TARGET_FEWER:.0%} fewer parameters, test "
+        f"perplexity no worse): {verdicts}."]) + "\n"
 
 
 def main() -> None:
