@@ -34,11 +34,14 @@ def machine() -> dict:
 
 
 def parse_args(doc: str) -> argparse.Namespace:
-    """The options every benchmark takes: --quick, --rounds, --out."""
+    """The options every benchmark takes: --quick, --rounds, --out, --train-only."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or resume) the runs and stop before timing, to time them "
+                        "later with nothing else running (the benchmarks that train and time)")
     return parser.parse_args()
 
 

@@ -14,15 +14,17 @@ table gives the median (min–max) over seeds. Target at the calibrated
 threshold: ≥ 2× fewer multiply-adds and ≥ 1.6× faster at ≤ 0.5 points.
 
 Runs go to ``runs/bench/sdn/``: the benchmark can be cut and run again.
+``--train-only`` trains (or resumes) and stops before timing, so that the
+timing can run later with nothing else on the machine.
 
-    python benchmarks/bench_sdn.py           # full (hours on 2 cores)
+    python benchmarks/bench_sdn.py               # full (hours on 2 cores)
+    python benchmarks/bench_sdn.py --train-only  # the training part only
     python benchmarks/bench_sdn.py --quick   # smoke test: 64 images, 1 epoch
 """
 
 from __future__ import annotations
 
 import statistics
-import tempfile
 from pathlib import Path
 
 from _common import (
@@ -44,10 +46,12 @@ BLOCKS, SEEDS, PATIENCE, BATCH, ROUNDS = 2, [0, 1, 2], 3, 128, 5
 SETTINGS = [f"model.blocks={BLOCKS}", f"train.early_stopping={PATIENCE}"]
 
 
-def run(seeds: list[int], overrides: list[str], root: Path, limit: int | None, rounds: int
-        ) -> dict:
+def run(seeds: list[int], overrides: list[str], root: Path, limit: int | None, rounds: int,
+        train_only: bool = False) -> dict | None:
     plans = {"plain": {"model.exits": False}, "early exit": {"model.exits": True}}
     rows = train_seeds("fashion-sdn-resnet", plans, overrides, seeds, root, limit)
+    if train_only:
+        return None
     per_seed = []
     for seed in seeds:
         plain_row, exit_row = (next(r for r in rows if r["seed"] == seed and r["variant"] == v)
@@ -110,13 +114,16 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     args = parse_args(__doc__)
+    root = args.out / "sdn-quick-runs" if args.quick else RUNS / "sdn"
     if args.quick:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run([0], ["model.blocks=1", "train.epochs=1"], Path(tmp), 64,
-                         args.rounds or 2)
+        result = run([0], ["model.blocks=1", "train.epochs=1"], root, 64, args.rounds or 2,
+                     args.train_only)
     else:
-        result = run(SEEDS, SETTINGS, RUNS / "sdn", None, args.rounds or ROUNDS)
-    publish("sdn", args, result, markdown)
+        result = run(SEEDS, SETTINGS, root, None, args.rounds or ROUNDS, args.train_only)
+    if result is None:
+        print(f"Trained: the runs are in {root}; run again without --train-only to time them.")
+    else:
+        publish("sdn", args, result, markdown)
 
 
 if __name__ == "__main__":

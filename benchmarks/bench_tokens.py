@@ -17,27 +17,46 @@ that every variant spends vanilla's ``BUDGET`` steps' worth: a cheaper
 model takes more steps. AdamW (lr 2e-3, 100 warm-up steps, cosine decay over
 the run), batches of 32 windows drawn at random from the 1M-character
 training split; validation perplexity (evaluation mode: MoD/MoR decide by
-their causal predictors, as when decoding) after each quarter of the run;
-seeds 0, 1, 2 (initialisation and batches). Then, on the seed-0 models:
-the causal predictors' agreement with top-k membership, median ms per
-training step (2 threads, interleaved), and greedy decoding throughput with
-the KV cache (``adaptnet.generate``, a 16-character prompt, 64 new tokens)
-at batch 1 and 8, 1 and 2 threads.
+their causal predictors, as when decoding) after each of ``POINTS`` equal
+parts of the run; seeds 0, 1, 2 (initialisation and batches). The budget is
+long enough for the curves to flatten: the table of curves gives the change
+over the last part. Then, for every seed's models: the causal predictors'
+agreement with top-k membership and greedy decoding throughput with the KV
+cache (``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch
+1 and 8, 1 and 2 threads, as a ratio to the same seed's vanilla model; and on
+the seed-0 models the median ms per training step (2 threads, interleaved).
 
-    python benchmarks/bench_tokens.py           # full (about 90 minutes on 2 cores)
-    python benchmarks/bench_tokens.py --quick   # smoke test
+Runs go to ``runs/bench/tokens/`` (one directory per variant, setting and
+seed, checkpointed every ``CHECKPOINT`` steps): the benchmark can be cut and
+run again; a finished run is read back, a cut one resumes where it stopped.
+``--train-only`` trains (or resumes) and stops before timing, so that the
+timing can run later with nothing else on the machine.
+
+    python benchmarks/bench_tokens.py               # full (hours on 2 cores)
+    python benchmarks/bench_tokens.py --train-only  # the training part only
+    python benchmarks/bench_tokens.py --quick       # smoke test
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from _common import medians, parse_args, publish, show, spread, table, time_calls, time_steps
+from _common import (
+    RUNS,
+    medians,
+    parse_args,
+    publish,
+    show,
+    spread,
+    table,
+    time_calls,
+    time_steps,
+)
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import adaptnet
@@ -48,15 +67,15 @@ from adaptnet.models import decoder
 
 EXIT = 0.8
 BATCH = 32
-QUARTERS = 4  # validation points per run
+BUDGET, POINTS, CHECKPOINT = 8000, 8, 500  # vanilla steps; validation points per run
 VARIANTS = {"vanilla": {}, "MoD": {"mod_capacity": 0.125, "mod_every": 2},
             "MoR": {"layers": 2, "recursions": 2, "router": "expert"},
             "early exit": {"exit_threshold": EXIT}}
 
 
-def build(name: str, vocab: int, seed: int) -> torch.nn.Module:
+def build(name: str, vocab: int, seed: int, width: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return decoder(vocab_size=vocab, **({"layers": 4} | VARIANTS[name]))
+    return decoder(vocab_size=vocab, d_model=width, **({"layers": 4} | VARIANTS[name]))
 
 
 def macs_per_token(model: torch.nn.Module, x: torch.Tensor, training: bool) -> float:
@@ -95,58 +114,69 @@ def predictor_accuracy(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 
 
 def train(model: torch.nn.Module, train_set: TensorDataset, val: tuple, steps: int,
-          seed: int) -> dict:
-    """``steps`` AdamW steps on random batches, validated after each quarter."""
-    per = steps // QUARTERS
+          seed: int, run_dir: Path) -> dict:
+    """``steps`` AdamW steps on random batches, validated ``POINTS`` times, checkpointed in
+    ``run_dir``: a finished run is read back, a cut one resumes."""
+    per = steps // POINTS
     sampler = RandomSampler(train_set, num_samples=per * BATCH,
                             generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, batch_size=BATCH, sampler=sampler, drop_last=True)
-    start = time.perf_counter()
     fit = adaptnet.fit(model, loader, val=val, loss="cross_entropy", optimizer="adamw",
-                       lr=2e-3, weight_decay=0.01, epochs=QUARTERS, seed=seed,
+                       lr=2e-3, weight_decay=0.01, epochs=POINTS, seed=seed,
                        warmup_steps=min(100, per), scheduler="CosineAnnealingLR",
-                       scheduler_args={"T_max": per * QUARTERS, "eta_min": 2e-4},
-                       clip_grad_norm=1.0, metrics=("loss", "steps"), progress=False)
+                       scheduler_args={"T_max": per * POINTS, "eta_min": 2e-4},
+                       clip_grad_norm=1.0, metrics=("loss", "steps"), progress=False,
+                       run_dir=run_dir, resume=True, checkpoint_every=CHECKPOINT)
     curve = [math.exp(row["val/loss"]) for row in fit.history]
-    return {"steps": fit.steps, "seconds": time.perf_counter() - start, "curve": curve,
-            "valid_perplexity": curve[-1], "mean_depth": fit.history[-1]["val/steps"]}
+    return {"steps": fit.steps, "curve": curve, "valid_perplexity": curve[-1],
+            "mean_depth": fit.history[-1]["val/steps"]}
 
 
-def run(budget: int, max_tokens: int, rounds: int, new_tokens: int, seeds: list[int],
-        partial: Path) -> dict:
+def run_dir(root: Path, name: str, steps: int, max_tokens: int, width: int, seed: int
+            ) -> Path:
+    """Where a run lives, named by everything that sets it but the seed."""
+    setting = [name, VARIANTS[name], steps, POINTS, BATCH, max_tokens, width, EXIT]
+    key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"{name.replace(' ', '_')}-{key}" / f"seed-{seed}"
+
+
+def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
+        seeds: list[int], root: Path, train_only: bool) -> dict | None:
     data = shakespeare(level="char", seq_len=64, max_tokens=max_tokens)
     x, y = data.train.tensors
     xv, yv = data.valid.tensors
     vocab = data.num_classes
     xb, yb = x[:BATCH], y[:BATCH]
-    probe = {name: build(name, vocab, 0) for name in VARIANTS}
+    probe = {name: build(name, vocab, 0, width) for name in VARIANTS}
     macs = {name: {"train": macs_per_token(m, xb, True), "eval": macs_per_token(m, xb, False)}
             for name, m in probe.items()}
-    steps = {name: QUARTERS * round(budget * macs["vanilla"]["train"] / m["train"] / QUARTERS)
+    steps = {name: POINTS * round(budget * macs["vanilla"]["train"] / m["train"] / POINTS)
              for name, m in macs.items()}
-    adaptnet.fit(build("vanilla", vocab, 0), (x[:64], y[:64]), loss="cross_entropy",
-                 batch_size=BATCH, epochs=1, progress=False)  # warm-up: the first fit pays it
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    models = {}
+    models: dict[str, list[torch.nn.Module]] = {name: [] for name in VARIANTS}
     for seed in seeds:
         for name in VARIANTS:
-            model = build(name, vocab, seed)
-            runs[name].append({"seed": seed, **train(model, TensorDataset(x, y), (xv, yv),
-                                                      steps[name], seed)})
+            model = build(name, vocab, seed, width)
+            where = run_dir(root, name, steps[name], max_tokens, width, seed)
+            runs[name].append({"seed": seed, "run_dir": str(where), **train(
+                model, TensorDataset(x, y), (xv, yv), steps[name], seed, where)})
             print(name, seed, runs[name][-1], flush=True)
-            partial.write_text(json.dumps(runs, indent=1) + "\n")  # a cut run keeps these
-            if seed == seeds[0]:
-                models[name] = model
+            models[name].append(model)
+    if train_only:
+        return None
     rows = {}
-    for name, model in models.items():
+    for name, trained in models.items():
         ppl = [r["valid_perplexity"] for r in runs[name]]
-        rows[name] = {"unique_params": sharing.summary(model).unique,
+        accuracy = [predictor_accuracy(m, xv[:256]) for m in trained]
+        rows[name] = {"unique_params": sharing.summary(trained[0]).unique,
                       "train_macs_per_token": macs[name]["train"],
                       "eval_macs_per_token": macs[name]["eval"],
                       "train_steps": steps[name],
                       "valid_perplexity": spread(ppl),
+                      "vs_vanilla": spread([p / v["valid_perplexity"] - 1 for p, v in
+                                            zip(ppl, runs["vanilla"], strict=True)]),
                       "mean_depth": statistics.median(r["mean_depth"] for r in runs[name]),
-                      "predictor_accuracy": predictor_accuracy(model, xv[:256])}
+                      "predictor_accuracy": None if accuracy[0] is None else spread(accuracy)}
 
     def loss(model: torch.nn.Module):
         def step() -> torch.Tensor:
@@ -155,79 +185,88 @@ def run(budget: int, max_tokens: int, rounds: int, new_tokens: int, seeds: list[
             return value if out.aux is None else value + out.aux
         return step
 
-    params = [p for m in models.values() for p in m.parameters()]
+    first = {name: trained[0] for name, trained in models.items()}
+    params = [p for m in first.values() for p in m.parameters()]
     torch.set_num_threads(2)
-    step_ms = medians(time_steps({k: loss(m) for k, m in models.items()}, params, rounds,
+    step_ms = medians(time_steps({k: loss(m) for k, m in first.items()}, params, rounds,
                                  10 if budget > 100 else 1, loss=lambda v: v))
     for name in models:
         rows[name]["train_ms_per_step"] = step_ms[name] * 1e3
-        models[name].eval()
+        for m in models[name]:
+            m.eval()
     prompt = xv[:8, :16]
     decode: dict[str, dict] = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        fns = {f"{name}@{b}": (lambda m=m, b=b: adaptnet.generate(m, prompt[:b], new_tokens))
-               for name, m in models.items() for b in (1, 8)}
+        fns = {(name, i, b): (lambda m=m, b=b: adaptnet.generate(m, prompt[:b], new_tokens))
+               for name, trained in models.items() for i, m in enumerate(trained)
+               for b in (1, 8)}
         ms = medians(time_calls(fns, rounds, 1))
-        decode[str(threads)] = {k: {"tokens_per_s": int(k.split("@")[1]) * new_tokens / v}
-                                for k, v in ms.items()}
+        decode[str(threads)] = {
+            f"{name}@{b}": {"tokens_per_s": spread([b * new_tokens / ms[name, i, b]
+                                                    for i in range(len(seeds))]),
+                            "vs_vanilla": spread([ms["vanilla", i, b] / ms[name, i, b]
+                                                  for i in range(len(seeds))])}
+            for name in models for b in (1, 8)}
     return {"rows": rows, "runs": runs, "decode": decode, "budget": budget, "seeds": seeds,
-            "max_tokens": max_tokens, "rounds": rounds, "new_tokens": new_tokens,
+            "max_tokens": max_tokens, "width": width, "rounds": rounds, "new_tokens": new_tokens,
             "train_windows": len(x), "valid_windows": len(xv)}
 
 
 def markdown(r: dict) -> str:
     base = r["rows"]["vanilla"]
-    vppl = base["valid_perplexity"]["median"]
     rows, curves = [], []
     for name, row in r["rows"].items():
-        acc, ppl = row["predictor_accuracy"], row["valid_perplexity"]
-        rel = {k: v / vppl - 1 for k, v in ppl.items()}
+        acc = row["predictor_accuracy"]
         rows.append([name, f"{row['unique_params']:,}",
                      f"{row['unique_params'] / base['unique_params']:.2f}",
                      f"{row['train_macs_per_token'] / base['train_macs_per_token']:.2f}",
-                     f"{row['train_steps']:,}", show(ppl, ".2f"), show(rel, "+.1%"),
-                     f"{row['train_ms_per_step']:.0f}",
+                     f"{row['train_steps']:,}", show(row["valid_perplexity"], ".2f"),
+                     show(row["vs_vanilla"], "+.1%"), f"{row['train_ms_per_step']:.0f}",
                      f"{base['train_ms_per_step'] / row['train_ms_per_step']:.2f}×",
-                     f"{row['mean_depth']:.2f}", "" if acc is None else f"{acc:.1%}"])
+                     f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%")])
         for run in r["runs"][name]:
             curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
                            f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}"])
     speed = []
     for threads, by in r["decode"].items():
         for b in (1, 8):
-            v = by[f"vanilla@{b}"]["tokens_per_s"]
             speed.append([threads, str(b)] + [
-                f"{by[f'{n}@{b}']['tokens_per_s']:.0f} ({by[f'{n}@{b}']['tokens_per_s'] / v:.2f}×)"
-                for n in r["rows"]])
-    quarters = [f"after {i + 1}/{QUARTERS}" for i in range(QUARTERS)]
+                f"{show(by[f'{n}@{b}']['tokens_per_s'], '.0f')} "
+                f"({show(by[f'{n}@{b}']['vs_vanilla'], '.2f')}×)" for n in r["rows"]])
+    points = [f"after {i + 1}/{POINTS}" for i in range(POINTS)]
     return "\n".join([
         f"Equal training compute: every variant spends the forward multiply-adds of "
         f"{base['train_steps']:,} vanilla steps (batches of {BATCH} windows of 64 characters "
         f"drawn from {r['train_windows']:,} training windows); seeds "
         f"{', '.join(map(str, r['seeds']))}, median (min–max). Perplexity on the "
-        f"{r['valid_windows']:,} validation windows in evaluation mode. Train ms/step: one "
-        "forward and backward on 32 windows (2 threads), median of "
-        f"{r['rounds']} interleaved rounds after training.", "",
+        f"{r['valid_windows']:,} validation windows in evaluation mode; \"vs vanilla\" pairs "
+        "each seed with vanilla's. Train ms/step: one forward and backward on 32 windows "
+        f"(2 threads, seed-0 models), median of {r['rounds']} interleaved rounds after "
+        "training.", "",
         *table(["model", "unique params", "vs vanilla", "train MACs/token vs vanilla",
                 "steps", "valid perplexity", "vs vanilla", "train ms/step", "step speed-up",
                 "blocks per token (eval)", "causal predictors agree with top-k"], rows), "",
         "Validation perplexity through each run (the last column: change over the last "
-        "quarter):", "",
-        *table(["model", "seed", *quarters, "last quarter"], curves), "",
+        "part):", "",
+        *table(["model", "seed", *points, "last part"], curves), "",
         f"Greedy decoding with the KV cache (`adaptnet.generate`, 16-character prompt, "
-        f"{r['new_tokens']} new tokens), seed-0 models, tokens/s, median of {r['rounds']} "
-        "interleaved rounds (vs vanilla):", "",
+        f"{r['new_tokens']} new tokens), every seed's models, tokens/s and the ratio to the "
+        f"same seed's vanilla, median (min–max) over seeds of the median of {r['rounds']} "
+        "interleaved rounds:", "",
         *table(["threads", "batch", *r["rows"]], speed)]) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    budget, tokens, rounds, new, seeds = (8, 20_000, 1, 4, [0]) if args.quick else \
-        (2000, 1_000_000, args.rounds or 3, 64, [0, 1, 2])
-    partial = args.out / ("tokens-quick-runs.json" if args.quick else "tokens-runs.json")
-    args.out.mkdir(parents=True, exist_ok=True)
-    publish("tokens", args, run(budget, tokens, rounds, new, seeds, partial), markdown)
+    budget, tokens, width, rounds, new, seeds = (8, 4_000, 32, 1, 4, [0]) if args.quick \
+        else (BUDGET, 1_000_000, 128, args.rounds or 3, 64, [0, 1, 2])
+    root = args.out / "tokens-quick-runs" if args.quick else RUNS / "tokens"
+    result = run(budget, tokens, width, rounds, new, seeds, root, args.train_only)
+    if result is None:
+        print(f"Trained: the runs are in {root}; run again without --train-only to time them.")
+    else:
+        publish("tokens", args, result, markdown)
 
 
 if __name__ == "__main__":

@@ -160,11 +160,45 @@ def test_bench_autoencoder_quick(tmp_path):
     assert all(v["test_mse"]["median"] > 0 for v in variants.values())
 
 
+def test_bench_tokens_trains_first_and_times_later(tmp_path):
+    """--train-only trains and publishes nothing; the next run reads the finished runs back
+    (no checkpoint written again, the logs as they were) and times every seed's models
+    against the same seed's vanilla."""
+    script = [sys.executable, str(BENCH / "bench_tokens.py"), "--quick", "--out", str(tmp_path)]
+    subprocess.run([*script, "--train-only"], check=True, capture_output=True)
+    assert not (tmp_path / "tokens-quick.json").exists()
+    runs = tmp_path / "tokens-quick-runs"
+    logs = sorted(runs.glob("*/seed-0/metrics.jsonl"))
+    assert len(logs) == 4  # one row per validation point:
+    assert all(len(log.read_text().splitlines()) == 8 for log in logs)
+    def state() -> tuple[dict, list[str]]:
+        return ({f: f.stat().st_mtime_ns for f in runs.rglob("checkpoints/*/*")},
+                [log.read_text() for log in logs])
+
+    before = state()
+    assert len(before[0]) == 4 * 2 * 3  # two checkpoints kept per run, three files each
+    result = _quick("tokens", tmp_path)
+    assert state() == before
+    assert list(result["rows"]) == ["vanilla", "MoD", "MoR", "early exit"]
+    assert result["rows"]["vanilla"]["vs_vanilla"]["median"] == 0
+    assert all(len(r["curve"]) == 8 for runs in result["runs"].values() for r in runs)
+    vanilla = result["decode"]["1"]["vanilla@1"]
+    assert vanilla["vs_vanilla"]["median"] == 1 and vanilla["tokens_per_s"]["median"] > 0
+
+
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
                     reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
                     "dataset-fashion-mnist)")
 def test_bench_sdn_quick(tmp_path):
+    """Trained with --train-only first (nothing published), then read back and timed."""
+    subprocess.run([sys.executable, str(BENCH / "bench_sdn.py"), "--quick", "--train-only",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    assert not (tmp_path / "sdn-quick.json").exists()
+    done = sorted((tmp_path / "sdn-quick-runs").glob("*/seed-0/results.json"))
+    assert len(done) == 2
+    written = [f.stat().st_mtime_ns for f in done]
     result = _quick("sdn", tmp_path)
+    assert [f.stat().st_mtime_ns for f in done] == written
     [run] = result["runs"]
     assert set(result["params"]) == {"plain", "early exit"} and result["batch"] == 128
     points = run["thresholds"]
