@@ -68,6 +68,8 @@ from adaptnet.models import decoder
 EXIT = 0.8
 BATCH = 32
 BUDGET, POINTS, CHECKPOINT = 8000, 8, 500  # vanilla steps; validation points per run
+OPTIM = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "clip_grad_norm": 1.0,
+         "scheduler": "CosineAnnealingLR", "eta_min": 2e-4, "warmup_steps": 100}
 VARIANTS = {"vanilla": {}, "MoD": {"mod_capacity": 0.125, "mod_every": 2},
             "MoR": {"layers": 2, "recursions": 2, "router": "expert"},
             "early exit": {"exit_threshold": EXIT}}
@@ -114,28 +116,28 @@ def predictor_accuracy(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 
 
 def train(model: torch.nn.Module, train_set: TensorDataset, val: tuple, steps: int,
-          seed: int, run_dir: Path) -> dict:
+          seed: int, where: Path) -> dict:
     """``steps`` AdamW steps on random batches, validated ``POINTS`` times, checkpointed in
-    ``run_dir``: a finished run is read back, a cut one resumes."""
+    ``where``: a finished run is read back, a cut one resumes."""
     per = steps // POINTS
     sampler = RandomSampler(train_set, num_samples=per * BATCH,
                             generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, batch_size=BATCH, sampler=sampler, drop_last=True)
-    fit = adaptnet.fit(model, loader, val=val, loss="cross_entropy", optimizer="adamw",
-                       lr=2e-3, weight_decay=0.01, epochs=POINTS, seed=seed,
-                       warmup_steps=min(100, per), scheduler="CosineAnnealingLR",
-                       scheduler_args={"T_max": per * POINTS, "eta_min": 2e-4},
-                       clip_grad_norm=1.0, metrics=("loss", "steps"), progress=False,
-                       run_dir=run_dir, resume=True, checkpoint_every=CHECKPOINT)
+    optim = {k: v for k, v in OPTIM.items() if k != "eta_min"}
+    fit = adaptnet.fit(model, loader, val=val, loss="cross_entropy", epochs=POINTS, seed=seed,
+                       **optim | {"warmup_steps": min(OPTIM["warmup_steps"], per)},
+                       scheduler_args={"T_max": per * POINTS, "eta_min": OPTIM["eta_min"]},
+                       metrics=("loss", "steps"), progress=False, run_dir=where,
+                       resume=True, checkpoint_every=CHECKPOINT)
     curve = [math.exp(row["val/loss"]) for row in fit.history]
     return {"steps": fit.steps, "curve": curve, "valid_perplexity": curve[-1],
             "mean_depth": fit.history[-1]["val/steps"]}
 
 
-def run_dir(root: Path, name: str, steps: int, max_tokens: int, width: int, seed: int
-            ) -> Path:
+def directory(root: Path, name: str, steps: int, max_tokens: int, width: int, seed: int
+              ) -> Path:
     """Where a run lives, named by everything that sets it but the seed."""
-    setting = [name, VARIANTS[name], steps, POINTS, BATCH, max_tokens, width, EXIT]
+    setting = [name, VARIANTS[name], steps, POINTS, BATCH, OPTIM, max_tokens, width, EXIT]
     key = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
     return root / f"{name.replace(' ', '_')}-{key}" / f"seed-{seed}"
 
@@ -157,7 +159,7 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
     for seed in seeds:
         for name in VARIANTS:
             model = build(name, vocab, seed, width)
-            where = run_dir(root, name, steps[name], max_tokens, width, seed)
+            where = directory(root, name, steps[name], max_tokens, width, seed)
             runs[name].append({"seed": seed, "run_dir": str(where), **train(
                 model, TensorDataset(x, y), (xv, yv), steps[name], seed, where)})
             print(name, seed, runs[name][-1], flush=True)
