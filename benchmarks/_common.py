@@ -45,13 +45,23 @@ def parse_args(doc: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def publish(name: str, args: argparse.Namespace, data: dict,
+def runs_root(name: str, args: argparse.Namespace) -> Path:
+    """Where a benchmark that trains keeps its runs: under ``--out`` when quick."""
+    return args.out / f"{name}-quick-runs" if args.quick else RUNS / name
+
+
+def publish(name: str, args: argparse.Namespace, data: dict | None,
             markdown: Callable[[dict], str]) -> None:
     """Write <out>/<name>[-quick].json and .md and print the table.
 
     The markdown starts with the command and the machine; ``markdown(result)``
-    gives the rest (tables that state their runs and medians).
+    gives the rest (tables that state their runs and medians). ``data`` is
+    None after ``--train-only``: nothing is written.
     """
+    if data is None:
+        print(f"Trained: the runs are in {runs_root(name, args)}; run again without "
+              "--train-only to time them.")
+        return
     command = f"python benchmarks/bench_{name}.py" + (" --quick" if args.quick else "")
     result = {"command": command, "machine": machine(),
               "date": time.strftime("%Y-%m-%d"), **data}

@@ -28,9 +28,9 @@ import statistics
 from pathlib import Path
 
 from _common import (
-    RUNS,
     parse_args,
     publish,
+    runs_root,
     show,
     spread,
     stopped_early,
@@ -114,16 +114,13 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     args = parse_args(__doc__)
-    root = args.out / "sdn-quick-runs" if args.quick else RUNS / "sdn"
+    root = runs_root("sdn", args)
     if args.quick:
         result = run([0], ["model.blocks=1", "train.epochs=1"], root, 64, args.rounds or 2,
                      args.train_only)
     else:
         result = run(SEEDS, SETTINGS, root, None, args.rounds or ROUNDS, args.train_only)
-    if result is None:
-        print(f"Trained: the runs are in {root}; run again without --train-only to time them.")
-    else:
-        publish("sdn", args, result, markdown)
+    publish("sdn", args, result, markdown)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,10 @@ from pathlib import Path
 
 import torch
 from _common import (
-    RUNS,
     medians,
     parse_args,
     publish,
+    runs_root,
     show,
     spread,
     table,
@@ -263,12 +263,9 @@ def main() -> None:
     args = parse_args(__doc__)
     budget, tokens, width, rounds, new, seeds = (8, 4_000, 32, 1, 4, [0]) if args.quick \
         else (BUDGET, 1_000_000, 128, args.rounds or 3, 64, [0, 1, 2])
-    root = args.out / "tokens-quick-runs" if args.quick else RUNS / "tokens"
-    result = run(budget, tokens, width, rounds, new, seeds, root, args.train_only)
-    if result is None:
-        print(f"Trained: the runs are in {root}; run again without --train-only to time them.")
-    else:
-        publish("tokens", args, result, markdown)
+    result = run(budget, tokens, width, rounds, new, seeds, runs_root("tokens", args),
+                 args.train_only)
+    publish("tokens", args, result, markdown)
 
 
 if __name__ == "__main__":
