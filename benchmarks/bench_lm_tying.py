@@ -7,8 +7,8 @@ widths (embedding = LSTM width), trained tied (the output layer reuses the
 embedding matrix; Press & Wolf 2017, Inan et al. 2017) and untied with the
 same seeds, in batches of ``BATCH`` windows. Small batches are what make
 convergence affordable on a CPU: at width 64 a step of 16 windows takes a
-sixth of the time of a step of 64 (the 16 × 35 × 10,000 logits stay in
-cache), and after 1,652 steps validation perplexity was 238 with 16 against
+sixth of the time of a step of 64 (measured; the smaller logits tensor
+probably stays in cache), and after 1,652 steps validation perplexity was 238 with 16 against
 245 with 64. Each run trains until the validation loss has not improved for
 ``PATIENCE`` epochs (at most ``MAX_EPOCHS``); the table gives the final
 model's test perplexity, the best validation perplexity and the epochs
