@@ -138,7 +138,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds: list[int],
-                root: Path, limit: int | None = None) -> list[dict]:
+                root: Path, limit: int | None = None, keep: Path | None = None) -> list[dict]:
     """Train every variant of ``recipe`` once per seed; return one row per run.
 
     Each run goes to ``root/<variant>-<hash>/seed-<S>``, the hash naming the
@@ -149,6 +149,13 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
     checks it is the same recipe). ``seed=S`` sets initialisation and data order;
     the dataset itself (its own ``data.seed``) stays as the recipe has it.
     Every variant is validated before the first one trains.
+
+    ``keep``: a directory laid out like ``root`` that receives each finished
+    run's ``results.json`` (small; committed with the benchmark's results), and
+    that is read first: a run finished there is not trained again even when
+    ``root`` (checkpoints and weights, which git ignores) was lost. Rows read
+    from it name a ``run_dir`` that may not exist: benchmarks that load the
+    trained weights do not pass ``keep``.
     """
     from adaptnet.recipes import load_recipe, parse_overrides, train_recipe
 
@@ -165,9 +172,17 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
     rows = []
     for seed, label, name, loaded, run_dir in runs:
         done = run_dir / "results.json"
-        if not done.is_file():
+        kept = keep / run_dir.relative_to(root) / "results.json" if keep else None
+        if kept is not None and kept.is_file():
+            done = kept
+        elif not done.is_file():
             train_recipe(name, loaded, run_dir, resume=(run_dir / "config.yaml").is_file(),
                          limit=limit)
+        if kept is not None and done != kept:  # via a rename: a cut copy leaves no file
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            part = kept.with_suffix(".json.tmp")
+            part.write_text(done.read_text())
+            os.replace(part, kept)
         values = json.loads(done.read_text())
         rows.append({"seed": seed, "variant": label, "run_dir": str(run_dir),
                      "unique_params": values["params"]["unique"],

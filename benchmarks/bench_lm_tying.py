@@ -18,7 +18,9 @@ both widths.
 
 Runs go to ``runs/bench/lm_tying/`` (one directory per variant, width and
 seed): the benchmark can be cut and run again; finished runs are read back,
-a cut one resumes from its last epoch.
+a cut one resumes from its last epoch. Each finished run's ``results.json``
+is also kept in ``benchmarks/results/runs/lm_tying/`` (committed): a run
+kept there is not trained again.
 
     python benchmarks/bench_lm_tying.py           # full (hours on 2 cores)
     python benchmarks/bench_lm_tying.py --quick   # smoke test: 64 windows, tiny model
@@ -27,13 +29,13 @@ a cut one resumes from its last epoch.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 from _common import (
-    RUNS,
+    RESULTS,
     parse_args,
     publish,
+    runs_root,
     show,
     spread,
     stopped_early,
@@ -49,14 +51,14 @@ LM = [f"train.batch_size={BATCH}", f"train.epochs={MAX_EPOCHS}", f"train.early_s
 TARGET_FEWER = 0.30
 
 
-def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
+def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path, keep: Path,
        limit: int | None) -> list[dict]:
     plans = {"tied": {"model.tied": True}, "untied": {"model.tied": False}}
     out = []
     for width in widths:
         size = [f"model.embed_size={width}", f"model.hidden={width}"]
         rows = train_seeds("shakespeare-lstm", plans, [*overrides, *size], seeds,
-                           root / f"width-{width}", limit)
+                           root / f"width-{width}", limit, keep / f"width-{width}")
         variants = {}
         for name in plans:
             mine = [r for r in rows if r["variant"] == name]
@@ -70,8 +72,7 @@ def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
                     [math.exp(min(h["val/loss"] for h in r["history"])) for r in mine]),
                 "epochs": spread([r["epochs"] for r in mine]),
                 "converged": [stopped_early(r["history"], PATIENCE) for r in mine],
-                "per_seed": {r["seed"]: r["value"] for r in mine},
-                "train_seconds": spread([r["train_seconds"] for r in mine])}
+                "per_seed": {r["seed"]: r["value"] for r in mine}}
         tied, untied = variants["tied"], variants["untied"]
         fewer = 1 - tied["unique_params"] / untied["unique_params"]
         no_worse = tied["test_perplexity"]["median"] <= untied["test_perplexity"]["median"]
@@ -81,10 +82,10 @@ def lm(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
     return out
 
 
-def run(widths: list[int], seeds: list[int], overrides: list[str], root: Path,
+def run(widths: list[int], seeds: list[int], overrides: list[str], root: Path, keep: Path,
         limit: int | None) -> dict:
     return {"seeds": seeds, "max_epochs": MAX_EPOCHS, "patience": PATIENCE,
-            "overrides": overrides, "lm": lm(widths, seeds, overrides, root, limit)}
+            "overrides": overrides, "lm": lm(widths, seeds, overrides, root, keep, limit)}
 
 
 def markdown(result: dict) -> str:
@@ -94,28 +95,27 @@ def markdown(result: dict) -> str:
             done = sum(v["converged"])
             rows.append([f"{w['width']}", name, f"{v['unique_params']:,}",
                          show(v["test_perplexity"], ".1f"), show(v["best_valid_perplexity"], ".1f"),
-                         show(v["epochs"], ".0f"), f"{done}/{len(v['converged'])}",
-                         f"{v['train_seconds']['median'] / 60:.0f}"])
+                         show(v["epochs"], ".0f"), f"{done}/{len(v['converged'])}"])
     verdicts = "; ".join(
         f"width {w['width']}: {w['fewer_params']:.1%} fewer, perplexity "
         f"{'no worse' if w['perplexity_no_worse'] else 'worse'}, {verdict(w['met'])}"
         for w in result["lm"])
     return "\n".join([
         *table(["width", "variant", "unique params", "test perplexity",
-                "best valid perplexity", "epochs", "stopped early", "train min"], rows), "",
+                "best valid perplexity", "epochs", "stopped early"], rows), "",
         f"{stopping(result)} Target (tied ≥ {TARGET_FEWER:.0%} fewer parameters, test "
         f"perplexity no worse): {verdicts}."]) + "\n"
 
 
 def main() -> None:
     args = parse_args(__doc__)
+    root = runs_root("lm_tying", args)
     if args.quick:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run([16], [0], ["model.embed_size=16", "model.hidden=16",
-                                     "data.max_vocab=200", "train.epochs=2",
-                                     f"train.early_stopping={PATIENCE}"], Path(tmp), 64)
+        result = run([16], [0], ["model.embed_size=16", "model.hidden=16", "data.max_vocab=200",
+                                 "train.epochs=2", f"train.early_stopping={PATIENCE}"],
+                     root, args.out / "lm_tying-quick-kept", 64)
     else:
-        result = run(WIDTHS, SEEDS, LM, RUNS / "lm_tying", None)
+        result = run(WIDTHS, SEEDS, LM, root, RESULTS / "runs" / "lm_tying", None)
     publish("lm_tying", args, result, markdown)
 
 

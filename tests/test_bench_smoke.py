@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,7 @@ def test_bench_mnist1d_quick(tmp_path):
 def test_bench_albert_quick(tmp_path):
     modes = _quick("albert", tmp_path)["modes"]
     assert list(modes) == ["none", "attention", "ffn", "all", "cycle", "sequence"]
+    assert all(v["train_perplexity_at_best"]["median"] > 1 for v in modes.values())
     enc = {m: v["encoder_params"] for m, v in modes.items()}
     # four distinct blocks hold exactly four times what the all-shared stack holds, and
     # the two orders of two blocks twice
@@ -152,6 +154,13 @@ def test_bench_lm_tying_quick(tmp_path):
     # width 16, vocabulary 200: the tie saves the 200 x 16 output matrix
     assert untied["unique_params"] - tied["unique_params"] == 200 * 16
     assert tied["test_perplexity"]["median"] > 1 and tied["epochs"]["median"] == 2
+    # the kept results.json files stand for the finished runs once their directories
+    # (checkpoints, weights: what git ignores) are gone: nothing is trained again
+    kept = sorted((tmp_path / "lm_tying-quick-kept").rglob("results.json"))
+    assert len(kept) == 2
+    runs = tmp_path / "lm_tying-quick-runs"
+    shutil.rmtree(runs)
+    assert _quick("lm_tying", tmp_path)["lm"] == [width] and not runs.exists()
 
 
 def test_bench_autoencoder_quick(tmp_path):
