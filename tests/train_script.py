@@ -10,10 +10,12 @@ step, the union of what the two ranks' samplers yield (fit calls ``set_epoch``).
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -83,7 +85,15 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch: int) -> DataLoader:
     return DataLoader(data, batch_sampler=Union(len(x), batch // 2, seed=7))
 
 
+def group_left_behind() -> None:
+    """Registered before fit, so it runs after fit's exit handler: the group must be gone."""
+    if dist.is_initialized():
+        print("the process group fit made is still alive at exit", file=sys.stderr)
+        os._exit(3)
+
+
 def main() -> None:
+    atexit.register(group_left_behind)
     run_dir, out = sys.argv[1], sys.argv[2]
     batch = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 16
     ddp_model = "--ddp-model" in sys.argv

@@ -16,6 +16,7 @@ it continues bit for bit (on CPU, with ``deterministic=True``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -220,6 +221,10 @@ class _Trainer:
                 self.device = torch.device("cuda", local)
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # The group outlives fit (a sharded model is saved with collectives), so it is
+            # torn down at exit, while the interpreter is still whole: left to finalization,
+            # gloo's worker threads can abort the process (SIGABRT) after training succeeded.
+            atexit.register(_destroy_group)
         model.to(self.device)
         self.fsdp = cfg.strategy == "fsdp" and self.world > 1
         if self.fsdp and not is_sharded(model):
@@ -428,6 +433,12 @@ class _Trainer:
                    best=state["best"], bad_epochs=state["bad_epochs"], order=state["order"])
         result.history = list(state["history"])
         result.skipped = state["skipped"]
+
+
+def _destroy_group() -> None:
+    """Tear down the process group ``fit`` made, unless the user already did."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
