@@ -138,7 +138,8 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds: list[int],
-                root: Path, limit: int | None = None, keep: Path | None = None) -> list[dict]:
+                root: Path, limit: int | None = None, keep: Path | None = None,
+                keep_weights: bool = False) -> list[dict]:
     """Train every variant of ``recipe`` once per seed; return one row per run.
 
     Each run goes to ``root/<variant>-<hash>/seed-<S>``, the hash naming the
@@ -154,8 +155,11 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
     run's ``results.json`` (small; committed with the benchmark's results), and
     that is read first: a run finished there is not trained again even when
     ``root`` (checkpoints and weights, which git ignores) was lost. Rows read
-    from it name a ``run_dir`` that may not exist: benchmarks that load the
-    trained weights do not pass ``keep``.
+    from it name a ``run_dir`` that may not exist, unless ``keep_weights``:
+    then ``config.yaml`` and ``model.safetensors`` are kept beside it (for small
+    models whose benchmark loads the trained weights, which a lost ``root``
+    would otherwise send back to training) and rows name the kept directory,
+    which :func:`adaptnet.recipes.load_run` reads.
     """
     from adaptnet.recipes import load_recipe, parse_overrides, train_recipe
 
@@ -169,20 +173,26 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
             slug = re.sub(r"\W+", "_", label)[:60]
             runs.append((seed, label, name, loaded,
                          root / f"{slug}-{hashlib.sha1(key).hexdigest()[:10]}" / f"seed-{seed}"))
+    files = ["config.yaml", "model.safetensors", "results.json"] if keep_weights \
+        else ["results.json"]
     rows = []
     for seed, label, name, loaded, run_dir in runs:
         done = run_dir / "results.json"
-        kept = keep / run_dir.relative_to(root) / "results.json" if keep else None
-        if kept is not None and kept.is_file():
-            done = kept
+        kept = keep / run_dir.relative_to(root) if keep else None
+        if kept is not None and all((kept / f).is_file() for f in files):
+            done = kept / "results.json"
         elif not done.is_file():
             train_recipe(name, loaded, run_dir, resume=(run_dir / "config.yaml").is_file(),
                          limit=limit)
-        if kept is not None and done != kept:  # via a rename: a cut copy leaves no file
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            part = kept.with_suffix(".json.tmp")
-            part.write_text(done.read_text())
-            os.replace(part, kept)
+        if kept is not None and done.parent != kept:
+            kept.mkdir(parents=True, exist_ok=True)
+            for f in files:  # results.json last, each via a rename: a cut copy keeps nothing
+                part = kept / f"{f}.tmp"
+                part.write_bytes((run_dir / f).read_bytes())
+                os.replace(part, kept / f)
+            done = kept / "results.json"
+        if keep_weights:
+            run_dir = done.parent
         values = json.loads(done.read_text())
         rows.append({"seed": seed, "variant": label, "run_dir": str(run_dir),
                      "unique_params": values["params"]["unique"],

@@ -13,7 +13,11 @@ the plain network and every threshold interleaved in the same rounds. The
 table gives the median (min–max) over seeds. Target at the calibrated
 threshold: ≥ 2× fewer multiply-adds and ≥ 1.6× faster at ≤ 0.5 points.
 
-Runs go to ``runs/bench/sdn/``: the benchmark can be cut and run again.
+Runs go to ``runs/bench/sdn/``: the benchmark can be cut and run again. Each
+finished run's ``config.yaml``, ``model.safetensors`` (about 1 MB) and
+``results.json`` are kept in ``benchmarks/results/runs/sdn/`` (committed), and
+the timing loads them from there: the six trainings, hours each on a core,
+need not finish in the same session as the timing.
 ``--train-only`` trains (or resumes) and stops before timing, so that the
 timing can run later with nothing else on the machine.
 
@@ -28,6 +32,7 @@ import statistics
 from pathlib import Path
 
 from _common import (
+    RESULTS,
     parse_args,
     publish,
     runs_root,
@@ -46,10 +51,11 @@ BLOCKS, SEEDS, PATIENCE, BATCH, ROUNDS = 2, [0, 1, 2], 3, 128, 5
 SETTINGS = [f"model.blocks={BLOCKS}", f"train.early_stopping={PATIENCE}"]
 
 
-def run(seeds: list[int], overrides: list[str], root: Path, limit: int | None, rounds: int,
-        train_only: bool = False) -> dict | None:
+def run(seeds: list[int], overrides: list[str], root: Path, keep: Path, limit: int | None,
+        rounds: int, train_only: bool = False) -> dict | None:
     plans = {"plain": {"model.exits": False}, "early exit": {"model.exits": True}}
-    rows = train_seeds("fashion-sdn-resnet", plans, overrides, seeds, root, limit)
+    rows = train_seeds("fashion-sdn-resnet", plans, overrides, seeds, root, limit, keep,
+                       keep_weights=True)
     if train_only:
         return None
     per_seed = []
@@ -116,10 +122,11 @@ def main() -> None:
     args = parse_args(__doc__)
     root = runs_root("sdn", args)
     if args.quick:
-        result = run([0], ["model.blocks=1", "train.epochs=1"], root, 64, args.rounds or 2,
-                     args.train_only)
+        result = run([0], ["model.blocks=1", "train.epochs=1"], root,
+                     args.out / "sdn-quick-kept", 64, args.rounds or 2, args.train_only)
     else:
-        result = run(SEEDS, SETTINGS, root, None, args.rounds or ROUNDS, args.train_only)
+        result = run(SEEDS, SETTINGS, root, RESULTS / "runs" / "sdn", None,
+                     args.rounds or ROUNDS, args.train_only)
     publish("sdn", args, result, markdown)
 
 

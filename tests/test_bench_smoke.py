@@ -199,13 +199,15 @@ def test_bench_tokens_trains_first_and_times_later(tmp_path):
                     reason=f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (apt-get install "
                     "dataset-fashion-mnist)")
 def test_bench_sdn_quick(tmp_path):
-    """Trained with --train-only first (nothing published), then read back and timed."""
+    """Trained with --train-only first (nothing published), then timed from the kept runs."""
     subprocess.run([sys.executable, str(BENCH / "bench_sdn.py"), "--quick", "--train-only",
                     "--out", str(tmp_path)], check=True, capture_output=True)
     assert not (tmp_path / "sdn-quick.json").exists()
-    done = sorted((tmp_path / "sdn-quick-runs").glob("*/seed-0/results.json"))
-    assert len(done) == 2
+    assert len(list((tmp_path / "sdn-quick-runs").glob("*/seed-0/results.json"))) == 2
+    done = sorted((tmp_path / "sdn-quick-kept").glob("*/seed-0/*"))
+    assert [f.name for f in done] == ["config.yaml", "model.safetensors", "results.json"] * 2
     written = [f.stat().st_mtime_ns for f in done]
+    shutil.rmtree(tmp_path / "sdn-quick-runs")  # checkpoints lost: the timing needs none
     result = _quick("sdn", tmp_path)
     assert [f.stat().st_mtime_ns for f in done] == written
     [run] = result["runs"]

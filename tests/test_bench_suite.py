@@ -125,3 +125,30 @@ def test_train_seeds_reads_back_finished_runs_resumes_cut_ones_and_keys_by_setti
     other = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, ["train.epochs=1"], [0],
                                tmp_path, 64)
     assert other[0]["run_dir"] != str(cut) and other[0]["epochs"] == 1
+
+
+def test_train_seeds_keeps_results_or_whole_runs_that_outlive_their_root(common, tmp_path):
+    import shutil
+
+    from adaptnet.recipes import load_run
+
+    over, root, keep = ["train.epochs=1"], tmp_path / "root", tmp_path / "keep"
+    first = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, over, [0], root, 64,
+                               keep)
+    kept = keep / Path(first[0]["run_dir"]).relative_to(root)
+    assert sorted(p.name for p in kept.iterdir()) == ["results.json"]
+    whole = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, over, [0], root, 64,
+                               keep, keep_weights=True)  # weights missing there: copied now
+    assert whole[0]["run_dir"] == str(kept)
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "config.yaml", "model.safetensors", "results.json"]
+    shutil.rmtree(root)  # the checkpoints are lost; the kept run is read, not retrained
+    again = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, over, [0], root, 64,
+                               keep, keep_weights=True)
+    assert again == whole and not root.exists()
+    load_run(again[0]["run_dir"])
+    (kept / "model.safetensors").unlink()  # a kept run without its weights trains again
+    retrained = common.train_seeds("digits-tied-autoencoder", {"tied": {}}, over, [0], root, 64,
+                                   keep, keep_weights=True)
+    assert root.exists() and (kept / "model.safetensors").is_file()
+    assert retrained[0]["run_dir"] == str(kept)
