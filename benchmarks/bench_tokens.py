@@ -20,17 +20,24 @@ training split; validation perplexity (evaluation mode: MoD/MoR decide by
 their causal predictors, as when decoding) after each of ``POINTS`` equal
 parts of the run; seeds 0, 1, 2 (initialisation and batches). The budget is
 long enough for the curves to flatten: the table of curves gives the change
-over the last part. Then, for every seed's models: the causal predictors'
-agreement with top-k membership and greedy decoding throughput with the KV
-cache (``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch
-1 and 8, 1 and 2 threads, as a ratio to the same seed's vanilla model; and on
-the seed-0 models the median ms per training step (2 threads, interleaved).
+over the last part. Then, for each seed's four models, with nothing else
+running: the causal predictors' agreement with top-k membership, the median ms
+per training step (2 threads) and greedy decoding throughput with the KV cache
+(``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch 1 and
+8, 1 and 2 threads, the variants interleaved, each a ratio to the same seed's
+vanilla model.
 
 Runs go to ``runs/bench/tokens/`` (one directory per variant, setting and
 seed, checkpointed every ``CHECKPOINT`` steps): the benchmark can be cut and
 run again; a finished run is read back, a cut one resumes where it stopped.
+A seed is done when its four runs are trained and timed: its figures are kept
+in ``benchmarks/results/runs/tokens/<setting>/seed-<S>.json`` (committed) and
+never trained or timed again, so the seeds can be spread over sessions even
+when ``runs/`` (the weights, which git ignores) is lost between them.
 ``--train-only`` trains (or resumes) and stops before timing, so that the
-timing can run later with nothing else on the machine.
+timing can run later with nothing else on the machine; it skips a run that
+another process is training, so two ``--train-only`` processes, one per core,
+share the runs between them.
 
     python benchmarks/bench_tokens.py               # full (hours on 2 cores)
     python benchmarks/bench_tokens.py --train-only  # the training part only
@@ -42,11 +49,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
 import torch
 from _common import (
+    RESULTS,
     medians,
     parse_args,
     publish,
@@ -63,6 +72,7 @@ import adaptnet
 from adaptnet import sharing
 from adaptnet.data import shakespeare
 from adaptnet.dynamic import MixtureOfDepths, MixtureOfRecursions
+from adaptnet.errors import RunLockedError
 from adaptnet.models import decoder
 
 EXIT = 0.8
@@ -143,7 +153,7 @@ def directory(root: Path, name: str, steps: int, max_tokens: int, width: int, se
 
 
 def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
-        seeds: list[int], root: Path, train_only: bool) -> dict | None:
+        seeds: list[int], root: Path, keep: Path, train_only: bool) -> dict | None:
     data = shakespeare(level="char", seq_len=64, max_tokens=max_tokens)
     x, y = data.train.tensors
     xv, yv = data.valid.tensors
@@ -154,31 +164,77 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
             for name, m in probe.items()}
     steps = {name: POINTS * round(budget * macs["vanilla"]["train"] / m["train"] / POINTS)
              for name, m in macs.items()}
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    models: dict[str, list[torch.nn.Module]] = {name: [] for name in VARIANTS}
+    setting = [VARIANTS, steps, POINTS, BATCH, OPTIM, max_tokens, width, EXIT, rounds,
+               new_tokens]
+    keep = keep / hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    measured = []
     for seed in seeds:
+        kept = keep / f"seed-{seed}.json"
+        if kept.is_file():
+            measured.append(json.loads(kept.read_text()))
+            continue
+        runs, models = {}, {}
         for name in VARIANTS:
             model = build(name, vocab, seed, width)
             where = directory(root, name, steps[name], max_tokens, width, seed)
-            runs[name].append({"seed": seed, "run_dir": str(where), **train(
-                model, TensorDataset(x, y), (xv, yv), steps[name], seed, where)})
-            print(name, seed, runs[name][-1], flush=True)
-            models[name].append(model)
+            try:
+                runs[name] = {"seed": seed, "run_dir": str(where), **train(
+                    model, TensorDataset(x, y), (xv, yv), steps[name], seed, where)}
+            except RunLockedError:
+                if not train_only:
+                    raise
+                print(f"{name} {seed}: another process is training it; skipped", flush=True)
+                continue
+            print(name, seed, runs[name], flush=True)
+            models[name] = model
+        if train_only:
+            continue
+        seed_result = {"seed": seed, "runs": runs, **measure(models, xb, yb, xv, rounds, new_tokens,
+                                                              10 if budget > 100 else 1)}
+        keep.mkdir(parents=True, exist_ok=True)  # written whole, then renamed into place
+        (keep / f"{kept.name}.tmp").write_text(json.dumps(seed_result, indent=2) + "\n")
+        os.replace(keep / f"{kept.name}.tmp", kept)
+        measured.append(seed_result)
     if train_only:
         return None
     rows = {}
-    for name, trained in models.items():
-        ppl = [r["valid_perplexity"] for r in runs[name]]
-        accuracy = [predictor_accuracy(m, xv[:256]) for m in trained]
-        rows[name] = {"unique_params": sharing.summary(trained[0]).unique,
+    for name in VARIANTS:
+        ppl = [m["runs"][name]["valid_perplexity"] for m in measured]
+        accuracy = [m["predictor_accuracy"][name] for m in measured]
+        rows[name] = {"unique_params": sharing.summary(probe[name]).unique,
                       "train_macs_per_token": macs[name]["train"],
                       "eval_macs_per_token": macs[name]["eval"],
                       "train_steps": steps[name],
                       "valid_perplexity": spread(ppl),
-                      "vs_vanilla": spread([p / v["valid_perplexity"] - 1 for p, v in
-                                            zip(ppl, runs["vanilla"], strict=True)]),
-                      "mean_depth": statistics.median(r["mean_depth"] for r in runs[name]),
-                      "predictor_accuracy": None if accuracy[0] is None else spread(accuracy)}
+                      "vs_vanilla": spread([p / m["runs"]["vanilla"]["valid_perplexity"] - 1
+                                            for p, m in zip(ppl, measured, strict=True)]),
+                      "mean_depth": statistics.median(m["runs"][name]["mean_depth"]
+                                                      for m in measured),
+                      "predictor_accuracy": None if accuracy[0] is None else spread(accuracy),
+                      "train_ms_per_step": spread([m["train_ms_per_step"][name]
+                                                   for m in measured]),
+                      "step_speedup": spread([m["train_ms_per_step"]["vanilla"]
+                                              / m["train_ms_per_step"][name]
+                                              for m in measured])}
+    decode = {threads: {key: {"tokens_per_s": spread([m["decode"][threads][key]["tokens_per_s"]
+                                                      for m in measured]),
+                              "vs_vanilla": spread([m["decode"][threads][key]["vs_vanilla"]
+                                                    for m in measured])}
+                        for key in measured[0]["decode"][threads]}
+              for threads in measured[0]["decode"]}
+    return {"rows": rows, "runs": {name: [m["runs"][name] for m in measured]
+                                   for name in VARIANTS},
+            "decode": decode, "budget": budget, "seeds": seeds, "max_tokens": max_tokens,
+            "width": width, "rounds": rounds, "new_tokens": new_tokens,
+            "train_windows": len(x), "valid_windows": len(xv)}
+
+
+def measure(models: dict[str, torch.nn.Module], xb: torch.Tensor, yb: torch.Tensor,
+            xv: torch.Tensor, rounds: int, new_tokens: int, steps_per_round: int) -> dict:
+    """One seed's trained models, timed with nothing else running: the causal predictors'
+    agreement, ms per training step (2 threads) and greedy decoding (1 and 2 threads,
+    batches of 1 and 8), the variants interleaved in every round."""
+    accuracy = {name: predictor_accuracy(m, xv[:256]) for name, m in models.items()}
 
     def loss(model: torch.nn.Module):
         def step() -> torch.Tensor:
@@ -187,32 +243,25 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
             return value if out.aux is None else value + out.aux
         return step
 
-    first = {name: trained[0] for name, trained in models.items()}
-    params = [p for m in first.values() for p in m.parameters()]
+    params = [p for m in models.values() for p in m.parameters()]
     torch.set_num_threads(2)
-    step_ms = medians(time_steps({k: loss(m) for k, m in first.items()}, params, rounds,
-                                 10 if budget > 100 else 1, loss=lambda v: v))
-    for name in models:
-        rows[name]["train_ms_per_step"] = step_ms[name] * 1e3
-        for m in models[name]:
-            m.eval()
+    step_ms = medians(time_steps({k: loss(m) for k, m in models.items()}, params, rounds,
+                                 steps_per_round, loss=lambda v: v))
+    for m in models.values():
+        m.eval()
     prompt = xv[:8, :16]
     decode: dict[str, dict] = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        fns = {(name, i, b): (lambda m=m, b=b: adaptnet.generate(m, prompt[:b], new_tokens))
-               for name, trained in models.items() for i, m in enumerate(trained)
-               for b in (1, 8)}
+        fns = {f"{name}@{b}": (lambda m=m, b=b: adaptnet.generate(m, prompt[:b], new_tokens))
+               for name, m in models.items() for b in (1, 8)}
         ms = medians(time_calls(fns, rounds, 1))
         decode[str(threads)] = {
-            f"{name}@{b}": {"tokens_per_s": spread([b * new_tokens / ms[name, i, b]
-                                                    for i in range(len(seeds))]),
-                            "vs_vanilla": spread([ms["vanilla", i, b] / ms[name, i, b]
-                                                  for i in range(len(seeds))])}
-            for name in models for b in (1, 8)}
-    return {"rows": rows, "runs": runs, "decode": decode, "budget": budget, "seeds": seeds,
-            "max_tokens": max_tokens, "width": width, "rounds": rounds, "new_tokens": new_tokens,
-            "train_windows": len(x), "valid_windows": len(xv)}
+            key: {"tokens_per_s": int(key.split("@")[1]) * new_tokens / ms[key],
+                  "vs_vanilla": ms[f"vanilla@{key.split('@')[1]}"] / ms[key]}
+            for key in fns}
+    return {"predictor_accuracy": accuracy,
+            "train_ms_per_step": {k: v * 1e3 for k, v in step_ms.items()}, "decode": decode}
 
 
 def markdown(r: dict) -> str:
@@ -224,8 +273,8 @@ def markdown(r: dict) -> str:
                      f"{row['unique_params'] / base['unique_params']:.2f}",
                      f"{row['train_macs_per_token'] / base['train_macs_per_token']:.2f}",
                      f"{row['train_steps']:,}", show(row["valid_perplexity"], ".2f"),
-                     show(row["vs_vanilla"], "+.1%"), f"{row['train_ms_per_step']:.0f}",
-                     f"{base['train_ms_per_step'] / row['train_ms_per_step']:.2f}×",
+                     show(row["vs_vanilla"], "+.1%"), show(row["train_ms_per_step"], ".0f"),
+                     f"{show(row['step_speedup'], '.2f')}×",
                      f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%")])
         for run in r["runs"][name]:
             curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
@@ -244,8 +293,8 @@ def markdown(r: dict) -> str:
         f"{', '.join(map(str, r['seeds']))}, median (min–max). Perplexity on the "
         f"{r['valid_windows']:,} validation windows in evaluation mode; \"vs vanilla\" pairs "
         "each seed with vanilla's. Train ms/step: one forward and backward on 32 windows "
-        f"(2 threads, seed-0 models), median of {r['rounds']} interleaved rounds after "
-        "training.", "",
+        f"(2 threads), each seed's median of {r['rounds']} interleaved rounds after "
+        "training, and the ratio to the same seed's vanilla.", "",
         *table(["model", "unique params", "vs vanilla", "train MACs/token vs vanilla",
                 "steps", "valid perplexity", "vs vanilla", "train ms/step", "step speed-up",
                 "blocks per token (eval)", "causal predictors agree with top-k"], rows), "",
@@ -263,7 +312,8 @@ def main() -> None:
     args = parse_args(__doc__)
     budget, tokens, width, rounds, new, seeds = (8, 4_000, 32, 1, 4, [0]) if args.quick \
         else (BUDGET, 1_000_000, 128, args.rounds or 3, 64, [0, 1, 2])
-    result = run(budget, tokens, width, rounds, new, seeds, runs_root("tokens", args),
+    keep = args.out / "tokens-quick-kept" if args.quick else RESULTS / "runs" / "tokens"
+    result = run(budget, tokens, width, rounds, new, seeds, runs_root("tokens", args), keep,
                  args.train_only)
     publish("tokens", args, result, markdown)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -169,10 +170,11 @@ def test_bench_autoencoder_quick(tmp_path):
     assert all(v["test_mse"]["median"] > 0 for v in variants.values())
 
 
-def test_bench_tokens_trains_first_and_times_later(tmp_path):
-    """--train-only trains and publishes nothing; the next run reads the finished runs back
-    (no checkpoint written again, the logs as they were) and times every seed's models
-    against the same seed's vanilla."""
+def test_bench_tokens_trains_first_times_later_and_keeps_each_seed(tmp_path):
+    """--train-only trains and publishes nothing, skipping a run another process holds; the
+    next run reads the finished runs back (no checkpoint written again, the logs as they
+    were), times every seed's models against the same seed's vanilla and keeps each seed's
+    figures, which a later run reads without the runs."""
     script = [sys.executable, str(BENCH / "bench_tokens.py"), "--quick", "--out", str(tmp_path)]
     subprocess.run([*script, "--train-only"], check=True, capture_output=True)
     assert not (tmp_path / "tokens-quick.json").exists()
@@ -180,6 +182,17 @@ def test_bench_tokens_trains_first_and_times_later(tmp_path):
     logs = sorted(runs.glob("*/seed-0/metrics.jsonl"))
     assert len(logs) == 4  # one row per validation point:
     assert all(len(log.read_text().splitlines()) == 8 for log in logs)
+    mod = next(runs.glob("MoD-*/seed-0"))
+    shutil.rmtree(mod)
+    mod.mkdir()
+    with open(mod / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        out = subprocess.run([*script, "--train-only"], check=True, capture_output=True,
+                             text=True).stdout
+    assert "MoD 0: another process is training it; skipped" in out
+    assert not (mod / "metrics.jsonl").exists()
+    subprocess.run([*script, "--train-only"], check=True, capture_output=True)
+
     def state() -> tuple[dict, list[str]]:
         return ({f: f.stat().st_mtime_ns for f in runs.rglob("checkpoints/*/*")},
                 [log.read_text() for log in logs])
@@ -193,6 +206,11 @@ def test_bench_tokens_trains_first_and_times_later(tmp_path):
     assert all(len(r["curve"]) == 8 for runs in result["runs"].values() for r in runs)
     vanilla = result["decode"]["1"]["vanilla@1"]
     assert vanilla["vs_vanilla"]["median"] == 1 and vanilla["tokens_per_s"]["median"] > 0
+    assert len(list((tmp_path / "tokens-quick-kept").glob("*/seed-0.json"))) == 1
+    shutil.rmtree(runs)
+    again = _quick("tokens", tmp_path)
+    assert again["rows"] == result["rows"] and again["decode"] == result["decode"]
+    assert not runs.exists()
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
