@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -201,6 +202,23 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
                      "macs": values["test"].get("macs"), "epochs": values["epochs"],
                      "history": values["history"], "train_seconds": values["train_seconds"]})
     return rows
+
+
+def annealed(recipe: str, epochs: int) -> list[str]:
+    """Overrides for ``epochs`` epochs of ``recipe`` with the learning rate annealed to zero
+    (cosine) over all their steps, at the recipe's own batch size."""
+    from adaptnet.recipes import load_recipe, prepare
+
+    loaded = load_recipe(recipe)[1]
+    steps = math.ceil(len(prepare(loaded, None)[0].train) / loaded.train["batch_size"])
+    return [f"train.epochs={epochs}", "train.scheduler=CosineAnnealingLR",
+            f"train.scheduler_args={{T_max: {epochs * steps}}}"]
+
+
+def settled(history: list[dict]) -> float:
+    """Relative fall of the validation loss over the last quarter of the epochs."""
+    loss = [row["val/loss"] for row in history]
+    return (loss[-1 - len(loss) // 4] - loss[-1]) / loss[-1]
 
 
 def stopped_early(history: list[dict], patience: int) -> bool:

@@ -14,29 +14,12 @@ last quarter of the epochs, the evidence that both have converged.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
-from _common import parse_args, publish, show, spread, table, train_seeds
-
-from adaptnet.recipes import load_recipe, prepare
+from _common import annealed, parse_args, publish, settled, show, spread, table, train_seeds
 
 SEEDS, EPOCHS = [0, 1, 2], 200
-
-
-def settled(history: list[dict]) -> float:
-    """Relative fall of the validation loss over the last quarter of the epochs."""
-    loss = [row["val/loss"] for row in history]
-    return (loss[-1 - len(loss) // 4] - loss[-1]) / loss[-1]
-
-
-def annealed(epochs: int) -> list[str]:
-    """Overrides for ``epochs`` epochs with a cosine schedule to zero over all their steps."""
-    recipe = load_recipe("digits-tied-autoencoder")[1]
-    steps = math.ceil(len(prepare(recipe, None)[0].train) / recipe.train["batch_size"])
-    return [f"train.epochs={epochs}", "train.scheduler=CosineAnnealingLR",
-            f"train.scheduler_args={{T_max: {epochs * steps}}}"]
 
 
 def run(seeds: list[int], overrides: list[str], limit: int | None) -> dict:
@@ -70,7 +53,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     args = parse_args(__doc__)
-    result = run([0], ["train.epochs=1"], 64) if args.quick else run(SEEDS, annealed(EPOCHS), None)
+    result = run([0], ["train.epochs=1"], 64) if args.quick \
+        else run(SEEDS, annealed("digits-tied-autoencoder", EPOCHS), None)
     publish("autoencoder", args, result, markdown)
 
 
