@@ -230,9 +230,11 @@ def test_bench_sdn_quick(tmp_path):
     assert [f.stat().st_mtime_ns for f in done] == written
     [run] = result["runs"]
     assert set(result["params"]) == {"plain", "early exit"} and result["batch"] == 128
-    points = run["thresholds"]
+    assert list(run["threads"]) == ["1", "2"]
+    points = run["threads"]["2"]["thresholds"]
     assert len(points) == 8 and any(k.startswith("calibrated") for k in points)
     assert all(len(p["exits"]) == 3 for p in points.values())  # one block per stage
+    assert all(p["ms"] > 0 for p in points.values())
 
 
 def test_bench_ponder_quick(tmp_path):
