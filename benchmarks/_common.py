@@ -187,10 +187,8 @@ def train_seeds(recipe: str, plans: dict[str, dict], overrides: list[str], seeds
                          limit=limit)
         if kept is not None and done.parent != kept:
             kept.mkdir(parents=True, exist_ok=True)
-            for f in files:  # results.json last, each via a rename: a cut copy keeps nothing
-                part = kept / f"{f}.tmp"
-                part.write_bytes((run_dir / f).read_bytes())
-                os.replace(part, kept / f)
+            for f in files:  # results.json last: a cut copy keeps nothing
+                write_whole(kept / f, (run_dir / f).read_bytes())
             done = kept / "results.json"
         if keep_weights:
             run_dir = done.parent
@@ -219,6 +217,13 @@ def settled(history: list[dict]) -> float:
     """Relative fall of the validation loss over the last quarter of the epochs."""
     loss = [row["val/loss"] for row in history]
     return (loss[-1 - len(loss) // 4] - loss[-1]) / loss[-1]
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename: a cut write leaves no part."""
+    part = path.with_name(f"{path.name}.tmp")
+    part.write_bytes(data)
+    os.replace(part, path)
 
 
 def stopped_early(history: list[dict], patience: int) -> bool:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from _common import (
     table,
     time_calls,
     time_steps,
+    write_whole,
 )
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
@@ -191,9 +191,8 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
             continue
         seed_result = {"seed": seed, "runs": runs, **measure(models, xb, yb, xv, rounds, new_tokens,
                                                               10 if budget > 100 else 1)}
-        keep.mkdir(parents=True, exist_ok=True)  # written whole, then renamed into place
-        (keep / f"{kept.name}.tmp").write_text(json.dumps(seed_result, indent=2) + "\n")
-        os.replace(keep / f"{kept.name}.tmp", kept)
+        keep.mkdir(parents=True, exist_ok=True)
+        write_whole(kept, (json.dumps(seed_result, indent=2) + "\n").encode())
         measured.append(seed_result)
     if train_only:
         return None
