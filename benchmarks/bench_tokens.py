@@ -19,8 +19,10 @@ the run), batches of 32 windows drawn at random from the 1M-character
 training split; validation perplexity (evaluation mode: MoD/MoR decide by
 their causal predictors, as when decoding) after each of ``POINTS`` equal
 parts of the run; seeds 0, 1, 2 (initialisation and batches). The budget is
-long enough for the curves to flatten: the table of curves gives the change
-over the last part. Then, for each seed's four models, with nothing else
+long enough for the curves to flatten or turn: the table of curves gives the
+change over the last part and where each run was lowest; the table reports
+perplexity at the end (equal compute) and at the lowest validation point
+(early stopping at those points). Then, for each seed's four models, with nothing else
 running: the causal predictors' agreement with top-k membership, the median ms
 per training step (2 threads) and greedy decoding throughput with the KV cache
 (``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch 1 and
@@ -141,6 +143,7 @@ def train(model: torch.nn.Module, train_set: TensorDataset, val: tuple, steps: i
                        resume=True, checkpoint_every=CHECKPOINT)
     curve = [math.exp(row["val/loss"]) for row in fit.history]
     return {"steps": fit.steps, "curve": curve, "valid_perplexity": curve[-1],
+            "train_curve": [math.exp(row["train/loss"]) for row in fit.history],
             "mean_depth": fit.history[-1]["val/steps"]}
 
 
@@ -199,6 +202,7 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
     rows = {}
     for name in VARIANTS:
         ppl = [m["runs"][name]["valid_perplexity"] for m in measured]
+        best = [min(m["runs"][name]["curve"]) for m in measured]
         accuracy = [m["predictor_accuracy"][name] for m in measured]
         rows[name] = {"unique_params": sharing.summary(probe[name]).unique,
                       "train_macs_per_token": macs[name]["train"],
@@ -207,6 +211,9 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
                       "valid_perplexity": spread(ppl),
                       "vs_vanilla": spread([p / m["runs"]["vanilla"]["valid_perplexity"] - 1
                                             for p, m in zip(ppl, measured, strict=True)]),
+                      "best_valid_perplexity": spread(best),
+                      "best_vs_vanilla": spread([p / min(m["runs"]["vanilla"]["curve"]) - 1
+                                                 for p, m in zip(best, measured, strict=True)]),
                       "mean_depth": statistics.median(m["runs"][name]["mean_depth"]
                                                       for m in measured),
                       "predictor_accuracy": None if accuracy[0] is None else spread(accuracy),
@@ -272,12 +279,15 @@ def markdown(r: dict) -> str:
                      f"{row['unique_params'] / base['unique_params']:.2f}",
                      f"{row['train_macs_per_token'] / base['train_macs_per_token']:.2f}",
                      f"{row['train_steps']:,}", show(row["valid_perplexity"], ".2f"),
-                     show(row["vs_vanilla"], "+.1%"), show(row["train_ms_per_step"], ".0f"),
+                     show(row["vs_vanilla"], "+.1%"), show(row["best_valid_perplexity"], ".2f"),
+                     show(row["best_vs_vanilla"], "+.1%"), show(row["train_ms_per_step"], ".0f"),
                      f"{show(row['step_speedup'], '.2f')}×",
                      f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%")])
         for run in r["runs"][name]:
             curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
-                           f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}"])
+                           f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}",
+                           f"{run['curve'].index(min(run['curve'])) + 1}/{POINTS}",
+                           f"{run['train_curve'][-1]:.3f}"])
     speed = []
     for threads, by in r["decode"].items():
         for b in (1, 8):
@@ -293,13 +303,18 @@ def markdown(r: dict) -> str:
         f"{r['valid_windows']:,} validation windows in evaluation mode; \"vs vanilla\" pairs "
         "each seed with vanilla's. Train ms/step: one forward and backward on 32 windows "
         f"(2 threads), each seed's median of {r['rounds']} interleaved rounds after "
-        "training, and the ratio to the same seed's vanilla.", "",
+        "training, and the ratio to the same seed's vanilla. \"Lowest\": the lowest of the "
+        f"{POINTS} validation points of each run (early stopping at those points; the timed "
+        "models are the end-of-run weights).", "",
         *table(["model", "unique params", "vs vanilla", "train MACs/token vs vanilla",
-                "steps", "valid perplexity", "vs vanilla", "train ms/step", "step speed-up",
+                "steps", "valid perplexity at the end", "vs vanilla", "lowest valid perplexity",
+                "vs vanilla", "train ms/step", "step speed-up",
                 "blocks per token (eval)", "causal predictors agree with top-k"], rows), "",
-        "Validation perplexity through each run (the last column: change over the last "
-        "part):", "",
-        *table(["model", "seed", *points, "last part"], curves), "",
+        "Validation perplexity through each run, the change over the last part, the point "
+        "where it was lowest and the training perplexity over the last part (training mode, "
+        "the mean over its batches):", "",
+        *table(["model", "seed", *points, "last part", "lowest at", "train perplexity"],
+               curves), "",
         f"Greedy decoding with the KV cache (`adaptnet.generate`, 16-character prompt, "
         f"{r['new_tokens']} new tokens), every seed's models, tokens/s and the ratio to the "
         f"same seed's vanilla, median (min–max) over seeds of the median of {r['rounds']} "

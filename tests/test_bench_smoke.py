@@ -203,14 +203,27 @@ def test_bench_tokens_trains_first_times_later_and_keeps_each_seed(tmp_path):
     assert state() == before
     assert list(result["rows"]) == ["vanilla", "MoD", "MoR", "early exit"]
     assert result["rows"]["vanilla"]["vs_vanilla"]["median"] == 0
-    assert all(len(r["curve"]) == 8 for runs in result["runs"].values() for r in runs)
+    assert all(len(r["curve"]) == len(r["train_curve"]) == 8
+               for runs in result["runs"].values() for r in runs)
+    assert result["rows"]["vanilla"]["best_vs_vanilla"]["median"] == 0
+    assert all(row["best_valid_perplexity"]["median"] == min(r["curve"])
+               for row, [r] in zip(result["rows"].values(), result["runs"].values(), strict=True))
     vanilla = result["decode"]["1"]["vanilla@1"]
     assert vanilla["vs_vanilla"]["median"] == 1 and vanilla["tokens_per_s"]["median"] > 0
-    assert len(list((tmp_path / "tokens-quick-kept").glob("*/seed-0.json"))) == 1
+    [kept] = (tmp_path / "tokens-quick-kept").glob("*/seed-0.json")
     shutil.rmtree(runs)
     again = _quick("tokens", tmp_path)
     assert again["rows"] == result["rows"] and again["decode"] == result["decode"]
     assert not runs.exists()
+    # A run lowest mid-way: "lowest" is that point, "at the end" still the last one.
+    seed = json.loads(kept.read_text())
+    end = seed["runs"]["MoR"]["curve"][-1]
+    seed["runs"]["MoR"]["curve"][2] = end / 2
+    kept.write_text(json.dumps(seed))
+    dipped = _quick("tokens", tmp_path)["rows"]["MoR"]
+    assert dipped["best_valid_perplexity"]["median"] == end / 2
+    assert dipped["valid_perplexity"]["median"] == end
+    assert "| 3/8 |" in (tmp_path / "tokens-quick.md").read_text()
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
