@@ -23,7 +23,8 @@ long enough for the curves to flatten or turn: the table of curves gives the
 change over the last part and where each run was lowest; the table reports
 perplexity at the end (equal compute) and at the lowest validation point
 (early stopping at those points). Then, for each seed's four models, with nothing else
-running: the causal predictors' agreement with top-k membership, the median ms
+running: the causal predictors' agreement with top-k membership and what routing
+by them instead of top-k over the window costs in perplexity, the median ms
 per training step (2 threads) and greedy decoding throughput with the KV cache
 (``adaptnet.generate``, a 16-character prompt, 64 new tokens) at batch 1 and
 8, 1 and 2 threads, the variants interleaved, each a ratio to the same seed's
@@ -127,6 +128,27 @@ def predictor_accuracy(model: torch.nn.Module, x: torch.Tensor) -> float | None:
     return hits / total
 
 
+def routing_perplexity(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tensor
+                       ) -> dict[str, float] | None:
+    """Validation perplexity routed by the causal predictors (evaluation mode, as reported
+    and as decoding routes) and by top-k over each whole window (training mode, which sees
+    later tokens' router scores): what routing causally costs. None without routers."""
+    if not any(isinstance(m, MixtureOfDepths | MixtureOfRecursions) for m in model.modules()):
+        return None
+    ppl = {}
+    for mode, training in (("causal", False), ("top_k", True)):
+        model.train(training)
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(xv), 256):
+                logits = model(xv[i:i + 256]).logits
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), yv[i:i + 256].flatten(), reduction="sum"))
+        ppl[mode] = math.exp(total / yv.numel())
+    model.eval()
+    return ppl
+
+
 def train(model: torch.nn.Module, train_set: TensorDataset, val: tuple, steps: int,
           seed: int, where: Path) -> dict:
     """``steps`` AdamW steps on random batches, validated ``POINTS`` times, checkpointed in
@@ -192,8 +214,8 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
             models[name] = model
         if train_only:
             continue
-        seed_result = {"seed": seed, "runs": runs, **measure(models, xb, yb, xv, rounds, new_tokens,
-                                                              10 if budget > 100 else 1)}
+        seed_result = {"seed": seed, "runs": runs, **measure(
+            models, xb, yb, (xv, yv), rounds, new_tokens, 10 if budget > 100 else 1)}
         keep.mkdir(parents=True, exist_ok=True)
         write_whole(kept, (json.dumps(seed_result, indent=2) + "\n").encode())
         measured.append(seed_result)
@@ -204,6 +226,7 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
         ppl = [m["runs"][name]["valid_perplexity"] for m in measured]
         best = [min(m["runs"][name]["curve"]) for m in measured]
         accuracy = [m["predictor_accuracy"][name] for m in measured]
+        routed = [m["routing_perplexity"][name] for m in measured]
         rows[name] = {"unique_params": sharing.summary(probe[name]).unique,
                       "train_macs_per_token": macs[name]["train"],
                       "eval_macs_per_token": macs[name]["eval"],
@@ -217,6 +240,8 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
                       "mean_depth": statistics.median(m["runs"][name]["mean_depth"]
                                                       for m in measured),
                       "predictor_accuracy": None if accuracy[0] is None else spread(accuracy),
+                      "causal_routing_cost": None if routed[0] is None else spread(
+                          [r["causal"] / r["top_k"] - 1 for r in routed]),
                       "train_ms_per_step": spread([m["train_ms_per_step"][name]
                                                    for m in measured]),
                       "step_speedup": spread([m["train_ms_per_step"]["vanilla"]
@@ -236,11 +261,15 @@ def run(budget: int, max_tokens: int, width: int, rounds: int, new_tokens: int,
 
 
 def measure(models: dict[str, torch.nn.Module], xb: torch.Tensor, yb: torch.Tensor,
-            xv: torch.Tensor, rounds: int, new_tokens: int, steps_per_round: int) -> dict:
+            val: tuple[torch.Tensor, torch.Tensor], rounds: int, new_tokens: int,
+            steps_per_round: int) -> dict:
     """One seed's trained models, timed with nothing else running: the causal predictors'
-    agreement, ms per training step (2 threads) and greedy decoding (1 and 2 threads,
-    batches of 1 and 8), the variants interleaved in every round."""
+    agreement and what causal routing costs in perplexity, ms per training step (2
+    threads) and greedy decoding (1 and 2 threads, batches of 1 and 8), the variants
+    interleaved in every round."""
+    xv = val[0]
     accuracy = {name: predictor_accuracy(m, xv[:256]) for name, m in models.items()}
+    routed = {name: routing_perplexity(m, *val) for name, m in models.items()}
 
     def loss(model: torch.nn.Module):
         def step() -> torch.Tensor:
@@ -266,7 +295,7 @@ def measure(models: dict[str, torch.nn.Module], xb: torch.Tensor, yb: torch.Tens
             key: {"tokens_per_s": int(key.split("@")[1]) * new_tokens / ms[key],
                   "vs_vanilla": ms[f"vanilla@{key.split('@')[1]}"] / ms[key]}
             for key in fns}
-    return {"predictor_accuracy": accuracy,
+    return {"predictor_accuracy": accuracy, "routing_perplexity": routed,
             "train_ms_per_step": {k: v * 1e3 for k, v in step_ms.items()}, "decode": decode}
 
 
@@ -274,7 +303,7 @@ def markdown(r: dict) -> str:
     base = r["rows"]["vanilla"]
     rows, curves = [], []
     for name, row in r["rows"].items():
-        acc = row["predictor_accuracy"]
+        acc, cost = row["predictor_accuracy"], row["causal_routing_cost"]
         rows.append([name, f"{row['unique_params']:,}",
                      f"{row['unique_params'] / base['unique_params']:.2f}",
                      f"{row['train_macs_per_token'] / base['train_macs_per_token']:.2f}",
@@ -282,7 +311,8 @@ def markdown(r: dict) -> str:
                      show(row["vs_vanilla"], "+.1%"), show(row["best_valid_perplexity"], ".2f"),
                      show(row["best_vs_vanilla"], "+.1%"), show(row["train_ms_per_step"], ".0f"),
                      f"{show(row['step_speedup'], '.2f')}×",
-                     f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%")])
+                     f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%"),
+                     "" if cost is None else show(cost, "+.1%")])
         for run in r["runs"][name]:
             curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
                            f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}",
@@ -305,11 +335,14 @@ def markdown(r: dict) -> str:
         f"(2 threads), each seed's median of {r['rounds']} interleaved rounds after "
         "training, and the ratio to the same seed's vanilla. \"Lowest\": the lowest of the "
         f"{POINTS} validation points of each run (early stopping at those points; the timed "
-        "models are the end-of-run weights).", "",
+        "models are the end-of-run weights). Causal routing's cost: the end-of-run "
+        "validation perplexity routed by the causal predictors over the same routed by "
+        "top-k over each whole window (which sees later tokens).", "",
         *table(["model", "unique params", "vs vanilla", "train MACs/token vs vanilla",
                 "steps", "valid perplexity at the end", "vs vanilla", "lowest valid perplexity",
                 "vs vanilla", "train ms/step", "step speed-up",
-                "blocks per token (eval)", "causal predictors agree with top-k"], rows), "",
+                "blocks per token (eval)", "causal predictors agree with top-k",
+                "causal routing's perplexity cost"], rows), "",
         "Validation perplexity through each run, the change over the last part, the point "
         "where it was lowest and the training perplexity over the last part (training mode, "
         "the mean over its batches):", "",

@@ -211,6 +211,14 @@ def test_bench_tokens_trains_first_times_later_and_keeps_each_seed(tmp_path):
     vanilla = result["decode"]["1"]["vanilla@1"]
     assert vanilla["vs_vanilla"]["median"] == 1 and vanilla["tokens_per_s"]["median"] > 0
     [kept] = (tmp_path / "tokens-quick-kept").glob("*/seed-0.json")
+    # Routed by the causal predictors: the reported (end-of-run) perplexity.
+    routed = json.loads(kept.read_text())["routing_perplexity"]
+    assert routed["vanilla"] is None and result["rows"]["vanilla"]["causal_routing_cost"] is None
+    for name in ("MoD", "MoR"):
+        [run] = result["runs"][name]
+        assert routed[name]["causal"] == pytest.approx(run["curve"][-1], rel=1e-5)
+        assert result["rows"][name]["causal_routing_cost"]["median"] == pytest.approx(
+            routed[name]["causal"] / routed[name]["top_k"] - 1)
     shutil.rmtree(runs)
     again = _quick("tokens", tmp_path)
     assert again["rows"] == result["rows"] and again["decode"] == result["decode"]
