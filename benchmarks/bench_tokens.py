@@ -20,7 +20,8 @@ training split; validation perplexity (evaluation mode: MoD/MoR decide by
 their causal predictors, as when decoding) after each of ``POINTS`` equal
 parts of the run; seeds 0, 1, 2 (initialisation and batches). The budget is
 long enough for the curves to flatten or turn: the table of curves gives the
-change over the last part and where each run was lowest; the table reports
+change over the last part, where each run was lowest and its training
+perplexity there (fits less, or overfits more?); the table reports
 perplexity at the end (equal compute) and at the lowest validation point
 (early stopping at those points). Then, for each seed's four models, with nothing else
 running: the causal predictors' agreement with top-k membership and what routing
@@ -314,9 +315,11 @@ def markdown(r: dict) -> str:
                      f"{row['mean_depth']:.2f}", "" if acc is None else show(acc, ".1%"),
                      "" if cost is None else show(cost, "+.1%")])
         for run in r["runs"][name]:
+            low = run["curve"].index(min(run["curve"]))
             curves.append([name, str(run["seed"]), *(f"{p:.3f}" for p in run["curve"]),
                            f"{run['curve'][-1] / run['curve'][-2] - 1:+.2%}",
-                           f"{run['curve'].index(min(run['curve'])) + 1}/{POINTS}",
+                           f"{low + 1}/{POINTS}", f"{run['train_curve'][low]:.3f}",
+                           f"{run['curve'][low] / run['train_curve'][low]:.2f}",
                            f"{run['train_curve'][-1]:.3f}"])
     speed = []
     for threads, by in r["decode"].items():
@@ -344,10 +347,12 @@ def markdown(r: dict) -> str:
                 "blocks per token (eval)", "causal predictors agree with top-k",
                 "causal routing's perplexity cost"], rows), "",
         "Validation perplexity through each run, the change over the last part, the point "
-        "where it was lowest and the training perplexity over the last part (training mode, "
-        "the mean over its batches):", "",
-        *table(["model", "seed", *points, "last part", "lowest at", "train perplexity"],
-               curves), "",
+        "where it was lowest, the training perplexity over the part that ends there (training "
+        "mode, the mean over its batches; early exit's is the mean loss of its four exits, "
+        "so not comparable), validation over training there, and the training perplexity "
+        "over the last part:", "",
+        *table(["model", "seed", *points, "last part", "lowest at", "train perplexity there",
+                "valid / train there", "train perplexity at the end"], curves), "",
         f"Greedy decoding with the KV cache (`adaptnet.generate`, 16-character prompt, "
         f"{r['new_tokens']} new tokens), every seed's models, tokens/s and the ratio to the "
         f"same seed's vanilla, median (min–max) over seeds of the median of {r['rounds']} "

@@ -231,7 +231,9 @@ def test_bench_tokens_trains_first_times_later_and_keeps_each_seed(tmp_path):
     dipped = _quick("tokens", tmp_path)["rows"]["MoR"]
     assert dipped["best_valid_perplexity"]["median"] == end / 2
     assert dipped["valid_perplexity"]["median"] == end
-    assert "| 3/8 |" in (tmp_path / "tokens-quick.md").read_text()
+    there = seed["runs"]["MoR"]["train_curve"][2]  # the training perplexity at that point
+    assert f"| 3/8 | {there:.3f} | {end / 2 / there:.2f} |" in (
+        tmp_path / "tokens-quick.md").read_text()
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
