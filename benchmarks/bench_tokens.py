@@ -21,7 +21,7 @@ their causal predictors, as when decoding) after each of ``POINTS`` equal
 parts of the run; seeds 0, 1, 2 (initialisation and batches). The budget is
 long enough for the curves to flatten or turn: the table of curves gives the
 change over the last part, where each run was lowest and its training
-perplexity there (fits less, or overfits more?); the table reports
+perplexity there (fitting less vs overfitting more); the table reports
 perplexity at the end (equal compute) and at the lowest validation point
 (early stopping at those points). Then, for each seed's four models, with nothing else
 running: the causal predictors' agreement with top-k membership and what routing
