@@ -112,14 +112,14 @@ def predictor_accuracy(model: torch.nn.Module, x: torch.Tensor) -> float | None:
         return None
     hits = total = 0
     with torch.no_grad():
-        model.train()(x)
-        for m in model.modules():
+        out = model.train()(x)
+        routers = [m for m in model.blocks if isinstance(m, MixtureOfDepths | MixtureOfRecursions)]
+        for m, result in zip(routers, out.layers, strict=True):
             if isinstance(m, MixtureOfDepths):
-                pairs = [(guesses[m.predictor], m.last.selected)]
-            elif isinstance(m, MixtureOfRecursions):  # step r + 1's: "ran more than r + 1"
-                pairs = [(guesses[p], m.last.depth > r + 1) for r, p in enumerate(m.predictors)]
-            else:
-                continue
+                pairs = [(guesses[m.predictor], result.selected)]
+            else:  # step r + 1's: "ran more than r + 1 steps"
+                steps = result.depth // len(m.blocks)
+                pairs = [(guesses[p], steps > r + 1) for r, p in enumerate(m.predictors)]
             for guess, truth in pairs:
                 hits += int((guess == truth).sum())
                 total += guess.numel()

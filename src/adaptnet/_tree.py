@@ -14,7 +14,10 @@ from torch.nn.utils import parametrize
 
 from adaptnet.errors import ModelError
 
-__all__ = ["get_module", "join", "matches", "set_module", "suggest", "walk"]
+__all__ = ["STRATEGIES", "get_module", "join", "layer_order", "matches", "order_problem",
+           "set_module", "suggest", "walk"]
+
+STRATEGIES = ("all", "cycle", "sequence", "cycle_rev")
 
 
 def join(prefix: str, name: str) -> str:
@@ -60,3 +63,30 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def matches(name: str, pattern: str) -> bool:
     """Glob match on a dotted path; a module path also matches everything under it."""
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def order_problem(layers: int, blocks: int, strategy: str) -> str | None:
+    """Why ``layers`` places cannot take ``blocks`` blocks by ``strategy``, or None."""
+    if strategy not in STRATEGIES:
+        return f"unknown strategy {strategy!r}; expected one of {STRATEGIES}"
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or \
+            not 1 <= blocks <= max(layers, 1):
+        return f"blocks={blocks!r} must be an integer from 1 to the number of layers ({layers})"
+    if strategy == "all" and blocks != 1:
+        return (f"strategy 'all' uses one block, got blocks={blocks}; use strategy='cycle' or "
+                "'sequence' for several blocks")
+    return None
+
+
+def layer_order(layers: int, blocks: int, strategy: str) -> list[int]:
+    """Which of ``blocks`` blocks each of ``layers`` places runs (Takase & Kiyono 2021); for
+    6 places and 3 blocks: ``"sequence"`` 0 0 1 1 2 2, ``"cycle"`` 0 1 2 0 1 2,
+    ``"cycle_rev"`` 0 1 2 2 1 0; ``"all"`` (one block) 0 0 0 0 0 0. Check the arguments
+    with :func:`order_problem` first."""
+    if strategy in ("all", "sequence"):
+        return [i * blocks // layers for i in range(layers)]
+    if strategy == "cycle":
+        return [i % blocks for i in range(layers)]
+    # cycle_rev: cycle through all but the last `blocks` places, then the blocks in reverse.
+    return [i % blocks if i < layers - blocks else (blocks - 1) - (i - (layers - blocks))
+            for i in range(layers)]

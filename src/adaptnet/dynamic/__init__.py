@@ -3,7 +3,9 @@
 Partition, don't mask: see docs/dynamic.md.
 """
 
-from adaptnet.dynamic._decode import generate
+from adaptnet.dynamic._attention import KVCache, Span, TokenBlock, attend
+from adaptnet.dynamic._block import CausalBlock, rope
+from adaptnet.dynamic._decode import CachedModel, generate
 from adaptnet.dynamic._depth import (
     ACTHalting,
     AdaptiveDepth,
@@ -25,23 +27,17 @@ from adaptnet.dynamic._exit import (
 from adaptnet.dynamic._ledger import MacCount, count_macs
 from adaptnet.dynamic._moe import MoE, MoEResult
 from adaptnet.dynamic._per_sample import per_sample
+from adaptnet.dynamic._recursion import MixtureOfRecursions
 from adaptnet.dynamic._result import DynamicResult
 from adaptnet.dynamic._route import branch, route_topk, switch
-from adaptnet.dynamic._tokens import (
-    CausalBlock,
-    KVCache,
-    MixtureOfDepths,
-    MixtureOfRecursions,
-    Routing,
-    TokenEarlyExit,
-    TokenExits,
-    rope,
-)
+from adaptnet.dynamic._token_exit import TokenEarlyExit, TokenExits
+from adaptnet.dynamic._tokens import MixtureOfDepths, TokenResult
 
 __all__ = [
     "ACTHalting",
     "AdaptiveDepth",
     "AllExits",
+    "CachedModel",
     "Calibration",
     "CausalBlock",
     "Decision",
@@ -57,11 +53,14 @@ __all__ = [
     "MoE",
     "MoEResult",
     "PonderNetHalting",
-    "Routing",
+    "Span",
     "Step",
     "ThresholdHalting",
+    "TokenBlock",
     "TokenEarlyExit",
     "TokenExits",
+    "TokenResult",
+    "attend",
     "branch",
     "calibrate_exits",
     "calibrate_temperatures",

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 from adaptnet.dynamic._result import DynamicResult
 from adaptnet.errors import ConfigError
 
-__all__ = ["generate"]
+__all__ = ["CachedModel", "generate"]
+
+
+@runtime_checkable
+class CachedModel(Protocol):
+    """What :func:`generate` asks of a model to decode with a KV cache.
+
+    ``model(ids, cache=cache)`` (and ``mask=`` for a padded prompt) extends the
+    cache by ``ids`` ``(B, t)`` and returns logits ``(B, t, V)`` or a result whose
+    ``prediction`` they are; after a call with padding the cache continues each
+    row's positions. ``new_cache(batch)`` makes an empty cache; ``context`` is the
+    longest sequence. ``adaptnet.models.decoder`` builds one from
+    :class:`~adaptnet.dynamic.TokenBlock` blocks.
+    """
+
+    context: int
+
+    def new_cache(self, batch: int) -> Any: ...
 
 
 def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
@@ -19,18 +38,24 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
     ``prompt_mask`` ``(B, T)`` bool (True at real tokens), which the model
     takes as ``mask=`` (the tokens after the prompt are all real).
 
-    ``model(ids, cache=...)`` returns logits ``(B, T, V)`` (or a result whose
-    ``prediction`` they are); ``model.new_cache(batch)`` makes the cache it
-    extends, one :class:`~adaptnet.dynamic.KVCache` per block, and
-    ``model.context`` is its longest sequence. With ``use_cache=False`` every
-    step runs the whole sequence again: the reference the cache must equal.
-    The model runs in eval mode (its training mode is put back after).
+    With the cache (a :class:`CachedModel`) the prompt runs once and each
+    step feeds one token; with ``use_cache=False`` every step runs the whole
+    sequence again: the reference the cache must equal. The model runs in
+    eval mode (its training mode is put back after).
 
     Raises:
         ConfigError: a prompt that is not ``(B, T)`` integer ids; a
             ``prompt_mask`` not shaped like it or not padding on the left; a
             prompt and ``max_new_tokens`` longer than the model's context; a
-            model with no ``new_cache`` (no cache-capable block).
+            model that is not a :class:`CachedModel` (the message names what it
+            lacks).
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.models import decoder
+        >>> model = decoder(vocab_size=11, d_model=16, layers=2, heads=2, context=32)
+        >>> adaptnet.generate(model, torch.zeros(3, 4, dtype=torch.long), 5).shape
+        torch.Size([3, 9])
     """
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or \
             prompt_ids.dtype not in (torch.int64, torch.int32) or not prompt_ids.shape[1]:
@@ -44,17 +69,20 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
                           f"{max_new_tokens!r}.")
     if prompt_mask is not None:
         _check_prompt_mask(prompt_mask, prompt_ids)
-    if use_cache and not callable(getattr(model, "new_cache", None)):
-        raise ConfigError(f"generate(): {type(model).__name__} has no new_cache(), so it "
-                          "cannot decode with a KV cache; build it from cache-capable blocks "
-                          "(adaptnet.dynamic.CausalBlock), or pass use_cache=False.")
-    context = getattr(model, "context", None)
+    cached = isinstance(model, CachedModel)
+    if use_cache and not cached:
+        missing = "new_cache(batch)" if not callable(getattr(model, "new_cache", None)) \
+            else "context (its longest sequence)"
+        raise ConfigError(f"generate(): {type(model).__name__} has no {missing}, so it cannot "
+                          "decode with a KV cache (adaptnet.dynamic.CachedModel); build it "
+                          "from TokenBlocks (adaptnet.models.decoder), or pass "
+                          "use_cache=False.")
     total = prompt_ids.shape[1] + max_new_tokens
-    if isinstance(context, int) and total > context:
+    if cached and total > model.context:
         raise ConfigError(f"generate(): a prompt of {prompt_ids.shape[1]} tokens plus "
                           f"max_new_tokens={max_new_tokens} makes {total}, longer than the "
-                          f"model's context of {context}; shorten the prompt or generate "
-                          "fewer tokens.")
+                          f"model's context of {model.context}; shorten the prompt or "
+                          "generate fewer tokens.")
     was_training = model.training
     model.eval()
     try:
@@ -63,15 +91,15 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
             cache = model.new_cache(ids.shape[0]) if use_cache else None
             step, mask = ids, prompt_mask
             for _ in range(max_new_tokens):
-                masked = {} if prompt_mask is None else {"mask": mask}
-                logits = _logits(model(step, cache=cache, **masked) if use_cache else
-                                 model(ids, **masked))
+                masked = {} if mask is None else {"mask": mask}
+                out = model(step, cache=cache, **masked) if use_cache else model(ids, **masked)
+                logits = out.prediction if isinstance(out, DynamicResult) else out
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
-                if prompt_mask is not None:  # every token after the prompt is real
-                    real = torch.ones_like(nxt, dtype=torch.bool)
-                    mask = real if use_cache else torch.cat([mask, real], dim=1)
-                step = nxt
+                if use_cache:  # the cache continues each row's positions
+                    step, mask = nxt, None
+                elif mask is not None:  # every token after the prompt is real
+                    mask = torch.cat([mask, torch.ones_like(nxt, dtype=torch.bool)], dim=1)
             return ids
     finally:
         model.train(was_training)
@@ -84,11 +112,8 @@ def _check_prompt_mask(mask: object, ids: torch.Tensor) -> None:
             type(mask).__name__
         raise ConfigError(f"generate(): prompt_mask must be a bool tensor shaped like "
                           f"prompt_ids {tuple(ids.shape)} (True at real tokens), got {got}.")
-    if not bool(mask[:, -1].all()) or bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+    if ids.shape[0] and (not bool(mask[:, -1].all()) or
+                         bool((mask[:, :-1] & ~mask[:, 1:]).any())):
         raise ConfigError("generate(): prompt_mask must pad on the left: each row False "
                           "before its prompt and True from its first token to the end (the "
                           "next token follows the last column); pad your prompts on the left.")
-
-
-def _logits(out: object) -> torch.Tensor:
-    return out.prediction if isinstance(out, DynamicResult) else out  # type: ignore[return-value]

@@ -29,3 +29,11 @@ def check_batched(x: Any, what: str) -> None:
         got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise DynamicError(f"{what}: expected a batch (B, features...), got {got}. For one "
                            "example, add the batch dimension: x.unsqueeze(0).")
+
+
+def check_tokens(x: Any, what: str) -> None:
+    """Refuse anything but a ``(B, T, d)`` floating-point batch of token states."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DynamicError(f"{what}: expected token states (B, T, d), floating point, got "
+                           f"{got}. Embed token ids first (nn.Embedding).")

@@ -19,9 +19,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptnet.dynamic._partition import Tokens
 from adaptnet.errors import DynamicError
 
-__all__ = ["MacCount", "active_rows", "charged", "count_macs", "current_ledger"]
+__all__ = ["MacCount", "active_rows", "charged", "charged_tokens", "count_macs",
+           "current_ledger"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -41,20 +43,31 @@ class MacCount:
             samples still active at a step, an exit, an expert's tokens); other
             work is shared equally by all ``B`` rows. ``per_sample.sum()`` equals
             ``total``.
+        per_token: with ``count_macs(batch_size=B, tokens=T)``, a ``(B, T)``
+            float64 tensor: the multiply-adds each token caused. Work of the
+            per-token constructs is charged to the tokens it ran for (a block
+            call on ``n`` tokens: each pays ``1/n`` of it); other work is shared
+            equally by all ``B * T`` tokens. ``per_sample`` is its row sums.
     """
 
     total: int = 0
     by_module: dict[str, int] = field(default_factory=dict)
     per_sample: torch.Tensor | None = None
+    per_token: torch.Tensor | None = None
 
 
 class _Ledger:
-    """Attributes the counter's running total to the rows active between boundaries."""
+    """Attributes the counter's running total to the units active between boundaries.
 
-    def __init__(self, counter: FlopCounterMode, batch_size: int) -> None:
+    A unit is an input row, or with ``tokens`` one of each row's tokens (row-major).
+    """
+
+    def __init__(self, counter: FlopCounterMode, batch_size: int, tokens: int | None) -> None:
         self.counter = counter
-        self.per_sample = torch.zeros(batch_size, dtype=torch.float64)
-        self.ids: torch.Tensor | None = None  # active rows, as input row numbers
+        self.tokens = tokens
+        self.per_unit = torch.zeros(batch_size * (tokens or 1), dtype=torch.float64)
+        self.ids: torch.Tensor | None = None  # active units, as input unit numbers
+        self.whole_rows = True  # ids (when set) are whole rows of tokens, in order
         self.mark = 0
 
     def flush(self) -> None:
@@ -63,11 +76,47 @@ class _Ledger:
         if delta == 0:
             return
         if self.ids is None:
-            self.per_sample += delta / 2 / len(self.per_sample)
+            self.per_unit += delta / 2 / len(self.per_unit)
         elif len(self.ids):
-            self.per_sample.index_add_(0, self.ids, torch.full((len(self.ids),),
-                                                               delta / 2 / len(self.ids),
-                                                               dtype=torch.float64))
+            self.per_unit.index_add_(0, self.ids, torch.full((len(self.ids),),
+                                                             delta / 2 / len(self.ids),
+                                                             dtype=torch.float64))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The units of rows ``ids`` of the current frame."""
+        outer, t = self.ids, self.tokens
+        if t is None:
+            return ids if outer is None else outer[ids]
+        if outer is not None and not self.whole_rows:
+            raise DynamicError(_NESTED)
+        if outer is None:
+            return (ids[:, None] * t + torch.arange(t)).flatten()
+        return outer.view(-1, t)[ids].flatten()
+
+    def entries(self, tokens: Tokens, t: int) -> torch.Tensor:
+        """The units of the real entries of ``tokens``, one per entry (a row's units repeat
+        when its tokens are counted per row)."""
+        index = tokens.index.cpu()
+        b, n = index.shape
+        rows = torch.arange(b) if tokens.rows is None else tokens.rows.cpu()
+        real = None if tokens.real is None else tokens.real.cpu().flatten()
+        if self.tokens is None:  # per row: a row pays per token it has here
+            ids = rows[:, None].expand(b, n).flatten()
+            ids = ids if real is None else ids[real]
+            return ids if self.ids is None else self.ids[ids]
+        if self.tokens != t:
+            raise DynamicError(f"count_macs(tokens={self.tokens}): a per-token construct ran "
+                               f"on sequences of {t} tokens; count with tokens={t}.")
+        if self.ids is not None and not self.whole_rows:
+            raise DynamicError(_NESTED)
+        flat = (rows[:, None] * t + index).flatten()
+        flat = flat if real is None else flat[real]
+        return flat if self.ids is None else self.ids[flat]
+
+
+_NESTED = ("count_macs(tokens=...) charges each token its own work; a per-token construct "
+           "nested inside another's block cannot be attributed per token. Count per row "
+           "(batch_size only) instead.")
 
 
 # The open ledger: a plain module global, not a ContextVar, so that torch.compile reads it
@@ -93,6 +142,17 @@ def charged(ids: torch.Tensor | None, fn: Callable, *args: object) -> object:
         return fn(*args)
 
 
+def charged_tokens(tokens: Tokens | None, t: int, fn: Callable, *args: object) -> object:
+    """``fn(*args)``, its work charged to the real entries of ``tokens`` (of sequences of ``t``
+    tokens) when a ledger is open: the per-token constructs call every block through this."""
+    if _LEDGER is None or tokens is None or tokens.dense:
+        return fn(*args)
+    if tokens.index is None:
+        return charged(tokens.rows, fn, *args)
+    with _active(_LEDGER.entries(tokens, t)):
+        return fn(*args)
+
+
 @contextlib.contextmanager
 def active_rows(ids: torch.Tensor) -> Iterator[None]:
     """Charge the work in this block to rows ``ids`` of the enclosing block's rows.
@@ -101,23 +161,29 @@ def active_rows(ids: torch.Tensor) -> Iterator[None]:
     sub-batch is row ``ids[r]`` of their input). A no-op unless a
     ``count_macs(batch_size=...)`` block is active.
     """
-    ledger = _LEDGER
-    if ledger is None:
+    if _LEDGER is None:
         yield
         return
+    with _active(_LEDGER.rows(ids.detach().to("cpu", torch.long)), whole_rows=True):
+        yield
+
+
+@contextlib.contextmanager
+def _active(units: torch.Tensor, whole_rows: bool = False) -> Iterator[None]:
+    ledger = _LEDGER
     ledger.flush()
-    outer = ledger.ids
-    ids = ids.detach().to("cpu", torch.long)
-    ledger.ids = ids if outer is None else outer[ids]
+    outer, outer_rows = ledger.ids, ledger.whole_rows
+    ledger.ids, ledger.whole_rows = units, whole_rows and outer_rows
     try:
         yield
     finally:
         ledger.flush()
-        ledger.ids = outer
+        ledger.ids, ledger.whole_rows = outer, outer_rows
 
 
 @contextlib.contextmanager
-def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
+def count_macs(batch_size: int | None = None, tokens: int | None = None
+               ) -> Iterator[MacCount]:
     """Count the multiply-adds executed in the block.
 
     Matrix products count ``m*n*k`` (a Linear layer on ``b`` rows: ``b*in*out``),
@@ -127,6 +193,8 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
 
     Args:
         batch_size: the number of input rows ``B``; given, ``per_sample`` is filled.
+        tokens: the tokens per row ``T`` of the per-token constructs' inputs; given
+            (with ``batch_size``), ``per_token`` is filled too.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -139,6 +207,11 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
                                    or batch_size < 0):
         raise DynamicError(f"count_macs(): batch_size must be the number of input rows (an int "
                            f">= 0) or None, got {batch_size!r}.")
+    if tokens is not None and (batch_size is None or isinstance(tokens, bool)
+                               or not isinstance(tokens, int) or tokens < 1):
+        raise DynamicError(f"count_macs(): tokens must be the tokens per row (an int >= 1), "
+                           f"given with batch_size; got tokens={tokens!r}, "
+                           f"batch_size={batch_size!r}.")
     result = MacCount()
     counter = FlopCounterMode(display=False)
     pending: dict[int, tuple[int, set[str], int]] = {}
@@ -155,7 +228,7 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
                 counter.flop_counts[name][torch.ops.aten.lstm] += 2 * entry[2]
 
     global _LEDGER
-    ledger = _Ledger(counter, batch_size) if batch_size is not None else None
+    ledger = _Ledger(counter, batch_size, tokens) if batch_size is not None else None
     outer, _LEDGER = _LEDGER, ledger
     with counter:
         hooks = (nn.modules.module.register_module_forward_pre_hook(before),
@@ -168,7 +241,9 @@ def count_macs(batch_size: int | None = None) -> Iterator[MacCount]:
             _LEDGER = outer
             if ledger is not None:
                 ledger.flush()
-                result.per_sample = ledger.per_sample
+                units = ledger.per_unit.view(batch_size, tokens or 1)
+                result.per_sample = units.sum(1)
+                result.per_token = units if tokens else None
     counts = counter.get_flop_counts()
     result.total = counter.get_total_flops() // 2
     result.by_module = {name: sum(ops.values()) // 2 for name, ops in counts.items()

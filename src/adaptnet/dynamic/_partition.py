@@ -17,6 +17,7 @@ final merge, concatenation or inverse permutation is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -90,3 +91,133 @@ def check_capacity(capacity: object, what: str) -> float | None:
             f"{what}: capacity must be a fraction in (0, 1] (the share of rows that go on at "
             f"each decision), or None for exact mode; got {capacity!r}. E.g. capacity=0.5.")
     return float(capacity)
+
+
+
+def token_quota(capacity: float, tokens: int, real: torch.Tensor | None) -> int | torch.Tensor:
+    """How many of a row's tokens go on: :func:`capacity_rows` of its real tokens.
+
+    ``real`` None: every row has ``tokens`` real ones, and the quota is one int
+    (a static shape); else a ``(B,)`` tensor, ``ceil(capacity * n)`` per row.
+    """
+    if real is None:
+        return capacity_rows(capacity, tokens)
+    return torch.ceil(real.sum(1).double() * capacity).long()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An active set of tokens: some of the ``(row, token)`` positions of a ``(B, T)`` batch.
+
+    Packed per row, so that a block runs on them as ``(b, n)`` sequences: the
+    rows with an active token, each row's active tokens first and in causal
+    order, padded to the longest row. The padding entries point at inactive
+    tokens of their row (distinct ones), so gathering them reads real values
+    and writing those values back changes nothing.
+
+    Attributes:
+        rows: ``(b,)`` the batch rows; None: every row, in order.
+        index: ``(b, n)`` each entry's token within its row; None: every token, in order.
+        real: ``(b, n)`` bool, the entries that are active tokens; None: all are.
+    """
+
+    rows: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+
+    @property
+    def dense(self) -> bool:
+        """Every token of every row: gathering and scattering are no-ops."""
+        return self.rows is None and self.index is None
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, ...)`` -> ``(b, n, ...)``: the entries of ``x``."""
+        if self.index is None:
+            return x if self.rows is None else x.index_select(0, self.rows)
+        if self.rows is None:
+            return x.gather(1, _spread(self.index, x))
+        return x[self.rows[:, None], self.index]
+
+    def scatter(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, T, ...)`` with the entries replaced by ``values`` ``(b, n, ...)``, out
+        of place (autograd follows it). Padding entries must carry their gathered values."""
+        if self.index is None:
+            return values if self.rows is None else x.index_copy(0, self.rows, values)
+        if self.rows is None:
+            return x.scatter(1, _spread(self.index, x), values)
+        return x.flatten(0, 1).index_copy(0, self.flat(x.shape[1]),
+                                          values.flatten(0, 1)).view_as(x)
+
+    def merge(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new`` at the real entries, ``old`` (what was gathered) at the padding ones."""
+        if self.real is None:
+            return new
+        return torch.where(self.real.view(*self.real.shape, *[1] * (new.dim() - 2)), new, old)
+
+    def flat(self, tokens: int) -> torch.Tensor:
+        """``(b * n,)`` each entry's place in the ``(B * T)`` flattened batch (index given)."""
+        rows = torch.arange(self.index.shape[0], device=self.index.device) \
+            if self.rows is None else self.rows
+        return (rows[:, None] * tokens + self.index).flatten()
+
+    def fill(self, out: torch.Tensor, value: int | float) -> torch.Tensor:
+        """Set the real entries of ``out`` ``(B, T)`` to ``value``, in place."""
+        if self.index is None:
+            return fill_rows(out, self.rows, value)
+        flat, every = self.flat(out.shape[1]), out.view(-1)
+        if self.real is None:
+            return every.index_fill_(0, flat, value).view_as(out)
+        values = torch.where(self.real.flatten(), value, every.gather(0, flat))
+        return every.scatter_(0, flat, values).view_as(out)
+
+    def mask(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """``(B, T)`` bool: True at the real entries."""
+        return self.fill(torch.zeros(batch, tokens, dtype=torch.bool, device=device), True)
+
+    def narrow(self, keep: torch.Tensor) -> Tokens | None:
+        """The active set after a decision: the entries where ``keep`` ``(b, n)`` bool is True
+        (never a padding entry); None when there is none. One host read per call.
+
+        The shrinking active set of the token constructs, as :func:`take` is the
+        sample constructs' (and built on it): rows left with no token are dropped,
+        and each row's kept tokens are packed first, in order.
+        """
+        if self.real is not None:
+            keep = keep & self.real
+        return self._keep(keep, keep.sum(1).tolist())
+
+    def split(self, keep: torch.Tensor) -> tuple[Tokens | None, Tokens | None]:
+        """``(narrow(keep), narrow(~keep))``, with one host read for both."""
+        drop = ~keep if self.real is None else ~keep & self.real
+        if self.real is not None:
+            keep = keep & self.real
+        counts = torch.stack([keep.sum(1), drop.sum(1)]).tolist()
+        return self._keep(keep, counts[0]), self._keep(drop, counts[1])
+
+    def _keep(self, keep: torch.Tensor, counts: list[int]) -> Tokens | None:
+        live = [i for i, c in enumerate(counts) if c]
+        if not live:
+            return None
+        sel = None if len(live) == len(counts) else torch.tensor(live, device=keep.device)
+        rows, *index = take(self.rows, sel, *(() if self.index is None else (self.index,)))
+        index = index[0] if index else None
+        kept = counts if sel is None else [counts[i] for i in live]
+        if keep.shape[1] == 1 or (index is None and min(kept) == keep.shape[1]):
+            return Tokens(rows, index, None)  # whole rows stay, as they were
+        n = max(kept)
+        keep = keep if sel is None else keep.index_select(0, sel)
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]
+        index = order if index is None else index.gather(1, order)
+        real = None if min(kept) == n else \
+            torch.arange(n, device=keep.device) < torch.tensor(kept, device=keep.device)[:, None]
+        return Tokens(rows, index, real)
+
+
+def pack(selected: torch.Tensor) -> Tokens | None:
+    """The active set of the tokens ``selected`` ``(B, T)`` bool; None when none is."""
+    return Tokens().narrow(selected)
+
+
+def _spread(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``index`` ``(B, n)`` expanded over the trailing dimensions of ``x`` ``(B, T, ...)``."""
+    return index.view(*index.shape, *[1] * (x.dim() - 2)).expand(*index.shape, *x.shape[2:])

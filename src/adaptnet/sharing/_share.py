@@ -6,15 +6,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from adaptnet._tree import get_module, join, suggest, walk
+from adaptnet._tree import get_module, join, layer_order, order_problem, suggest, walk
 from adaptnet.errors import ShareError
 from adaptnet.sharing._registry import ensure_registry
 from adaptnet.sharing._slots import as_names, iter_slots
 from adaptnet.sharing._tie import retie
 
 __all__ = ["share"]
-
-STRATEGIES = ("all", "cycle", "sequence", "cycle_rev")
 
 
 def share(
@@ -58,22 +56,17 @@ def share(
         True
     """
     paths = _layer_paths(model, modules)
-    if strategy not in STRATEGIES:
-        raise ShareError(f"share(): unknown strategy {strategy!r}; expected one of {STRATEGIES}.")
     n = len(paths)
-    if not isinstance(blocks, int) or not 1 <= blocks <= max(n, 1):
-        raise ShareError(f"share(): blocks={blocks!r} must be an integer from 1 to the "
-                         f"number of layers ({n}).")
-    if strategy == "all" and blocks != 1:
-        raise ShareError(f"share(): strategy 'all' uses one block, got blocks={blocks}; "
-                         "use strategy='cycle' or 'sequence' for several blocks.")
+    problem = order_problem(n, blocks, strategy)
+    if problem:
+        raise ShareError(f"share(): {problem}.")
     if owner is not None and blocks != 1:
         raise ShareError("share(): owner= names the one shared block; it needs blocks=1.")
     if owner is None and n < 2:
         raise ShareError(f"share(): got one layer {paths}; name at least two, or an owner.")
     if owner is not None:
         _layer_paths(model, [owner])
-    assignment = _assign(n, blocks, strategy)
+    assignment = layer_order(n, blocks, strategy)
     firsts = {b: paths[assignment.index(b)] for b in set(assignment)}
     owners = [owner if owner is not None else firsts[b] for b in assignment]
 
@@ -110,15 +103,6 @@ def _layer_paths(model: nn.Module, modules: str | Sequence[str]) -> list[str]:
                          + ", ".join(repr(p) for p in unknown) + ". "
                          + suggest(unknown[0], list(known)[1:], "submodules"))
     return paths
-
-
-def _assign(n: int, k: int, strategy: str) -> list[int]:
-    if strategy in ("all", "sequence"):
-        return [i * k // n for i in range(n)]
-    if strategy == "cycle":
-        return [i % k for i in range(n)]
-    # cycle_rev: cycle through all but the last k layers, then the blocks in reverse.
-    return [i % k if i < n - k else (k - 1) - (i - (n - k)) for i in range(n)]
 
 
 def _structure_diff(a: nn.Module, b: nn.Module, pa: str, pb: str) -> list[str]:

@@ -1,0 +1,274 @@
+"""The block and cache protocol every per-token construct runs on.
+
+A per-token construct (Mixture-of-Depths, Mixture-of-Recursions, per-token
+exit) runs a block on *some* of a batch's tokens: it gathers them, packed per
+row in causal order (``adaptnet.dynamic._partition.Tokens``), and tells the
+block where they sit with a :class:`Span`: their positions, their cache slots,
+which entries are padding, and whether their keys go into the cache. Any
+attention block that implements :class:`TokenBlock` (three methods) works
+with every construct and with ``adaptnet.generate``; :func:`attend` and
+:class:`KVCache` do the part that depends on the span, so a block's own code
+is its projections, its position encoding and its MLP.
+
+The cache is addressed by (row, slot): slot ``s`` holds the keys of the
+``s``-th token fed to the model (padding included), for the rows whose token
+ran this block. A token that skipped the block leaves its slot empty, so
+attention reads a slot's validity; while every row has filled every slot
+(a dense model, no padding) nothing is masked and nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptnet.dynamic._partition import Tokens
+from adaptnet.errors import DynamicError
+
+__all__ = ["KVCache", "Span", "TokenBlock", "attend", "check_block"]
+
+
+@dataclass(eq=False)
+class Span:
+    """Where the tokens of one block call sit: ``x`` is ``(b, n, d)``.
+
+    Attributes:
+        positions: ``(b, n)`` each token's position in its sequence (a row's
+            first real token is at 0), for rotary or learned position encodings.
+        start: the cache slot of the model call's first token (the tokens fed
+            before this call, padding included).
+        end: the slots in use after the call: ``start`` plus the call's length.
+        rows: ``(b,)`` the batch rows the tokens belong to (the cache's rows);
+            None: every row, in order.
+        index: ``(b, n)`` each token's place in the model call, so its slot is
+            ``start + index``; None: ``0 .. n-1`` in every row. Tokens with an
+            index are packed: a row's real tokens come first, in causal order.
+        valid: ``(b, n)`` bool, the real tokens; None: all are. Padding writes no
+            key and no token attends to it; its output is discarded.
+        write: False: attend to what the cache holds without adding keys
+            (Mixture-of-Recursions' KV sharing, propagated keys).
+
+    A token attends to the valid keys of its row at slots up to its own.
+    """
+
+    positions: torch.Tensor
+    start: int
+    end: int
+    rows: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    write: bool = True
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, positions: torch.Tensor | None = None,
+           valid: torch.Tensor | None = None) -> Span:
+        """Whole sequences ``x`` ``(B, T, ...)`` at slots ``0 .. T-1``; positions
+        default to ``0 .. T-1``."""
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = torch.arange(t, device=x.device).expand(b, t)
+        return cls(positions, 0, t, valid=valid)
+
+    def pack(self, tokens: Tokens) -> Span:
+        """The span of an active set of this span's tokens (gathered by ``tokens``)."""
+        if tokens.dense:
+            return self
+        rows = tokens.rows if self.rows is None else \
+            self.rows if tokens.rows is None else self.rows.index_select(0, tokens.rows)
+        index = tokens.index if self.index is None else tokens.gather(self.index)
+        valid = tokens.real if tokens.index is not None else \
+            None if self.valid is None else tokens.gather(self.valid)
+        return Span(tokens.gather(self.positions), self.start, self.end, rows, index, valid,
+                    self.write)
+
+    def reading(self) -> Span:
+        """This span, attending to the cache without writing to it."""
+        return replace(self, write=False, _memo=self._memo)
+
+    def slots(self) -> torch.Tensor:
+        """``(n,)`` (no ``index``) or ``(b, n)``: each token's cache slot."""
+        if self.index is not None:
+            return self.index + self.start
+        if "slots" not in self._memo:
+            n = self.positions.shape[1]
+            self._memo["slots"] = torch.arange(self.start, self.start + n,
+                                               device=self.positions.device)
+        return self._memo["slots"]
+
+    def rotary(self, dim: int, dtype: torch.dtype, base: float = 10_000.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding tables for these positions: ``(cos, sin)``, each ``(b, 1, n, dim/2)``,
+        computed once per span and shared by every block that asks for the same ones."""
+        key = (dim, dtype, base)
+        if key not in self._memo:
+            half = dim // 2
+            freq = base ** (-torch.arange(half, device=self.positions.device,
+                                          dtype=torch.float32) / half)
+            angle = self.positions[:, None, :, None].to(torch.float32) * freq
+            self._memo[key] = angle.cos().to(dtype), angle.sin().to(dtype)
+        return self._memo[key]
+
+
+class KVCache:
+    """The keys and values one attention layer has seen, preallocated, by (row, slot).
+
+    Attributes:
+        keys, values: ``(B, H, S + 1, dh)`` for ``S = length`` slots (the last one
+            takes the writes of padding entries and is never read).
+        valid: ``(B, S + 1)`` bool, the slots that hold a key (read only while
+            :attr:`dense` is False).
+        dense: every slot below :attr:`end` of every row holds a key (no token
+            skipped the layer, no padding): attention needs no mask.
+        end: the slots in use.
+    """
+
+    def __init__(self, batch: int, length: int, heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+                 ) -> None:
+        self.batch, self.length = batch, length
+        # One spare slot past the end, never read: padding entries of a packed write go there.
+        self.keys = torch.zeros(batch, heads, length + 1, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
+        self.dense, self.end = True, 0
+
+    def held(self) -> torch.Tensor:
+        """``(B,)`` keys each row holds: rows differ when their tokens skipped differently."""
+        if self.dense:
+            return torch.full((self.batch,), self.end, dtype=torch.long, device=self.valid.device)
+        return self.valid[:, :self.end].sum(1)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
+        """Store keys and values ``(b, H, n, dh)`` of the tokens of ``span`` at their slots."""
+        self._check(k, span)
+        if span.rows is None and span.index is None:  # every row, consecutive slots
+            slots = span.slots()
+            self.keys.index_copy_(2, slots, k)
+            self.values.index_copy_(2, slots, v)
+            if span.valid is not None or not self.dense:
+                self._sparse()
+                self.valid[:, span.start:span.start + k.shape[2]] = \
+                    True if span.valid is None else span.valid
+        else:
+            self._sparse()
+            rows = torch.arange(k.shape[0], device=k.device) if span.rows is None else span.rows
+            r, s = rows[:, None], span.slots()  # (b, 1) and (n,) or (b, n)
+            if span.valid is not None:  # padding points at other tokens: write it nowhere
+                s = torch.where(span.valid, s, self.length)
+            self.keys[r, :, s] = k.transpose(1, 2)  # indexed: (b, n, H, dh)
+            self.values[r, :, s] = v.transpose(1, 2)
+            self.valid[r, s] = True
+        self.end = max(self.end, span.end)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               span: Span) -> torch.Tensor:
+        """Write ``k``, ``v`` (when ``span.write``), then the attention of queries ``q``
+        ``(b, H, n, dh)`` over the keys their rows hold at slots up to their own."""
+        if span.write:
+            self.write(k, v, span)
+        elif span.end > self.end:
+            raise DynamicError(f"KVCache: a read up to slot {span.end} of a cache filled to "
+                               f"{self.end}; write the keys of slots before reading them.")
+        keys, values = self.keys[:, :, :span.end], self.values[:, :, :span.end]
+        mask = None if self.dense else self.valid[:, :span.end]
+        if span.rows is not None:
+            keys, values = keys.index_select(0, span.rows), values.index_select(0, span.rows)
+            mask = None if mask is None else mask.index_select(0, span.rows)
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (b, 1, 1, S)
+        if span.end - span.start > 1:  # several slots in this call: causal among them
+            slots = span.slots()
+            causal = torch.arange(span.end, device=q.device) <= slots[..., None]
+            causal = causal[:, None] if causal.dim() == 3 else causal  # (b|1, 1, n, S)
+            mask = causal if mask is None else mask & causal
+        if span.valid is not None and mask is not None:  # padding queries: anything finite
+            mask = mask | ~span.valid[:, None, :, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def _check(self, k: torch.Tensor, span: Span) -> None:
+        if span.rows is None and k.shape[0] != self.batch:
+            raise DynamicError(f"KVCache: made for a batch of {self.batch}, written with "
+                               f"{k.shape[0]} rows; make the cache for this batch "
+                               "(model.new_cache(batch)).")
+        if span.end > self.length:
+            raise DynamicError(f"KVCache: slot {span.end - 1} is past the cache's {self.length} "
+                               "slots; make the cache as long as the longest sequence "
+                               "(new_cache(batch, length)).")
+
+    def _sparse(self) -> None:
+        """From now on read the slots' validity (every slot written so far holds a key)."""
+        if self.dense:
+            self.valid[:, :self.end] = True
+            self.dense = False
+
+
+def attend(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, span: Span,
+           cache: KVCache | None = None) -> torch.Tensor:
+    """Causal attention of the tokens of ``span``: ``q``, ``k``, ``v`` ``(b, H, n, dh)`` ->
+    ``(b, H, n, dh)``.
+
+    Without a cache, each token attends to the valid tokens of the call at or
+    before it; with one, ``k`` and ``v`` are first written there (unless
+    ``span.write`` is False, when they may be None) and each token attends to
+    the keys its row holds at slots up to its own. Blocks implementing
+    :class:`TokenBlock` call this between their projections and their output.
+    """
+    if cache is not None:
+        return cache.attend(q, k, v, span)
+    if span.valid is None or span.index is not None:  # real tokens first: plainly causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    n = q.shape[2]
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() & span.valid[:, None, :]
+    mask = mask | ~span.valid[:, :, None]  # padding queries: anything finite, discarded
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+@runtime_checkable
+class TokenBlock(Protocol):
+    """What a per-token construct asks of an attention block.
+
+    ``forward(x, span, cache=None)``: ``x`` ``(b, n, d)`` -> ``(b, n, d)``, the tokens
+    of ``span`` attending causally (by :func:`attend`, with the cache when given).
+    ``remember(x, span, cache)``: write the keys and values that states ``x`` make
+    to ``cache`` without running the block (per-token exit propagates a token's
+    state to the blocks it skips this way). ``new_cache(batch, length)``: an
+    empty cache for ``batch`` rows of up to ``length`` tokens.
+    """
+
+    def forward(self, x: torch.Tensor, span: Span, cache: Any = None) -> torch.Tensor: ...
+
+    def remember(self, x: torch.Tensor, span: Span, cache: Any) -> None: ...
+
+    def new_cache(self, batch: int, length: int) -> Any: ...
+
+
+PROTOCOL = ("forward(x, span, cache=None)", "remember(x, span, cache)",
+            "new_cache(batch, length)")
+
+
+def check_block(block: object, owner: str) -> None:
+    """Raise a DynamicError naming the first :class:`TokenBlock` method ``block`` lacks."""
+    if not isinstance(block, nn.Module):
+        raise DynamicError(f"{owner}: blocks must be nn.Modules implementing "
+                           f"adaptnet.dynamic.TokenBlock, got {type(block).__name__}.")
+    name = type(block).__name__
+    for method in PROTOCOL:
+        attr = method.split("(")[0]
+        if not callable(getattr(block, attr, None)):
+            raise DynamicError(
+                f"{owner}: {name} has no {method}, so it cannot run as a per-token block. "
+                f"Implement {', '.join(PROTOCOL)} (adaptnet.dynamic.TokenBlock; docs/dynamic.md "
+                "'Your own attention block' shows one), or use adaptnet.dynamic.CausalBlock.")
+    try:
+        inspect.signature(block.forward).bind(None, None, None)
+    except TypeError:
+        raise DynamicError(
+            f"{owner}: {name}.forward{inspect.signature(block.forward)} cannot be called as "
+            "forward(x, span, cache); a per-token block takes the span of its tokens and an "
+            "optional cache (adaptnet.dynamic.TokenBlock).") from None

@@ -1,0 +1,208 @@
+"""Per-token early exit over causal blocks (CALM), with propagated keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptnet.dynamic._attention import KVCache, Span, check_block
+from adaptnet.dynamic._guards import check_tokens, refuse_tracing
+from adaptnet.dynamic._ledger import charged_tokens
+from adaptnet.dynamic._partition import Tokens, pack
+from adaptnet.dynamic._result import LossFn, export_as_pytree
+from adaptnet.dynamic._tokens import bce, check_count
+from adaptnet.errors import DynamicError
+
+__all__ = ["TokenEarlyExit", "TokenExits"]
+
+
+@export_as_pytree
+@dataclass(frozen=True)
+class TokenExits:
+    """What :class:`TokenEarlyExit` returns (a :class:`~adaptnet.DynamicResult`).
+
+    Attributes:
+        logits: ``(B, T, V)`` each token's prediction, from the exit it took
+            (training: from the last block); zero at padding.
+        depth: ``(B, T)`` int64, blocks each token went through (0 at padding).
+        exit_logits: training only: every exit's logits, first block to last.
+        aux_loss: training with ``rule="learned"``: the exit classifiers' loss.
+    """
+
+    logits: torch.Tensor
+    depth: torch.Tensor
+    exit_logits: tuple[torch.Tensor, ...] = ()
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.logits
+
+    def task_loss(self, target: torch.Tensor, loss_fn: LossFn = F.cross_entropy,
+                  per_sample: LossFn | None = None) -> torch.Tensor:
+        """Training: the mean of every exit's ``loss_fn`` (equal weights); else the logits'."""
+        if self.exit_logits:
+            return sum(loss_fn(z, target) for z in self.exit_logits) / len(self.exit_logits)
+        return loss_fn(self.logits, target)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"depth": self.depth}
+
+
+class TokenEarlyExit(nn.Module):
+    """Per-token early exit over causal blocks (CALM: Schuster et al. 2022).
+
+    After each block but the last, ``head`` (e.g. the final norm and the output
+    layer tied to the embedding: every exit shares it) reads each token still
+    going; a token leaves when its confidence reaches ``threshold``. Training
+    runs every block on every token and returns every exit's logits (for a
+    joint loss).
+
+    Confidence (``rule``): ``"confidence"``, the exit's top softmax
+    probability; ``"learned"``, a linear classifier per exit on the token's
+    state (CALM's early-exit classifier), trained beside the model (on
+    detached states, :attr:`TokenExits.aux_loss`) to predict whether the exit's
+    top token is the last block's.
+
+    Keys for the blocks a token skips come by state propagation: its state
+    when it left stands for it in every later block, whose key and value
+    projections (only: the block's ``remember``) are applied to it, so later
+    tokens attend to every earlier token at every block. Decoding with a KV
+    cache writes those keys for every later block when the token leaves, also
+    when no token of the call goes on; recomputing the whole sequence gives the
+    same keys.
+
+    Args:
+        blocks: the stack, each a :class:`~adaptnet.dynamic.TokenBlock`.
+        head: maps states ``(..., d)`` to logits ``(..., V)``; not a submodule
+            here (it belongs to the model that passes it).
+        threshold: the confidence to leave at, in (0, 1].
+        rule: ``"confidence"`` or ``"learned"``.
+        d_model: the states' width; needed by ``rule="learned"``.
+
+    Raises:
+        DynamicError: a block without the protocol, a threshold outside (0, 1],
+            an unknown rule, ``rule="learned"`` without ``d_model``, bad input, or
+            a cache in training mode.
+    """
+
+    def __init__(self, blocks: list[nn.Module], head: Callable[[torch.Tensor], torch.Tensor],
+                 threshold: float, rule: str = "confidence", d_model: int | None = None) -> None:
+        super().__init__()
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or \
+                not 0.0 < threshold <= 1.0:
+            raise DynamicError(f"TokenEarlyExit: threshold is the confidence to leave at, in "
+                               f"(0, 1]; got {threshold!r}.")
+        if rule not in ("confidence", "learned"):
+            raise DynamicError(f"TokenEarlyExit: rule must be 'confidence' (top softmax "
+                               f"probability) or 'learned' (a classifier per exit), got {rule!r}.")
+        if rule == "learned" and not isinstance(d_model, int):
+            raise DynamicError("TokenEarlyExit: rule='learned' needs d_model (the width of the "
+                               f"states its classifiers read), got d_model={d_model!r}.")
+        if not blocks:
+            raise DynamicError("TokenEarlyExit: blocks is empty; give the stack.")
+        for block in blocks:
+            check_block(block, "TokenEarlyExit")
+        self.blocks, self.threshold, self.rule = nn.ModuleList(blocks), float(threshold), rule
+        if rule == "learned":
+            check_count(d_model, "TokenEarlyExit: d_model")
+            self.classifiers = nn.ModuleList(nn.Linear(d_model, 1)
+                                             for _ in range(len(blocks) - 1))
+        self._head = head
+
+    def new_cache(self, batch: int, length: int) -> list[KVCache]:
+        return [b.new_cache(batch, length) for b in self.blocks]
+
+    def confidence(self, i: int, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Exit ``i``'s confidence in its prediction ``logits`` of states ``h``, in [0, 1]."""
+        if self.rule == "learned":
+            return torch.sigmoid(self.classifiers[i](h).squeeze(-1))
+        return torch.softmax(logits.float(), -1).amax(-1)
+
+    def forward(self, x: torch.Tensor, span: Span | None = None,
+                cache: list[KVCache] | None = None) -> TokenExits:
+        """``x`` ``(B, T, d)`` at ``span`` (default: whole sequences at positions ``0..T-1``);
+        padding is never processed or attended to; its logits are zero and its depth 0."""
+        check_tokens(x, "TokenEarlyExit")
+        b, t, _ = x.shape
+        span = Span.of(x) if span is None else span
+        if self.training:
+            if cache is not None:
+                raise DynamicError("TokenEarlyExit: a KV cache is for decoding; call "
+                                   "model.eval() first.")
+            return self._train(x, span)
+        refuse_tracing("TokenEarlyExit in eval mode")
+        active: Tokens | None = Tokens() if span.valid is None else pack(span.valid)
+        left: list[Tokens] = []  # the tokens that left, by the block they left at
+        depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
+        logits, last = None, len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if cache is not None:  # the states of the tokens that left stand in for them
+                for gone in left:
+                    charged_tokens(gone, t, block.remember, gone.gather(x), span.pack(gone),
+                                   cache[i])
+            if active is None:
+                if cache is None:
+                    break
+                continue  # no token goes on; the later blocks still need the keys
+            picked = active.gather(x)
+            if cache is not None:
+                done = charged_tokens(active, t, block, picked, span.pack(active), cache[i])
+            else:
+                done = self._propagated(block, x, picked, span, active)
+            x = active.scatter(x, active.merge(done, picked))
+            active.fill(depth, i + 1)
+            out = charged_tokens(active, t, self._head, done)  # (b, n, V)
+            if logits is None:
+                logits = out.new_zeros(b, t, out.shape[-1])
+            if i == last:
+                logits = active.scatter(logits, active.merge(out, active.gather(logits)))
+                break
+            leave = charged_tokens(active, t, self.confidence, i, done, out) >= self.threshold
+            if active.real is not None:  # padding entries point at other tokens: keep those
+                leave = leave & active.real
+            logits = active.scatter(logits, torch.where(leave[..., None], out,
+                                                        active.gather(logits)))
+            if cache is None:
+                active = active.narrow(~leave)
+            else:
+                active, gone = active.split(~leave)
+                left += [] if gone is None else [gone]
+        if logits is None:  # no real token at all
+            empty = self._head(x[:, :0])
+            logits = empty.new_zeros(b, t, empty.shape[-1])
+        return TokenExits(logits, depth)
+
+    def _propagated(self, block: nn.Module, x: torch.Tensor, picked: torch.Tensor, span: Span,
+                    active: Tokens) -> torch.Tensor:
+        """``block`` on the ``active`` tokens, attending to the keys every real token of their
+        rows makes from its current state (the state it left with, for a token that left)."""
+        rows = Tokens(active.rows)
+        whole = span.pack(rows)
+        memory = block.new_cache(picked.shape[0], span.end)
+        charged_tokens(rows, x.shape[1], block.remember, rows.gather(x),
+                       replace(whole, rows=None, _memo=whole._memo), memory)
+        queries = span.pack(active)
+        queries = replace(queries, rows=None, write=False, _memo=queries._memo)
+        return charged_tokens(active, x.shape[1], block, picked, queries, memory)
+
+    def _train(self, x: torch.Tensor, span: Span) -> TokenExits:
+        """Every block on every token; every exit's logits, for the joint loss."""
+        exits, states = [], []
+        for block in self.blocks:
+            x = block(x, span, None)
+            states.append(x)
+            exits.append(self._head(x))
+        depth = torch.full(x.shape[:2], len(self.blocks), dtype=torch.long, device=x.device)
+        if span.valid is not None:
+            depth = depth * span.valid
+        aux = None
+        if self.rule == "learned":  # does exit i already say what the last block says?
+            final = exits[-1].detach().argmax(-1)
+            aux = sum(bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, span.valid)
+                      for c, h, z in zip(self.classifiers, states, exits, strict=False))
+        return TokenExits(exits[-1], depth, tuple(exits), aux)
