@@ -422,9 +422,12 @@ def test_per_token_early_exit_equals_the_token_loop(size, threshold, rule):
     if size == (3, 9, 0):
         assert set(depth.flatten().tolist()) == {1, 2, 3}
     torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
-    if threshold == 1e-9:
+    # The extremes hold for the confidence rule (a top probability lies in [1/V, 1) here);
+    # a learned classifier's sigmoid saturates to exactly 0 or 1 in float32, and the oracle
+    # loop then leaves where the model does.
+    if threshold == 1e-9 and rule == "confidence":
         assert bool((depth == 1).all())
-    if threshold == 1.0:
+    if threshold == 1.0 and rule == "confidence":
         assert bool((depth == 3).all())
         dense = model.train()(ids)
         torch.testing.assert_close(out.logits, dense.logits, rtol=1e-5, atol=1e-5)

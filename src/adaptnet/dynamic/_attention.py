@@ -84,8 +84,13 @@ class Span:
         index = tokens.index if self.index is None else tokens.gather(self.index)
         valid = tokens.real if tokens.index is not None else \
             None if self.valid is None else tokens.gather(self.valid)
+        memo = {}
+        if index is None:  # whole rows keep their slots and their rows of the tables
+            memo = {key: value if key == "slots" else
+                    tuple(table.index_select(0, tokens.rows) for table in value)
+                    for key, value in self._memo.items()}
         return Span(tokens.gather(self.positions), self.start, self.end, rows, index, valid,
-                    self.write)
+                    self.write, memo)
 
     def reading(self) -> Span:
         """This span, attending to the cache without writing to it."""
@@ -103,16 +108,34 @@ class Span:
 
     def rotary(self, dim: int, dtype: torch.dtype, base: float = 10_000.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary embedding tables for these positions: ``(cos, sin)``, each ``(b, 1, n, dim/2)``,
-        computed once per span and shared by every block that asks for the same ones."""
+        """Rotary embedding tables for these positions, each ``(b, 1, n, dim)``: the cosines of
+        the ``dim/2`` angles twice, and their sines negated then as they are (what
+        ``CausalBlock``'s rotation multiplies by); computed once per span and shared by
+        every block that asks for the same ones."""
         key = (dim, dtype, base)
         if key not in self._memo:
-            half = dim // 2
-            freq = base ** (-torch.arange(half, device=self.positions.device,
-                                          dtype=torch.float32) / half)
+            freq = _frequencies(dim // 2, base, self.positions.device)
             angle = self.positions[:, None, :, None].to(torch.float32) * freq
-            self._memo[key] = angle.cos().to(dtype), angle.sin().to(dtype)
+            cos, sin = angle.cos(), angle.sin()
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+            self._memo[key] = (cos, sin) if dtype == torch.float32 else \
+                (cos.to(dtype), sin.to(dtype))
         return self._memo[key]
+
+
+_FREQUENCIES: dict[tuple, torch.Tensor] = {}
+
+
+def _frequencies(half: int, base: float, device: torch.device) -> torch.Tensor:
+    """``base ** (-i / half)`` for ``i < half``, float32: the rotary frequencies, kept per
+    device (a decoding step would otherwise build them again)."""
+    if torch.compiler.is_compiling():  # a traced graph computes them itself
+        return base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    key = (half, base, str(device))
+    if key not in _FREQUENCIES:
+        _FREQUENCIES[key] = base ** (-torch.arange(half, device=device, dtype=torch.float32)
+                                     / half)
+    return _FREQUENCIES[key]
 
 
 class KVCache:
@@ -124,7 +147,9 @@ class KVCache:
         valid: ``(B, S + 1)`` bool, the slots that hold a key (read only while
             :attr:`dense` is False).
         dense: every slot below :attr:`end` of every row holds a key (no token
-            skipped the layer, no padding): attention needs no mask.
+            skipped the layer, no padding): attention needs no mask. A write that
+            leaves a row's slot empty (a skipped token, padding, a whole call that
+            skipped the layer) makes the cache sparse for good.
         end: the slots in use.
     """
 
@@ -146,7 +171,10 @@ class KVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
         """Store keys and values ``(b, H, n, dh)`` of the tokens of ``span`` at their slots."""
-        self._check(k, span)
+        if span.end > self.length or (span.rows is None and k.shape[0] != self.batch):
+            self._refuse(k, span)
+        if span.start > self.end:  # calls that skipped this layer left their slots empty
+            self._sparse()
         if span.rows is None and span.index is None:  # every row, consecutive slots
             slots = span.slots()
             self.keys.index_copy_(2, slots, k)
@@ -155,10 +183,19 @@ class KVCache:
                 self._sparse()
                 self.valid[:, span.start:span.start + k.shape[2]] = \
                     True if span.valid is None else span.valid
+        elif span.index is None:  # whole rows, consecutive slots: a decoding step's
+            self._sparse()
+            at = slice(span.start, span.start + k.shape[2])
+            self.keys[:, :, at].index_copy_(0, span.rows, k)
+            self.values[:, :, at].index_copy_(0, span.rows, v)
+            if span.valid is None:
+                self.valid[:, at].index_fill_(0, span.rows, True)
+            else:
+                self.valid[:, at].index_copy_(0, span.rows, span.valid)
         else:
             self._sparse()
             rows = torch.arange(k.shape[0], device=k.device) if span.rows is None else span.rows
-            r, s = rows[:, None], span.slots()  # (b, 1) and (n,) or (b, n)
+            r, s = rows[:, None], span.slots()  # (b, 1) and (b, n)
             if span.valid is not None:  # padding points at other tokens: write it nowhere
                 s = torch.where(span.valid, s, self.length)
             self.keys[r, :, s] = k.transpose(1, 2)  # indexed: (b, n, H, dh)
@@ -175,8 +212,8 @@ class KVCache:
         elif span.end > self.end:
             raise DynamicError(f"KVCache: a read up to slot {span.end} of a cache filled to "
                                f"{self.end}; write the keys of slots before reading them.")
-        keys, values = self.keys[:, :, :span.end], self.values[:, :, :span.end]
-        mask = None if self.dense else self.valid[:, :span.end]
+        keys, values = self.keys.narrow(2, 0, span.end), self.values.narrow(2, 0, span.end)
+        mask = None if self.dense else self.valid.narrow(1, 0, span.end)
         if span.rows is not None:
             keys, values = keys.index_select(0, span.rows), values.index_select(0, span.rows)
             mask = None if mask is None else mask.index_select(0, span.rows)
@@ -191,7 +228,7 @@ class KVCache:
             mask = mask | ~span.valid[:, None, :, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
-    def _check(self, k: torch.Tensor, span: Span) -> None:
+    def _refuse(self, k: torch.Tensor, span: Span) -> None:
         if span.rows is None and k.shape[0] != self.batch:
             raise DynamicError(f"KVCache: made for a batch of {self.batch}, written with "
                                f"{k.shape[0]} rows; make the cache for this batch "

@@ -20,10 +20,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> to
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(..., T, dh)`` rotated by the tables ``cos``, ``sin`` ``(..., T, dh/2)``."""
+    """``x`` ``(..., T, dh)`` rotated by the tables ``cos`` ``(..., T, dh)`` (the angles'
+    cosines, twice) and ``sin`` (their sines, negated then as they are): channel ``i``
+    and ``i + dh/2`` become ``a cos - b sin`` and ``b cos + a sin``, in five operators."""
     half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    swapped = torch.cat([x.narrow(-1, half, half), x.narrow(-1, 0, half)], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class CausalBlock(nn.Module):

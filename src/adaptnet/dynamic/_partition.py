@@ -180,24 +180,30 @@ class Tokens:
 
         The shrinking active set of the token constructs, as :func:`take` is the
         sample constructs' (and built on it): rows left with no token are dropped,
-        and each row's kept tokens are packed first, in order.
+        and each row's kept tokens are packed first, in order. Returns this set
+        itself when every entry is kept.
         """
         if self.real is not None:
             keep = keep & self.real
+        if keep.shape[1] == 1:  # one token per row (a decoding step): rows go or stay
+            return self._rows(keep.reshape(-1).nonzero().squeeze(1), keep.shape[0])
         return self._keep(keep, keep.sum(1).tolist())
 
-    def split(self, keep: torch.Tensor) -> tuple[Tokens | None, Tokens | None]:
-        """``(narrow(keep), narrow(~keep))``, with one host read for both."""
-        drop = ~keep if self.real is None else ~keep & self.real
-        if self.real is not None:
-            keep = keep & self.real
-        counts = torch.stack([keep.sum(1), drop.sum(1)]).tolist()
-        return self._keep(keep, counts[0]), self._keep(drop, counts[1])
+    def _rows(self, sel: torch.Tensor, b: int) -> Tokens | None:
+        """The entries of rows ``sel`` (of this set's ``b``): whole rows stay."""
+        if not sel.shape[0]:
+            return None
+        if sel.shape[0] == b:
+            return self
+        rows, *index = take(self.rows, sel, *(() if self.index is None else (self.index,)))
+        return Tokens(rows, index[0] if index else None, None)  # kept entries are real
 
     def _keep(self, keep: torch.Tensor, counts: list[int]) -> Tokens | None:
         live = [i for i, c in enumerate(counts) if c]
         if not live:
             return None
+        if self.real is None and len(live) == len(counts) and min(counts) == keep.shape[1]:
+            return self  # nothing left the set
         sel = None if len(live) == len(counts) else torch.tensor(live, device=keep.device)
         rows, *index = take(self.rows, sel, *(() if self.index is None else (self.index,)))
         index = index[0] if index else None

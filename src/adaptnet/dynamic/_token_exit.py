@@ -136,59 +136,62 @@ class TokenEarlyExit(nn.Module):
                                    "model.eval() first.")
             return self._train(x, span)
         refuse_tracing("TokenEarlyExit in eval mode")
-        active: Tokens | None = Tokens() if span.valid is None else pack(span.valid)
-        left: list[Tokens] = []  # the tokens that left, by the block they left at
+        everyone = Tokens() if span.valid is None else pack(span.valid)  # the real tokens
+        active, left = everyone, False
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
         logits, last = None, len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if cache is not None:  # the states of the tokens that left stand in for them
-                for gone in left:
-                    charged_tokens(gone, t, block.remember, gone.gather(x), span.pack(gone),
-                                   cache[i])
+            if active is None and cache is None:
+                break
+            memory = None if cache is None else cache[i]
+            if left:  # some token left: every token's keys come from its state, in one call
+                memory = self._remember(block, x, span, everyone, active, memory)
             if active is None:
-                if cache is None:
-                    break
                 continue  # no token goes on; the later blocks still need the keys
             picked = active.gather(x)
-            if cache is not None:
-                done = charged_tokens(active, t, block, picked, span.pack(active), cache[i])
-            else:
-                done = self._propagated(block, x, picked, span, active)
+            sub = span.pack(active)
+            if left:  # the keys are in: the tokens still going only read them
+                sub = replace(sub, rows=sub.rows if cache is not None else None, write=False,
+                              _memo=sub._memo)
+            done = charged_tokens(active, t, block, picked, sub, memory)
             x = active.scatter(x, active.merge(done, picked))
             active.fill(depth, i + 1)
             out = charged_tokens(active, t, self._head, done)  # (b, n, V)
-            if logits is None:
+            # Every exit writes its tokens' logits; a later exit overwrites those that go on.
+            if logits is None and not active.dense:
                 logits = out.new_zeros(b, t, out.shape[-1])
+            logits = active.scatter(logits, active.merge(out, None if active.real is None
+                                                         else active.gather(logits)))
             if i == last:
-                logits = active.scatter(logits, active.merge(out, active.gather(logits)))
                 break
             leave = charged_tokens(active, t, self.confidence, i, done, out) >= self.threshold
-            if active.real is not None:  # padding entries point at other tokens: keep those
-                leave = leave & active.real
-            logits = active.scatter(logits, torch.where(leave[..., None], out,
-                                                        active.gather(logits)))
-            if cache is None:
-                active = active.narrow(~leave)
-            else:
-                active, gone = active.split(~leave)
-                left += [] if gone is None else [gone]
+            going = active.narrow(~leave)
+            left, active = left or going is not active, going
         if logits is None:  # no real token at all
             empty = self._head(x[:, :0])
             logits = empty.new_zeros(b, t, empty.shape[-1])
         return TokenExits(logits, depth)
 
-    def _propagated(self, block: nn.Module, x: torch.Tensor, picked: torch.Tensor, span: Span,
-                    active: Tokens) -> torch.Tensor:
-        """``block`` on the ``active`` tokens, attending to the keys every real token of their
-        rows makes from its current state (the state it left with, for a token that left)."""
-        rows = Tokens(active.rows)
-        whole = span.pack(rows)
-        memory = block.new_cache(picked.shape[0], span.end)
-        charged_tokens(rows, x.shape[1], block.remember, rows.gather(x),
-                       replace(whole, rows=None, _memo=whole._memo), memory)
-        queries = span.pack(active)
-        queries = replace(queries, rows=None, write=False, _memo=queries._memo)
-        return charged_tokens(active, x.shape[1], block, picked, queries, memory)
+    @staticmethod
+    def _remember(block: nn.Module, x: torch.Tensor, span: Span, everyone: Tokens | None,
+                  active: Tokens | None, cache: KVCache | None) -> KVCache | None:
+        """The keys and values of every real token's current state (the state it left
+        with, for a token that left) written by ``block.remember``: into ``cache`` for
+        every row (later steps need them), or without a cache into a memory for the rows
+        with a token still going; returns where they went."""
+        if cache is None:
+            if active is None:
+                return None
+            whole = Tokens(active.rows)
+            sub = span.pack(whole)
+            sub = replace(sub, rows=None, _memo=sub._memo)  # the memory's own rows
+            cache = block.new_cache(sub.positions.shape[0], span.end)
+        elif everyone is None:
+            return cache
+        else:
+            whole, sub = everyone, span.pack(everyone)
+        charged_tokens(whole, x.shape[1], block.remember, whole.gather(x), sub, cache)
+        return cache
 
     def _train(self, x: torch.Tensor, span: Span) -> TokenExits:
         """Every block on every token; every exit's logits, for the joint loss."""
@@ -206,3 +209,4 @@ class TokenEarlyExit(nn.Module):
             aux = sum(bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, span.valid)
                       for c, h, z in zip(self.classifiers, states, exits, strict=False))
         return TokenExits(exits[-1], depth, tuple(exits), aux)
+

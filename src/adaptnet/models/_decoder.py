@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -47,19 +48,32 @@ class DecoderResult:
 
     Attributes:
         logits: ``(B, T, V)`` next-token logits.
-        depth: ``(B, T)`` blocks each token went through (0 at padding).
         aux: training: the causal predictors' loss (Mixture-of-Depths/Recursions, summed
             over blocks) or the learned exit classifiers'.
         exit_logits: training with per-token exits: every exit's logits.
         layers: the result of each per-token construct among the blocks, in order
             (:class:`~adaptnet.dynamic.TokenResult`, :class:`~adaptnet.dynamic.TokenExits`).
+        blocks: the plain blocks, which every real token runs.
+        mask: ``(B, T)`` the real tokens, as given to the decoder (None: all).
     """
 
     logits: torch.Tensor
-    depth: torch.Tensor
     aux: torch.Tensor | None
     exit_logits: tuple[torch.Tensor, ...] = ()
     layers: tuple = ()
+    blocks: int = 0
+    mask: torch.Tensor | None = None
+
+    @functools.cached_property
+    def depth(self) -> torch.Tensor:
+        """``(B, T)`` int64, the blocks each token went through (0 at padding); built when
+        first read (a decoding step does not pay for it)."""
+        shape = self.logits.shape[:2]
+        depth = torch.full(shape, self.blocks, dtype=torch.long, device=self.logits.device) \
+            if self.mask is None else self.mask.long() * self.blocks
+        for layer in self.layers:
+            depth = depth + layer.depth
+        return depth
 
     @property
     def prediction(self) -> torch.Tensor:
@@ -147,23 +161,19 @@ class Decoder(nn.Module):
                 cache.next = first + (t if mask is None else mask.sum(1))
         span = Span(positions, start, start + t, valid=mask)
         h = self._embed(ids)
-        layers, plain, depth, aux = [], 0, None, None
+        layers, plain, aux = [], 0, None
         for i, block in enumerate(self.blocks):
             out = block(h, span, None if cache is None else cache.layers[i])
             if self.exits:  # the exits read the logits out themselves
-                return DecoderResult(out.logits, out.depth, out.aux_loss, out.exit_logits, (out,))
+                return DecoderResult(out.logits, out.aux_loss, out.exit_logits, (out,))
             if isinstance(out, torch.Tensor):
                 h, plain = out, plain + 1
                 continue
             h = out.prediction
             layers.append(out)
-            depth = out.depth if depth is None else depth + out.depth
             if out.aux_loss is not None:
                 aux = out.aux_loss if aux is None else aux + out.aux_loss
-        counted = torch.full((b, t), plain, dtype=torch.long, device=ids.device) if \
-            mask is None else mask.long() * plain
-        return DecoderResult(self.readout(h), counted if depth is None else counted + depth,
-                             aux, (), tuple(layers))
+        return DecoderResult(self.readout(h), aux, (), tuple(layers), plain, mask)
 
     def _check(self, ids: object, mask: object, cache: object) -> tuple[int, int]:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or \
