@@ -14,9 +14,10 @@ positions, tied output; vocabulary: Shakespeare's characters) at widths
 - *exit*: per-token early exit (confidence rule), the threshold set so that
   a token runs 2.5 of the 4 blocks on average.
 
-Rates are set on the text (a predictor's bias at the quantile of its logits,
-the exit threshold from a grid of quantiles of the exits' confidences) and
-measured again while decoding. Every variant decodes the same stream: a
+Rates are set on the decoded stream itself (a predictor's bias at the quantile
+of its logits, the exit threshold from a grid of quantiles of the exits'
+confidences; cached decoding routes as the full recompute does) and measured
+again while decoding. Every variant decodes the same stream: a
 16-character prompt, then 64 steps, each feeding the next character of the text
 (teacher forcing: the work of a greedy step, argmax included; greedy decoding
 of random weights soon repeats one token and would route every step alike).
@@ -110,13 +111,12 @@ def routed_share(model: torch.nn.Module, prompt: torch.Tensor, feed: torch.Tenso
 
 def width_run(width: int, text: torch.Tensor, vocab: int, rounds: int,
               batches: tuple[int, ...]) -> dict:
+    stream = text[:max(batches), :PROMPT + NEW]  # the prompt, then the tokens fed
+    prompt, feed = stream[:, :PROMPT], stream[:, PROMPT:]
     models = {name: build(name, width, vocab) for name in VARIANTS}
-    for m in models.values():
-        set_rates(m, text[:8, :PROMPT + NEW])
+    for m in models.values():  # on the stream itself: decoding it routes as its recompute
+        set_rates(m, stream)
     hands = {"hand": HandDecoder(models["vanilla"]), "hand MoD": HandDecoder(models["MoD"])}
-    stream = text[-max(batches):, :PROMPT + NEW]
-    prompt, feed = stream[:, :PROMPT], stream[:, PROMPT + 1:PROMPT + NEW + 1]
-    feed = torch.cat([feed, feed[:, -1:]], 1)[:, :NEW]
     for name, hand in (("vanilla", "hand"), ("MoD", "hand MoD")):  # the same greedy tokens
         a = forced(models[name], prompt, feed)
         b = hands[hand].generate(prompt, NEW, feed)

@@ -30,8 +30,8 @@ from _common import RESULTS, machine, machine_line, table
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
 # Cheap and timing-sensitive first, long trainings last; together under an hour on 2 cores.
-BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "train", "fsdp", "demo",
-              "early_exit", "adaptive", "autoencoder", "ponder", "mnist1d", "transfer"]
+BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "decode", "train", "fsdp",
+              "demo", "early_exit", "adaptive", "autoencoder", "ponder", "mnist1d", "transfer"]
 # Each of these trains for ten minutes or more (ResNets, decoders, several seeds to
 # convergence): `make bench-long`. The converged ones keep their runs in runs/bench/ and
 # resume when run again.

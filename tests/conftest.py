@@ -74,3 +74,17 @@ def regression_xy(n: int = 100):
     """``(inputs (n, 10), targets (n, 1))``, seeded."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 10, generator=g), torch.randn(n, 1, generator=g)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the token oracles and cache tests run: ``ADAPTNET_TEST_DEVICE`` (default cpu).
+
+    ``ADAPTNET_TEST_DEVICE=cuda make test`` runs them on a GPU; asked for one where
+    none exists, they are skipped (the rest of the suite runs on the CPU either way).
+    """
+    name = os.environ.get("ADAPTNET_TEST_DEVICE", "cpu")
+    wanted = torch.device(name)
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"ADAPTNET_TEST_DEVICE={name} but no CUDA device is available")
+    return wanted

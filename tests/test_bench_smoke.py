@@ -295,3 +295,13 @@ def test_bench_adaptive_quick(tmp_path):
     done = [r for r in runs if "skipped" not in r]
     assert all(0 < r.get("fraction", 1) <= 1 and 0 <= r.get("early", 0) <= 1 for r in done)
     assert FASHION_MNIST_DIR.is_dir() or "skipped" in runs[-1]
+
+
+def test_bench_decode_quick_checks_the_hand_written_tokens_and_reports_every_variant(tmp_path):
+    result = _quick("decode", tmp_path)
+    (res,) = result["widths"].values()
+    assert set(res["macs"]) == {"vanilla", "MoD", "MoR", "exit"}
+    assert res["macs"]["MoD"] < res["macs"]["vanilla"]  # the routed blocks were skipped
+    assert set(res["timing"]) == {"1@1", "1@2", "2@1", "2@2"}
+    assert set(res["timing"]["1@1"]) == {"vanilla", "MoD", "MoR", "exit", "hand", "hand MoD"}
+    assert "| clock efficiency |" in (tmp_path / "decode-quick.md").read_text()

@@ -83,7 +83,7 @@ def top_k(mod: MixtureOfDepths, x: torch.Tensor) -> torch.Tensor:
 
 
 def grads(out: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    w = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
     return list(torch.autograd.grad((out * w).sum(), tensors, retain_graph=True))
 
 
@@ -105,12 +105,12 @@ sizes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**16))
 @settings(max_examples=25, deadline=None)
 @given(sizes, st.sampled_from([1.0, 0.5, 0.25, 0.01]))
 @example((3, 9, 0), 0.5)
-def test_mixture_of_depths_top_k_equals_the_token_loop(size, capacity):
+def test_mixture_of_depths_top_k_equals_the_token_loop(device, size, capacity):
     b, t, seed = size
     torch.manual_seed(seed)
-    mod = MixtureOfDepths(CausalBlock(D, H), capacity, D).train()
-    x = torch.randn(b, t, D, requires_grad=True)
-    positions = torch.arange(t).expand(b, t)
+    mod = MixtureOfDepths(CausalBlock(D, H), capacity, D).to(device).train()
+    x = torch.randn(b, t, D, device=device, requires_grad=True)
+    positions = torch.arange(t, device=device).expand(b, t)
     res = mod(x)
     out = res.hidden
     keep = top_k(mod, x)
@@ -140,16 +140,16 @@ def test_capacity_one_is_the_dense_block_scaled_by_the_router():
 @settings(max_examples=25, deadline=None)
 @given(sizes, st.sampled_from(["predictor", "none", "all"]))
 @example((3, 9, 3), "predictor")  # rows keep 4, 1 and 0 tokens: padding in a ragged batch
-def test_the_causal_rule_equals_the_token_loop(size, rule):
+def test_the_causal_rule_equals_the_token_loop(device, size, rule):
     """Evaluation: each token is processed iff its predictor logit is > 0; ragged rows."""
     b, t, seed = size
     torch.manual_seed(seed)
-    mod = MixtureOfDepths(CausalBlock(D, H), 0.5, D).eval()
+    mod = MixtureOfDepths(CausalBlock(D, H), 0.5, D).to(device).eval()
     if rule != "predictor":  # every token skips, or every token is processed
         torch.nn.init.zeros_(mod.predictor[2].weight)
         torch.nn.init.constant_(mod.predictor[2].bias, -1.0 if rule == "none" else 1.0)
-    x = torch.randn(b, t, D, requires_grad=True)
-    positions = torch.arange(t).expand(b, t)
+    x = torch.randn(b, t, D, device=device, requires_grad=True)
+    positions = torch.arange(t, device=device).expand(b, t)
     res = mod(x)
     out = res.hidden
     keep = mod.predictor(x).squeeze(-1) > 0
@@ -176,14 +176,14 @@ def test_the_block_on_gathered_tokens_rotates_by_their_positions():
     assert not torch.allclose(alone, block(x[:, [1, 4]]))  # positions 0, 1 differ
 
 
-def test_the_cache_holds_ragged_rows_and_attends_only_to_their_keys():
-    """Prefill then one token at a time, rows skipping at random: the same as no cache."""
+def test_the_cache_holds_ragged_rows_and_attends_only_to_their_keys(device):
+    """One token at a time, rows skipping at random: the same as no cache."""
     torch.manual_seed(0)
-    block = CausalBlock(D, H).eval()
+    block = CausalBlock(D, H).to(device).eval()
     b, t = 3, 6
-    x = torch.randn(b, t, D)
-    pos = torch.arange(t).expand(b, t)
-    keep = torch.rand(b, t) < 0.6
+    x = torch.randn(b, t, D, device=device)
+    pos = torch.arange(t, device=device).expand(b, t)
+    keep = torch.rand(b, t, device=device) < 0.6
     keep[:, 0] = True
     want = token_loop(block, x, pos, keep)
     cache = block.new_cache(b, t)
@@ -203,9 +203,9 @@ def mor_loop(mor: MixtureOfRecursions, x: torch.Tensor) -> tuple[torch.Tensor, t
     layers one at a time, each attending among that step's tokens (``kv="share"``: to the
     keys that layer made at step 0, of every token); returns output and depth."""
     b, t, _ = x.shape
-    positions = torch.arange(t).expand(b, t)
-    depth = torch.zeros(b, t, dtype=torch.long)
-    active = torch.ones(b, t, dtype=torch.bool)
+    positions = torch.arange(t, device=x.device).expand(b, t)
+    depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
+    active = torch.ones(b, t, dtype=torch.bool, device=x.device)
     first = []  # the input states of step 0's layers
     if mor.router_kind == "token":
         probs = torch.softmax(mor.depth_router(x), -1)
@@ -242,25 +242,24 @@ def mor_loop(mor: MixtureOfRecursions, x: torch.Tensor) -> tuple[torch.Tensor, t
 @example((3, 9, 1), "token", False, 3, "cycle", "share")
 @example((2, 7, 2), "expert", False, 2, "sequence", "share")
 @example((1, 1, 3), "expert", True, 2, "sequence", "share")
-def test_mixture_of_recursions_equals_the_token_loop(size, router, training, recursions, share,
-                                                     kv):
+def test_mixture_of_recursions_equals_the_token_loop(device, size, router, training, recursions,
+                                                     share, kv):
     b, t, seed = size
     torch.manual_seed(seed)
     mor = MixtureOfRecursions([CausalBlock(D, H), CausalBlock(D, H)], recursions, D,
-                              router, share=share, kv=kv).train(training)
+                              router, share=share, kv=kv).to(device).train(training)
     if router == "token":  # spread the chosen depths
         torch.nn.init.normal_(mor.depth_router.weight, std=2.0)
-    x = torch.randn(b, t, D, requires_grad=True)
+    x = torch.randn(b, t, D, device=device, requires_grad=True)
     res = mor(x)
     out = res.hidden
     want, depth = mor_loop(mor, x)
     assert torch.equal(res.depth, depth * len(mor.blocks))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     tensors = [x, *mor.parameters()]
-    got_g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                                tensors, allow_unused=True, retain_graph=True)
-    want_g = torch.autograd.grad((want * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                                 tensors, allow_unused=True)
+    w = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+    got_g = torch.autograd.grad((out * w).sum(), tensors, allow_unused=True, retain_graph=True)
+    want_g = torch.autograd.grad((want * w).sum(), tensors, allow_unused=True)
     for g, w in zip(got_g, want_g, strict=True):
         assert (g is None) == (w is None) or float((g if w is None else w).abs().sum()) == 0
         if g is not None and w is not None:
@@ -359,8 +358,8 @@ def attend(block: CausalBlock, h: torch.Tensor, pos: int, states: torch.Tensor) 
     k = F.linear(kv, w[D:2 * D], bias[D:2 * D]).view(1, -1, H, dh).transpose(1, 2)
     v = F.linear(kv, w[2 * D:], bias[2 * D:]).view(1, -1, H, dh).transpose(1, 2)
     n = states.shape[0]
-    q = rope(q.transpose(1, 2), torch.tensor([[pos]]))
-    k = rope(k, torch.arange(n)[None])
+    q = rope(q.transpose(1, 2), torch.tensor([[pos]], device=h.device))
+    k = rope(k, torch.arange(n, device=h.device)[None])
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v  # (1, H, 1, dh)
     out = h + block.proj(att.transpose(1, 2).reshape(D))
     return out + block.mlp(block.norm2(out))
@@ -371,8 +370,8 @@ def exit_loop(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     left stands in every later block by its last state (state propagation)."""
     exits = model.blocks[0]
     b, t = ids.shape
-    logits = torch.zeros(b, t, model.head.out_features)
-    depth = torch.zeros(b, t, dtype=torch.long)
+    logits = torch.zeros(b, t, model.head.out_features, device=ids.device)
+    depth = torch.zeros(b, t, dtype=torch.long, device=ids.device)
     for row in range(b):
         states = [[None] * t for _ in exits.blocks]  # the input state of each block
         for i in range(t):
@@ -406,7 +405,7 @@ def learned_exits(model) -> None:
                                                                              "learned"]))
 @example((3, 9, 0), 0.7, "confidence")
 @example((3, 9, 0), 0.6, "learned")
-def test_per_token_early_exit_equals_the_token_loop(size, threshold, rule):
+def test_per_token_early_exit_equals_the_token_loop(device, size, threshold, rule):
     """1e-9: every token leaves after block 1; 1.0: none leaves early (the dense model)."""
     b, t, seed = size
     torch.manual_seed(seed)
@@ -415,7 +414,8 @@ def test_per_token_early_exit_equals_the_token_loop(size, threshold, rule):
     torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
     if rule == "learned":
         learned_exits(model)
-    ids = torch.randint(0, 11, (b, t))
+    model.to(device)
+    ids = torch.randint(0, 11, (b, t), device=device)
     out = model(ids)
     want, depth = exit_loop(model, ids)
     assert torch.equal(out.depth, depth)

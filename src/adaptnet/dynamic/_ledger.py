@@ -3,9 +3,12 @@
 Built on ``torch.utils.flop_counter.FlopCounterMode``, which counts at the
 operator level (``mm``, ``addmm``, ``bmm``, convolutions, attention), so it sees
 exactly what ran: a path no sample took, a step a halted sample skipped, an
-expert no token picked all count zero. One gap is filled here: the fused
-``nn.LSTM``/``nn.GRU``/``nn.RNN`` kernels are not counted by PyTorch 2.13, so
-their multiply-adds are added from the standard formula.
+expert no token picked all count zero. Two gaps are filled here: the fused
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` kernels are not counted by PyTorch, so their
+multiply-adds are added from the standard formula; and PyTorch has no formula
+for the CPU kernel of ``scaled_dot_product_attention``
+(``_scaled_dot_product_flash_attention_for_cpu``, forward and backward), so it
+is given the one PyTorch uses for the GPU kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from adaptnet.dynamic._partition import Tokens
 from adaptnet.errors import DynamicError
@@ -26,6 +29,21 @@ __all__ = ["MacCount", "active_rows", "charged", "charged_tokens", "count_macs",
            "current_ledger"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# What FlopCounterMode leaves out (its formulas receive the arguments' shapes).
+_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 _cpu_attention_backward}
 
 
 @dataclass
@@ -213,7 +231,7 @@ def count_macs(batch_size: int | None = None, tokens: int | None = None
                            f"given with batch_size; got tokens={tokens!r}, "
                            f"batch_size={batch_size!r}.")
     result = MacCount()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_FORMULAS)
     pending: dict[int, tuple[int, set[str], int]] = {}
 
     def before(module: nn.Module, args: tuple) -> None:

@@ -74,12 +74,12 @@ class MixtureOfRecursions(nn.Module):
             if value not in allowed:
                 raise DynamicError(f"MixtureOfRecursions: {name} must be "
                                    f"{' or '.join(map(repr, allowed))}, got {value!r}.")
-        self.blocks = nn.ModuleList(blocks if isinstance(blocks, list | tuple | nn.ModuleList)
-                                    else [blocks])
-        if not len(self.blocks):
+        stack = list(blocks) if isinstance(blocks, list | tuple | nn.ModuleList) else [blocks]
+        if not stack:
             raise DynamicError("MixtureOfRecursions: blocks is empty; give the shared stack.")
-        for block in self.blocks:
+        for block in stack:
             check_block(block, "MixtureOfRecursions")
+        self.blocks = nn.ModuleList(stack)
         self.recursions, self.router_kind, self.kv = max_recursions, router, kv
         n = len(self.blocks)
         problem = order_problem(max_recursions * n, n, share)

@@ -121,7 +121,9 @@ class TokenEarlyExit(nn.Module):
         """Exit ``i``'s confidence in its prediction ``logits`` of states ``h``, in [0, 1]."""
         if self.rule == "learned":
             return torch.sigmoid(self.classifiers[i](h).squeeze(-1))
-        return torch.softmax(logits.float(), -1).amax(-1)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        return torch.softmax(logits, -1).amax(-1)
 
     def forward(self, x: torch.Tensor, span: Span | None = None,
                 cache: list[KVCache] | None = None) -> TokenExits:
@@ -164,8 +166,8 @@ class TokenEarlyExit(nn.Module):
                                                          else active.gather(logits)))
             if i == last:
                 break
-            leave = charged_tokens(active, t, self.confidence, i, done, out) >= self.threshold
-            going = active.narrow(~leave)
+            stay = charged_tokens(active, t, self.confidence, i, done, out) < self.threshold
+            going = active.narrow(stay)
             left, active = left or going is not active, going
         if logits is None:  # no real token at all
             empty = self._head(x[:, :0])

@@ -106,8 +106,10 @@ def routed(tokens: Tokens, x: torch.Tensor, weight: torch.Tensor | None, router:
     picked = tokens.gather(x)
     if not picked.shape[1]:  # rows with no real token at all
         return x
-    w = torch.sigmoid(router(picked)) if weight is None else tokens.gather(weight)[..., None]
-    done = charged_tokens(tokens, x.shape[1], run, picked, span.pack(tokens), *state)
+    t = x.shape[1]
+    w = torch.sigmoid(charged_tokens(tokens, t, router, picked)) if weight is None else \
+        tokens.gather(weight)[..., None]
+    done = charged_tokens(tokens, t, run, picked, span.pack(tokens), *state)
     return tokens.scatter(x, tokens.merge(picked + w * (done - picked), picked))
 
 
