@@ -88,3 +88,32 @@ def device() -> torch.device:
     if wanted.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"ADAPTNET_TEST_DEVICE={name} but no CUDA device is available")
     return wanted
+
+
+def spread_routes(model: nn.Module, embed_std: float = 1.0) -> nn.Module:
+    """Weights (from the global RNG) under which a decoder's tokens route, recur and leave
+    differently: varied embeddings, causal predictors with large weights and no bias, a
+    depth router and exit classifiers that disagree between tokens."""
+    with torch.no_grad():
+        nn.init.normal_(model.embed.weight, std=embed_std)
+        for m in model.modules():
+            for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
+                if p is not None:
+                    nn.init.normal_(p[2].weight, std=3.0)
+                    nn.init.zeros_(p[2].bias)
+            if hasattr(m, "depth_router"):
+                nn.init.normal_(m.depth_router.weight, std=4.0)
+            for c in getattr(m, "classifiers", []):
+                nn.init.normal_(c.weight, std=2.0)
+                nn.init.zeros_(c.bias)
+    return model
+
+
+def stepwise(model: nn.Module, ids: torch.Tensor, prompt: int) -> tuple[object, torch.Tensor]:
+    """``(cache, logits)`` of ``ids`` ``(B, T)`` decoded with a KV cache: the first ``prompt``
+    tokens in one call, then one token per call (what ``generate`` does)."""
+    with torch.no_grad():
+        cache = model.eval().new_cache(ids.shape[0])
+        logits = [model(ids[:, :prompt], cache=cache).logits]
+        logits += [model(ids[:, i:i + 1], cache=cache).logits for i in range(prompt, ids.shape[1])]
+    return cache, torch.cat(logits, 1)

@@ -29,6 +29,7 @@ from adaptnet.dynamic import (
 )
 from adaptnet.errors import ConfigError, DynamicError
 from adaptnet.models import Decoder, decoder
+from conftest import spread_routes
 
 D, H, V, CONTEXT = 16, 2, 19, 72
 
@@ -83,20 +84,7 @@ def user_decoder(kind: str, seed: int = 0) -> Decoder:
     rule = {"exit-confidence": "confidence", "exit-learned": "learned"}.get(kind)
     model = Decoder(V, D, blocks, CONTEXT, exit_threshold=None if rule is None else
                     (0.9 if rule == "confidence" else 0.5), exit_rule=rule or "confidence")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # routes, recursions and exits that differ between tokens
-        model.embed.weight.copy_(torch.randn(model.embed.weight.shape, generator=g) * 0.5)
-        for m in model.modules():
-            for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
-                if p is not None:
-                    p[2].weight.copy_(torch.randn(p[2].weight.shape, generator=g) * 3.0)
-                    p[2].bias.zero_()
-            if hasattr(m, "depth_router"):
-                m.depth_router.weight.mul_(20.0)
-            for c in getattr(m, "classifiers", []):
-                c.weight.copy_(torch.randn(c.weight.shape, generator=g) * 2.0)
-                c.bias.zero_()
-    return model.eval()
+    return spread_routes(model, embed_std=0.5).eval()
 
 
 USER_KINDS = ["plain", "mod", "mor-expert-cache", "mor-expert-share", "mor-token-cache",

@@ -25,6 +25,7 @@ from adaptnet.dynamic import (
 )
 from adaptnet.errors import ConfigError, DynamicError, ModelError
 from adaptnet.models import decoder
+from conftest import spread_routes, stepwise
 
 D, H = 8, 2
 
@@ -334,12 +335,10 @@ def test_generate_with_recursion_caches_equals_full_recompute(router, share, kv)
     prompt = torch.randint(0, 11, (3, 4))
     cached = adaptnet.generate(model, prompt, 10)
     assert torch.equal(cached, adaptnet.generate(model, prompt, 10, use_cache=False))
+    cache, logits = stepwise(model, cached, 4)
     with torch.no_grad():
-        cache = model.eval().new_cache(3)
-        stepwise = [model(cached[:, :4], cache=cache).logits]
-        stepwise += [model(cached[:, i:i + 1], cache=cache).logits for i in range(4, 14)]
         full = model(cached)
-    torch.testing.assert_close(torch.cat(stepwise, 1), full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, full.logits, rtol=1e-5, atol=1e-5)
     depth = full.layers[0].depth // len(mor.blocks)
     assert len(set(depth.flatten().tolist())) > 1, "every token took the same depth"
     held = [int(c.held().sum()) for c in cache.layers[0]]
@@ -453,12 +452,10 @@ def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
     prompt = torch.randint(0, 11, (4, 3))
     cached = adaptnet.generate(model, prompt, 12)
     assert torch.equal(cached, adaptnet.generate(model, prompt, 12, use_cache=False))
+    _, logits = stepwise(model, cached, 3)
     with torch.no_grad():
-        full = model.eval()(cached)
-        cache = model.new_cache(4)
-        steps = [model(cached[:, :3], cache=cache).logits]
-        steps += [model(cached[:, i:i + 1], cache=cache).logits for i in range(3, 15)]
-    torch.testing.assert_close(torch.cat(steps, 1), full.logits, rtol=1e-5, atol=1e-5)
+        full = model(cached)
+    torch.testing.assert_close(logits, full.logits, rtol=1e-5, atol=1e-5)
     assert set(full.depth.flatten().tolist()) == {1, 2, 3}, "tokens should leave at every block"
     out = model.train()(cached)  # training: every exit, a joint loss over them
     assert len(out.exit_logits) == 3 and bool((out.depth == 3).all())
@@ -592,20 +589,6 @@ KINDS = {
 }
 
 
-def spread(model) -> None:
-    """Weights under which tokens route, recur and leave differently."""
-    torch.nn.init.normal_(model.embed.weight)
-    for m in model.modules():
-        for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
-            if p is not None:
-                torch.nn.init.normal_(p[2].weight, std=3.0)
-                torch.nn.init.zeros_(p[2].bias)
-        if hasattr(m, "depth_router"):
-            torch.nn.init.normal_(m.depth_router.weight, std=2.0)
-        if hasattr(m, "classifiers"):
-            learned_exits(model)
-
-
 def padded(rows: list[torch.Tensor], t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows padded to ``t`` with junk ids: even rows on the left, odd rows on the right."""
     ids = torch.randint(0, 11, (len(rows), t))
@@ -622,7 +605,7 @@ def test_padding_is_invisible_outputs_and_gradients_equal_each_row_alone(kind, t
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, heads=H, context=16, **({"layers": 4}
                                                                       | KINDS[kind]))
-    spread(model)
+    spread_routes(model)
     model.train(training)
     rows = [torch.randint(0, 11, (n,)) for n in (5, 1, 0, 8, 3, 6)]  # 0: all padding
     ids, mask = padded(rows, 8)
@@ -655,7 +638,7 @@ def test_generate_from_left_padded_prompts_equals_each_prompt_alone(kind):
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, heads=H, context=24, **({"layers": 4}
                                                                       | KINDS[kind]))
-    spread(model)
+    spread_routes(model)
     prompts = [torch.randint(0, 11, (n,)) for n in (4, 1, 6)]
     ids = torch.zeros(3, 6, dtype=torch.long)
     mask = torch.zeros(3, 6, dtype=torch.bool)

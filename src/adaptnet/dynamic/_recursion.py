@@ -7,9 +7,17 @@ from torch import nn
 
 from adaptnet._tree import STRATEGIES, layer_order, order_problem
 from adaptnet.dynamic._attention import KVCache, Span, check_block
-from adaptnet.dynamic._guards import check_tokens, refuse_tracing
+from adaptnet.dynamic._guards import refuse_tracing
 from adaptnet.dynamic._partition import Tokens, pack, token_quota
-from adaptnet.dynamic._tokens import TokenResult, bce, check_count, predictor, routed, top_tokens
+from adaptnet.dynamic._tokens import (
+    TokenResult,
+    bce,
+    begin,
+    check_count,
+    predictor,
+    routed,
+    top_tokens,
+)
 from adaptnet.errors import DynamicError
 
 __all__ = ["MixtureOfRecursions"]
@@ -106,12 +114,8 @@ class MixtureOfRecursions(nn.Module):
                 cache: list[KVCache] | None = None) -> TokenResult:
         """``x`` ``(B, T, d)`` at ``span`` (default: whole sequences at positions ``0..T-1``);
         padding (``span.valid`` False) is never processed, attended to or counted."""
-        check_tokens(x, "MixtureOfRecursions")
+        span = begin("MixtureOfRecursions", x, span, cache, self.training)
         b, t, _ = x.shape
-        span = Span.of(x) if span is None else span
-        if cache is not None and self.training:
-            raise DynamicError("MixtureOfRecursions: a KV cache is for decoding; call "
-                               "model.eval() first.")
         top_k = self.training and self.router_kind == "expert"
         if not top_k:
             refuse_tracing("MixtureOfRecursions with causal routing")

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptnet.dynamic._attention import KVCache, Span, check_block
-from adaptnet.dynamic._guards import check_tokens, refuse_tracing
+from adaptnet.dynamic._guards import refuse_tracing
 from adaptnet.dynamic._ledger import charged_tokens
 from adaptnet.dynamic._partition import Tokens, pack
 from adaptnet.dynamic._result import LossFn, export_as_pytree
-from adaptnet.dynamic._tokens import bce, check_count
+from adaptnet.dynamic._tokens import bce, begin, check_count
 from adaptnet.errors import DynamicError
 
 __all__ = ["TokenEarlyExit", "TokenExits"]
@@ -129,13 +129,9 @@ class TokenEarlyExit(nn.Module):
                 cache: list[KVCache] | None = None) -> TokenExits:
         """``x`` ``(B, T, d)`` at ``span`` (default: whole sequences at positions ``0..T-1``);
         padding is never processed or attended to; its logits are zero and its depth 0."""
-        check_tokens(x, "TokenEarlyExit")
+        span = begin("TokenEarlyExit", x, span, cache, self.training)
         b, t, _ = x.shape
-        span = Span.of(x) if span is None else span
         if self.training:
-            if cache is not None:
-                raise DynamicError("TokenEarlyExit: a KV cache is for decoding; call "
-                                   "model.eval() first.")
             return self._train(x, span)
         refuse_tracing("TokenEarlyExit in eval mode")
         everyone = Tokens() if span.valid is None else pack(span.valid)  # the real tokens

@@ -113,6 +113,17 @@ def routed(tokens: Tokens, x: torch.Tensor, weight: torch.Tensor | None, router:
     return tokens.scatter(x, tokens.merge(picked + w * (done - picked), picked))
 
 
+def begin(what: str, x: torch.Tensor, span: Span | None, cache: object, training: bool
+          ) -> Span:
+    """What every per-token construct checks first: ``(B, T, d)`` states, and no cache in
+    training; returns the span (default: whole sequences at positions ``0..T-1``)."""
+    check_tokens(x, what)
+    if cache is not None and training:
+        raise DynamicError(f"{what}: a KV cache is for decoding; call model.eval() first "
+                           "(training routes over whole sequences).")
+    return Span.of(x) if span is None else span
+
+
 def check_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DynamicError(f"{what} must be a whole number >= 1, got {value!r}.")
@@ -171,14 +182,9 @@ class MixtureOfDepths(nn.Module):
     def forward(self, x: torch.Tensor, span: Span | None = None, cache: KVCache | None = None
                 ) -> TokenResult:
         """``x`` ``(B, T, d)`` at ``span`` (default: whole sequences at positions ``0..T-1``)."""
-        check_tokens(x, "MixtureOfDepths")
+        span = begin("MixtureOfDepths", x, span, cache, self.training)
         b, t, _ = x.shape
-        span = Span.of(x) if span is None else span
         if self.training:
-            if cache is not None:
-                raise DynamicError("MixtureOfDepths: a KV cache is for decoding; call "
-                                   "model.eval() first (training routes by top-k over the "
-                                   "whole sequence).")
             weight = torch.sigmoid(self.router(x).squeeze(-1))  # (B, T)
             tokens = top_tokens(weight, token_quota(self.capacity, t, span.valid), span.valid)
             out = routed(tokens, x, weight, self.router, self.block, span, None)
