@@ -64,22 +64,22 @@ TIES = {"2.weight": {"owner": "0.weight", "transform": "transpose"}}
 
 def test_a_user_builder_with_a_transposed_tie_trains_saves_and_reloads(user_code):
     name, recipe = load_recipe(recipe_file(user_code, ties=TIES))
-    model = prepare(recipe, 8)[1]
+    model = prepare(recipe, 8, trust_code=True)[1]
     assert type(model).__name__ == "Sequential"
     assert adaptnet.summary(model).unique == 64 * 8 + 8 + 64  # one matrix, two uses
     torch.testing.assert_close(model[2].weight, model[0].weight.mT)
-    run = train_recipe(name, recipe, user_code / "run", limit=32).run_dir
+    run = train_recipe(name, recipe, user_code / "run", limit=32, trust_code=True).run_dir
     stored = yaml.safe_load((run / "config.yaml").read_text())
     assert stored["model"]["builder"] == "mymodels:autoencoder" and "name" not in stored["model"]
     assert stored["ties"] == TIES
-    _, again, _ = load_run(run)
+    _, again, _ = load_run(run, trust_code=True)
     torch.testing.assert_close(again[2].weight, again[0].weight.mT)
     assert adaptnet.ties(again)  # the tie is back, not two copies
 
 
 def test_vary_ties_on_off_compares_any_model(user_code):
     rows = compare(recipe_file(user_code, ties=TIES), variants(["ties=on,off"]), QUICK,
-                   user_code / "cmp", limit=32)
+                   user_code / "cmp", limit=32, trust_code=True)
     assert [r["variant"] for r in rows] == ["ties=true", "ties=false"]
     assert rows[0]["unique_params"] == 64 * 8 + 8 + 64
     assert rows[1]["unique_params"] == 2 * 64 * 8 + 8 + 64
@@ -90,12 +90,12 @@ def test_share_section_applies_strategies_to_a_user_model(user_code):
     path = recipe_file(user_code, share=share,
                        model={"builder": "mymodels:stack", "width": 16, "depth": 4},
                        data={"name": "digits"})
-    model = prepare(load_recipe(path)[1], 8)[1]
+    model = prepare(load_recipe(path)[1], 8, trust_code=True)[1]
     body = model[1]
     assert body[0] is body[2] and body[1] is body[3] and body[0] is not body[1]
     unique = 64 * 16 + 16 + 2 * (16 * 16 + 16) + 16 * 10 + 10
     assert adaptnet.summary(model).unique == unique
-    off = prepare(load_recipe(path, ["share=off"])[1], 8)[1]
+    off = prepare(load_recipe(path, ["share=off"])[1], 8, trust_code=True)[1]
     assert adaptnet.summary(off).unique == unique + 2 * (16 * 16 + 16)
 
 
@@ -122,22 +122,23 @@ def test_bad_builders_ties_and_shares_are_recipe_errors(user_code, sections, ove
                                                         message):
     with pytest.raises(RecipeError, match=message):
         _, recipe = load_recipe(recipe_file(user_code, **sections), overrides)
-        prepare(recipe, 8)
+        prepare(recipe, 8, trust_code=True)
 
 
 def test_cli_names_the_user_module_it_imports_and_fails_in_one_message(user_code):
     runner = CliRunner()
     path = recipe_file(user_code, ties=TIES)
     result = runner.invoke(app, ["train", path, "--limit", "16", "--run-dir",
-                                 str(user_code / "run")])
+                                 str(user_code / "run"), "--trust-code"])
     assert result.exit_code == 0, result.output
     for command in (["eval", str(user_code / "run")], ["summary", str(user_code / "run")],
                     ["summary", path]):
-        result = runner.invoke(app, command)
+        result = runner.invoke(app, [*command, "--trust-code"])
         assert result.exit_code == 0, result.output
         said = " ".join(result.output.split())
         assert "runs your code: mymodels (" in said and "mymodels.py)" in said
-    result = runner.invoke(app, ["train", recipe_file(user_code, ties={"2.weight": "x"})])
+    result = runner.invoke(app, ["train", recipe_file(user_code, ties={"2.weight": "x"}),
+                                 "--trust-code"])
     assert result.exit_code == 2 and "ties.2.weight" in result.output
     assert "Traceback" not in result.output
 

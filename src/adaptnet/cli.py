@@ -31,6 +31,10 @@ Overrides = Annotated[list[str] | None, typer.Argument(
     show_default=False)]
 Limit = Annotated[int | None, typer.Option(
     min=1, help="Use only the first N samples of each split: a quick check that a recipe runs.")]
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-code", help="Run the code a recipe's or run's model.builder names (its module is "
+    "imported). Recipes and run directories are data: without this, one that names code is "
+    "refused.")]
 
 
 @contextlib.contextmanager
@@ -54,20 +58,20 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
               help="Where the run goes (default runs/<recipe>-<time>).")] = None,
           resume: Annotated[bool, typer.Option(
               help="Continue from the newest checkpoint in --run-dir.")] = False,
-          limit: Limit = None) -> None:
+          limit: Limit = None, trust_code: TrustCode = False) -> None:
     """Train a recipe; write the run directory, its report and plots."""
     from adaptnet.recipes import load_recipe, train_recipe
 
     with _errors():
         name, parsed = load_recipe(recipe, overrides or [])
-        _say_user_code(parsed)
+        _say_user_code(parsed, trust_code)
         if resume and run_dir is None:
             raise AdaptnetError("--resume needs --run-dir, the run to continue.")
         if run_dir is not None and run_dir.resolve() == Path.cwd().resolve():
             raise RunDirError(f"--run-dir {str(run_dir)!r} is the current directory; give "
                               "a directory of its own for the run, e.g. --run-dir runs/mine.")
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
-                              limit=limit)
+                              limit=limit, trust_code=trust_code)
     _print_results(result.values)
     if "backbone" in result.values:
         out.print(f"pretrained backbone: {result.values['backbone']}")
@@ -86,24 +90,25 @@ def _print_results(values: dict) -> None:
     show(out, table(f"{values['recipe']}: test", ("measure", "value"), rows, numbers=[1]))
 
 
-def _say_user_code(recipe) -> None:
-    """Name the module a recipe's ``model.builder`` imports: it runs the user's code."""
-    from adaptnet.recipes import builder_source
+def _say_user_code(recipe, trust_code: bool) -> None:
+    """Refuse a recipe that names code without --trust-code; with it, name each module its
+    ``model.builder`` (or its backbone's) imports, before anything imports it."""
+    from adaptnet.recipes import code_notices
 
-    source = builder_source(recipe.model)
-    if source is not None:
-        out.print(f"model.builder runs your code: {source}")
+    for notice in code_notices(recipe, trust_code):
+        out.print(f"model.builder runs your code: {notice}")
 
 
 @app.command("eval")
 def eval_(run: Annotated[Path, typer.Argument(help="A run directory made by `adaptnet train`.")],
-          split: Annotated[str, typer.Option(help="train, valid or test.")] = "test") -> None:
+          split: Annotated[str, typer.Option(help="train, valid or test.")] = "test",
+          trust_code: TrustCode = False) -> None:
     """Evaluate a trained run on a split of its dataset."""
     from adaptnet.recipes import evaluate_run, read_run_config
 
     with _errors():
-        _say_user_code(read_run_config(run)[2])
-        values = evaluate_run(run, split)
+        _say_user_code(read_run_config(run)[2], trust_code)
+        values = evaluate_run(run, split, trust_code=trust_code)
     title = f"{values.pop('recipe')}: {values.pop('split')}"
     show(out, table(title, ("measure", "value"), [
         (key, json.dumps(value) if isinstance(value, dict) else f"{value:.4g}")
@@ -113,7 +118,7 @@ def eval_(run: Annotated[Path, typer.Argument(help="A run directory made by `ada
 @app.command()
 def summary(target: Annotated[str, typer.Argument(
         help="A recipe (file or shipped name) or a run directory.")],
-            overrides: Overrides = None) -> None:
+            overrides: Overrides = None, trust_code: TrustCode = False) -> None:
     """Print the sharing-aware parameter table of a recipe's or run's model."""
     from adaptnet.recipes import load_recipe, prepare, read_run_config
     from adaptnet.sharing import summary as summarize
@@ -123,8 +128,8 @@ def summary(target: Annotated[str, typer.Argument(
             parsed = read_run_config(Path(target))[2]
         else:
             parsed = load_recipe(target, overrides or [])[1]
-        _say_user_code(parsed)
-        _, model, _ = prepare(parsed, limit=1)
+        _say_user_code(parsed, trust_code)
+        _, model, _ = prepare(parsed, limit=1, trust_code=trust_code)
         out.print(summarize(model))
 
 
@@ -136,15 +141,17 @@ def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped
             out_dir: Annotated[Path | None, typer.Option(
                 help="Where the variants' runs go (default runs/compare-<recipe>-<time>).")]
             = None,
-            limit: Limit = None) -> None:
+            limit: Limit = None, trust_code: TrustCode = False) -> None:
     """Train variants of a recipe side by side; print one table and write a plot."""
     from adaptnet.recipes import compare as run_compare
-    from adaptnet.recipes import variants
+    from adaptnet.recipes import load_recipe, variants
 
     with _errors():
         name = Path(recipe).stem
+        _say_user_code(load_recipe(recipe, overrides or [])[1], trust_code)
         target = out_dir or _default_run_dir(f"compare-{name}")
-        rows = run_compare(recipe, variants(vary), overrides or [], target, limit=limit)
+        rows = run_compare(recipe, variants(vary), overrides or [], target, limit=limit,
+                           trust_code=trust_code)
     _print_compare(rows, target, f"compare {name}")
 
 

@@ -1,6 +1,6 @@
 """YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
 
-from adaptnet.recipes._build import builder_source
+from adaptnet.recipes._build import code_notices
 from adaptnet.recipes._compare import Comparison, compare, compare_models, variants
 from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
@@ -23,7 +23,7 @@ __all__ = [
     "RunRecipe",
     "RunResult",
     "apply_overrides",
-    "builder_source",
+    "code_notices",
     "compare",
     "compare_models",
     "evaluate_run",

@@ -51,13 +51,15 @@ def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list[str],
-            out: Path, *, limit: int | None = None) -> list[dict[str, Any]]:
+            out: Path, *, limit: int | None = None, trust_code: bool = False
+            ) -> list[dict[str, Any]]:
     """Train each variant (``{label: overrides}``) of a recipe into ``out/<i>-<label>``.
 
     Every variant is validated before the first one trains. Returns one row of
     results per variant (also written to ``out/compare.json``); their inference
     times come from one side-by-side timing of every variant
-    (:func:`time_together`), not from each run's own.
+    (:func:`time_together`), not from each run's own. ``trust_code``: as
+    :func:`train_recipe`'s.
     """
     base = parse_overrides(overrides)
     checked = [(label, v, *load_recipe(name_or_path, {**base, **v}))
@@ -65,7 +67,7 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
     rows, trained = [], {}
     for i, (label, v, name, recipe) in enumerate(checked):
         slug = f"{i}-" + "".join(c if c.isalnum() else "_" for c in label)[:60]
-        res = train_recipe(name, recipe, out / slug, limit=limit)
+        res = train_recipe(name, recipe, out / slug, limit=limit, trust_code=trust_code)
         metric, value = res.values["metric"]
         rows.append({"variant": label, "overrides": v, "run_dir": str(res.run_dir),
                      "unique_params": res.values["params"]["unique"],
@@ -77,7 +79,8 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
                      "train_seconds": res.values["train_seconds"]})
         trained[label] = res.run_dir
     if len(rows) > 1:  # time the variants side by side, in the same rounds
-        loaded = {label: load_run(run)[:2] for label, run in trained.items()}
+        loaded = {label: load_run(run, trust_code=trust_code)[:2]
+                  for label, run in trained.items()}
         x = next(iter(loaded.values()))[0].test.tensors[0][:1024]
         times = time_together({label: model for label, (_, model) in loaded.items()}, x)
         for row in rows:

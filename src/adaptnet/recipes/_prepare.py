@@ -17,7 +17,7 @@ from adaptnet import _rundir, sharing
 from adaptnet.data import DataSplits, load
 from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.init import initialize
-from adaptnet.recipes._build import apply_sharing, build_model, builder_of
+from adaptnet.recipes._build import apply_sharing, build_model, builder_of, code_of, trusting
 from adaptnet.recipes._lookup import load_recipe
 from adaptnet.recipes._schema import Recipe, validate_recipe
 from adaptnet.recipes._transfer import TransferSpec, adapt, freeze_for, target_args
@@ -26,15 +26,23 @@ from adaptnet.transfer import replace_head
 __all__ = ["RunRecipe", "derived_args", "load_run", "prepare", "read_run_config"]
 
 
-def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None = None
-            ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
+def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None = None,
+            trust_code: bool = False) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
     """The dataset, the model (initialised) and the model arguments used (data-derived included).
 
     For a transfer recipe the model has the backbone's architecture and is
     frozen as its ``mode`` says; its weights come from the backbone run
     ``pretrained`` when given (training), else they are fresh (scratch,
-    summaries, or a run's own weights loaded afterwards).
+    summaries, or a run's own weights loaded afterwards). ``trust_code``: run
+    the code the recipe's ``model.builder`` (and its backbone's) names;
+    without it such a recipe is refused (a ``RecipeError`` naming the modules).
     """
+    with trusting(code_of(recipe) if trust_code else ()):
+        return _prepare(recipe, limit, pretrained)
+
+
+def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
+             ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
     spec = recipe.transfer
     try:
         data = load(recipe.data.name, **recipe.args("data"))
@@ -73,7 +81,7 @@ def _backbone_spec(spec: TransferSpec, limit: int | None) -> tuple[str, dict[str
     if recipe.transfer is not None:
         raise RecipeError(f"transfer.backbone {name!r} is itself a transfer recipe; train it "
                           "and give its run directory instead.")
-    return recipe.model.label, prepare(recipe, limit)[2]
+    return recipe.model.label, _prepare(recipe, limit, None)[2]
 
 
 def derived_args(builder: Callable[..., Any], data: DataSplits, transform: str | None
@@ -92,7 +100,10 @@ def derived_args(builder: Callable[..., Any], data: DataSplits, transform: str |
         known |= {"in_channels": shape[0], "image_size": shape[-1]}
     if len(shape) == 1:  # signals and sequences (L,)
         known |= {"length": shape[0], "bits": shape[0], "max_len": shape[0]}
-    params = inspect.signature(builder).parameters
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a callable without a signature (e.g. a C function)
+        return {}
     return {k: v for k, v in known.items() if k in params}
 
 
@@ -137,18 +148,21 @@ def _trained_model(run: Path) -> nn.Module:
     return sharing.load(model, _rundir.weights(run, name))
 
 
-def load_run(run_dir: str | Path, config: RunRecipe | None = None
-             ) -> tuple[DataSplits, nn.Module, Recipe]:
+def load_run(run_dir: str | Path, config: RunRecipe | None = None, *,
+             trust_code: bool = False) -> tuple[DataSplits, nn.Module, Recipe]:
     """A finished run's data and trained model (rebuilt from ``config.yaml``), and its recipe.
 
     ``config``: the run's configuration when the caller has read it already.
+    ``trust_code``: a run whose model came from ``model.builder`` is rebuilt by
+    running that code; a run directory is data, so this needs the opt-in.
 
     Raises:
         RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
             weights), with what it found instead.
+        RecipeError: the run's model is the user's code and ``trust_code`` is False.
     """
     name, limit, recipe = config or read_run_config(run_dir)
     weights = _rundir.weights(run_dir, name)
-    data, model, _ = prepare(recipe, limit)
+    data, model, _ = prepare(recipe, limit, trust_code=trust_code)
     sharing.load(model, weights)
     return data, model, recipe

@@ -18,6 +18,7 @@ from adaptnet import _rundir, sharing
 from adaptnet._io import locked_dir, shown
 from adaptnet.data import DataSplits
 from adaptnet.errors import RecipeError, ResumeError, RunDirError
+from adaptnet.recipes._build import code_of, trusting
 from adaptnet.recipes._lookup import load_recipe
 from adaptnet.recipes._measure import eval_metrics, measure
 from adaptnet.recipes._prepare import load_run, prepare, read_run_config
@@ -45,7 +46,7 @@ def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) 
 
 
 def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = False,
-                 limit: int | None = None) -> RunResult:
+                 limit: int | None = None, trust_code: bool = False) -> RunResult:
     """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report.
 
     The run directory is locked for the whole run. A resume checks first that
@@ -58,8 +59,15 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
         ResumeError: ``resume`` with a recipe that differs from the run's (every
             difference listed), or no usable checkpoint.
         RunLockedError: another process is training into ``run_dir``.
+        RecipeError: the recipe's ``model.builder`` (or its backbone's) names code
+            and ``trust_code`` is False.
     """
-    run_dir = Path(run_dir)
+    with trusting(code_of(recipe) if trust_code else ()):
+        return _train(name, recipe, Path(run_dir), resume, limit)
+
+
+def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | None
+           ) -> RunResult:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {str(run_dir)!r} is a file, not a directory; give a "
                           "directory (it is created if missing).")
@@ -159,16 +167,20 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
 _ABSENT = "(absent)"
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, split: str = "test", *, trust_code: bool = False
+                 ) -> dict[str, Any]:
     """Rebuild a run's data and model, load its weights, and evaluate ``split``.
+
+    ``trust_code``: as :func:`load_run`'s (a run of the user's own model).
 
     Raises:
         RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
             weights), with what it found instead.
+        RecipeError: the run's model is the user's code and ``trust_code`` is False.
     """
     run = Path(run_dir)
     config = read_run_config(run)
-    data, model, recipe = load_run(run, config)
+    data, model, recipe = load_run(run, config, trust_code=trust_code)
     name = config.name
     if split not in ("train", "valid", "test") or getattr(data, split) is None:
         raise RunDirError(f"split {split!r} is not available; this run has "

@@ -278,19 +278,24 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
                         f"{', '.join(TRANSFORMS)}.")
     dataset = recipe.data.name
     if dataset in DATASETS:
-        problems += _check_args("data", DATASETS[dataset], data_args)
+        problems += check_args("data", DATASETS[dataset], data_args)
     elif not Path(dataset).suffix and not Path(dataset).is_dir():
         problems.append(f"data.name: unknown dataset {dataset!r}{_close(dataset, DATASETS)}; "
                         f"built in: {', '.join(DATASETS)}, or a .csv/.npz file or image folder.")
     if recipe.model.builder is not None:
-        from adaptnet.recipes._build import import_builder  # imports the user's module
+        # The user's module is imported only when trusted; untrusted, its arguments are
+        # checked when it is built (under trust), and reading the recipe runs nothing.
+        from adaptnet.recipes._build import check_builder_path, import_builder, trusted
 
         try:
-            problems += _check_args("model", import_builder(recipe.model.builder), model_args)
+            check_builder_path(recipe.model.builder)
+            if trusted(recipe.model.builder):
+                problems += check_args("model", import_builder(recipe.model.builder),
+                                        model_args)
         except RecipeError as e:
             problems.append(str(e))
     elif recipe.model.name in MODELS:
-        problems += _check_args("model", MODELS[recipe.model.name], model_args)
+        problems += check_args("model", MODELS[recipe.model.name], model_args)
     else:
         problems.append(f"model.name: unknown model {recipe.model.name!r}"
                         f"{_close(str(recipe.model.name), MODELS)}; `adaptnet models` lists "
@@ -332,7 +337,7 @@ def _task(dataset: str) -> str | None:
         dataset, "classification" if dataset in DATASETS else None)
 
 
-def _check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
+def check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
     """Unknown or mistyped keyword arguments of ``fn``, one problem line each."""
     try:
         hints = typing.get_type_hints(fn)
