@@ -196,7 +196,8 @@ def test_swapped_state_is_caught_by_checksum_and_by_the_step_inside(tmp_path):
 
 
 def test_state_missing_keys_is_a_damaged_checkpoint_not_a_keyerror(tmp_path):
-    from adaptnet.train._checkpoint import MANIFEST, _sha256
+    from adaptnet._io import sha256_file
+    from adaptnet.train._checkpoint import MANIFEST
 
     x, y = data()
     adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=25, run_dir=tmp_path)
@@ -205,7 +206,7 @@ def test_state_missing_keys_is_a_damaged_checkpoint_not_a_keyerror(tmp_path):
     del state["optimizer"]
     torch.save(state, ckpt / "state.pt")
     record = json.loads((ckpt / MANIFEST).read_text())
-    record["sha256"]["state.pt"] = _sha256(ckpt / "state.pt")
+    record["sha256"]["state.pt"] = sha256_file(ckpt / "state.pt")
     (ckpt / MANIFEST).write_text(json.dumps(record))
     with pytest.raises(ResumeError, match=r"state\.pt lacks optimizer"):
         adaptnet.fit(mlp(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path, resume=True)
@@ -216,7 +217,8 @@ def test_a_manifest_whose_share_claim_fails_is_skipped_on_resume(tmp_path):
     import safetensors
     import safetensors.torch
 
-    from adaptnet.train._checkpoint import MANIFEST, _sha256
+    from adaptnet._io import sha256_file
+    from adaptnet.train._checkpoint import MANIFEST
 
     def net():
         torch.manual_seed(0)
@@ -232,7 +234,7 @@ def test_a_manifest_whose_share_claim_fails_is_skipped_on_resume(tmp_path):
     manifest["modules"] = {"1": "0"}  # ReLU "is" the Linear: share() refuses
     safetensors.torch.save_file(tensors, weights, metadata={"adaptnet": json.dumps(manifest)})
     record = json.loads((ckpt / MANIFEST).read_text())
-    record["sha256"]["model.safetensors"] = _sha256(weights)  # the checksum agrees
+    record["sha256"]["model.safetensors"] = sha256_file(weights)  # the checksum agrees
     (ckpt / MANIFEST).write_text(json.dumps(record))
     with pytest.warns(RuntimeWarning, match=r"step-000000008 cannot be used \(ShareError"):
         result = adaptnet.fit(net(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,

@@ -114,7 +114,7 @@ def test_a_transfer_backbone_that_names_code_is_refused_and_named(here):
 
 
 def test_a_callable_without_a_signature_is_a_typed_error(here):
-    name, recipe = load_recipe(write(here / "z.yaml", digits({"builder": "torch:zeros"})))
+    recipe = load_recipe(write(here / "z.yaml", digits({"builder": "torch:zeros"})))[1]
     with pytest.raises(RecipeError, match=r"model.builder 'torch:zeros' with \{\} raised "
                        r"TypeError: zeros\(\) missing"):
         prepare(recipe, 8, trust_code=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import reprlib
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, plain_mode(path))  # mkstemp's 0600 is not what a plain write leaves
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -39,6 +42,58 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def refuse_links(path: str | os.PathLike) -> None:
+    """Refuse a run directory holding a symbolic link anywhere inside it.
+
+    A run directory is written and read by adaptnet alone; a link in it
+    (``.lock``, ``metrics.jsonl``, ``plots`` pointing elsewhere) would make a
+    write truncate or fill a file outside it, or a read take another file for
+    the run's. ``path`` itself may be reached through links (a ``runs`` folder
+    on another disk); nothing below it is followed.
+
+    Raises:
+        RunDirError: naming the links found and the fix.
+    """
+    links = []
+    for root, dirs, files in os.walk(path, followlinks=False):
+        links += [os.path.join(root, n) for n in (*dirs, *files)
+                  if os.path.islink(os.path.join(root, n))]
+    if links:
+        shown_links = ", ".join(f"{p} -> {os.readlink(p)}" for p in links[:3])
+        raise RunDirError(f"{path} holds symbolic links ({shown_links}"
+                          f"{f' and {len(links) - 3} more' if len(links) > 3 else ''}); a run "
+                          "directory is written and read by adaptnet alone and follows no "
+                          "link. Remove them, or give another run directory.")
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    current = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(current)
+    return current
+
+
+def plain_mode(path: Path, directory: bool = False) -> int:
+    """The permissions a plain write of ``path`` leaves: an existing file's own, else the
+    umask's (``0o666`` for a file, ``0o777`` for a directory, less the umask)."""
+    with contextlib.suppress(FileNotFoundError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 _HELD: dict[str, list] = {}  # real path -> [lock file descriptor, holders in this process]
@@ -54,18 +109,21 @@ def locked_dir(path: str | os.PathLike) -> Iterator[Path]:
     run never leaves a stale lock.
 
     Raises:
-        RunDirError: ``path`` is a file or cannot be created or written.
+        RunDirError: ``path`` is a file, cannot be created or written, or holds
+            a symbolic link (:func:`refuse_links`).
         RunLockedError: another process holds the lock.
     """
     import fcntl  # POSIX only, like the rest of the run-directory format
 
     path = Path(path)
+    key = os.path.realpath(path)
+    held = _HELD.get(key)
+    if held is None and path.is_dir():
+        refuse_links(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(path)
-        held = _HELD.get(key)
-        if held is None:
-            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        if held is None:  # a link made since the check is not followed either
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         raise RunDirError(f"cannot use {str(path)!r} as a run directory: {e.strerror or e} "
                           f"({type(e).__name__}). Give a directory you can write to."

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from adaptnet._io import atomic_path
+from adaptnet._io import atomic_path, refuse_links, sha256_file
 from adaptnet.errors import RunDirError
 
-__all__ = ["CONFIG", "RESULTS", "SUMMARY", "WEIGHTS", "RunConfig", "read_config",
-           "read_json", "weights", "write_config", "write_json"]
+__all__ = ["CONFIG", "RESULTS", "SUMMARY", "WEIGHTS", "WEIGHTS_SHA256", "RunConfig",
+           "read_config", "read_json", "weights", "write_config", "write_json"]
 
 CONFIG, WEIGHTS, RESULTS, SUMMARY = "config.yaml", "model.safetensors", "results.json", \
     "summary.json"
@@ -56,10 +56,13 @@ def read_config(run: str | Path) -> RunConfig:
 
     Raises:
         RunDirError: no ``config.yaml`` (saying what the directory holds
-            instead), or one that cannot be read or is not a mapping.
+            instead), one that cannot be read or is not a mapping, or a
+            directory holding symbolic links.
     """
     run = Path(run)
     path = run / CONFIG
+    if run.is_dir():
+        refuse_links(run)
     if not path.is_file():
         what = "does not exist" if not run.exists() else \
             f"holds {sorted(p.name for p in run.iterdir())[:6] or 'nothing'}" if run.is_dir() \
@@ -85,11 +88,15 @@ def write_config(run: str | Path, config: RunConfig) -> None:
                                        **config.body}, sort_keys=False))
 
 
+WEIGHTS_SHA256 = "weights_sha256"  # the results.json key holding the final weights' checksum
+
+
 def weights(run: str | Path, name: str | None = None) -> Path:
-    """The run's final weights file.
+    """The run's final weights file, verified against the checksum ``results.json`` records.
 
     Raises:
-        RunDirError: there is none: the training did not finish.
+        RunDirError: there is none (the training did not finish), or it does not
+            match its checksum (damaged or replaced).
     """
     path = Path(run) / WEIGHTS
     if not path.is_file():
@@ -97,6 +104,12 @@ def weights(run: str | Path, name: str | None = None) -> Path:
             "`adaptnet train ... --resume`"
         raise RunDirError(f"{run} has no {WEIGHTS}: its training did not finish. Finish it "
                           f"with {resume}.")
+    results = read_json(run) if (Path(run) / RESULTS).is_file() else {}
+    recorded = results.get(WEIGHTS_SHA256) if isinstance(results, dict) else None
+    if recorded is not None and recorded != sha256_file(path):
+        raise RunDirError(f"{path} does not match the checksum {RESULTS} records for it: it "
+                          "is damaged or was replaced. Restore it from a backup, or train the "
+                          "run again.")
     return path
 
 

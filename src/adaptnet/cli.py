@@ -58,6 +58,9 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
               help="Where the run goes (default runs/<recipe>-<time>).")] = None,
           resume: Annotated[bool, typer.Option(
               help="Continue from the newest checkpoint in --run-dir.")] = False,
+          resume_unverified: Annotated[bool, typer.Option(
+              help="With --resume: also use checkpoints without checksums (written by an "
+              "older adaptnet), which cannot be verified.")] = False,
           limit: Limit = None, trust_code: TrustCode = False) -> None:
     """Train a recipe; write the run directory, its report and plots."""
     from adaptnet.recipes import load_recipe, train_recipe
@@ -67,11 +70,14 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
         _say_user_code(parsed, trust_code)
         if resume and run_dir is None:
             raise AdaptnetError("--resume needs --run-dir, the run to continue.")
+        if resume_unverified and not resume:
+            raise AdaptnetError("--resume-unverified goes with --resume.")
         if run_dir is not None and run_dir.resolve() == Path.cwd().resolve():
             raise RunDirError(f"--run-dir {str(run_dir)!r} is the current directory; give "
                               "a directory of its own for the run, e.g. --run-dir runs/mine.")
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
-                              limit=limit, trust_code=trust_code)
+                              limit=limit, trust_code=trust_code,
+                              resume_unverified=resume_unverified)
     _print_results(result.values)
     if "backbone" in result.values:
         out.print(f"pretrained backbone: {result.values['backbone']}")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from adaptnet import _rundir, sharing
-from adaptnet._io import locked_dir, shown
+from adaptnet._io import locked_dir, sha256_file, shown
 from adaptnet.data import DataSplits
 from adaptnet.errors import RecipeError, ResumeError, RunDirError
 from adaptnet.recipes._build import code_of, trusting
@@ -38,20 +38,24 @@ class RunResult:
     values: dict[str, Any]
 
 
-def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) -> TrainConfig:
+def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool,
+                 resume_unverified: bool = False) -> TrainConfig:
     metrics = ("loss", "perplexity") if data.task == "language_model" else \
         ("loss", "accuracy") if data.task == "classification" else ("loss",)
     base = {"loss": data.loss, "metrics": metrics, "seed": recipe.seed}
-    return TrainConfig(**{**base, **recipe.train, "run_dir": run_dir, "resume": resume})
+    return TrainConfig(**{**base, **recipe.train, "run_dir": run_dir, "resume": resume,
+                          "resume_unverified": resume_unverified})
 
 
 def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = False,
-                 limit: int | None = None, trust_code: bool = False) -> RunResult:
+                 limit: int | None = None, trust_code: bool = False,
+                 resume_unverified: bool = False) -> RunResult:
     """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report.
 
     The run directory is locked for the whole run. A resume checks first that
     the run's ``config.yaml`` is the recipe given (same model, data, training,
-    limit); if not, it refuses and changes nothing.
+    limit); if not, it refuses and changes nothing. ``resume_unverified``: a
+    resume may use checkpoints without checksums (an older format).
 
     Raises:
         RunDirError: ``run_dir`` already holds a run and ``resume`` is False, or
@@ -63,11 +67,11 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
             and ``trust_code`` is False.
     """
     with trusting(code_of(recipe) if trust_code else ()):
-        return _train(name, recipe, Path(run_dir), resume, limit)
+        return _train(name, recipe, Path(run_dir), resume, limit, resume_unverified)
 
 
-def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | None
-           ) -> RunResult:
+def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | None,
+           resume_unverified: bool = False) -> RunResult:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {str(run_dir)!r} is a file, not a directory; give a "
                           "directory (it is created if missing).")
@@ -79,7 +83,7 @@ def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | 
             update={"backbone": str(backbone)})})
     data, model, args = prepare(recipe, limit, pretrained=backbone)
     schedule, scale = training_plan(model, spec) if spec is not None else (None, {})
-    cfg = train_config(recipe, data, run_dir, resume)
+    cfg = train_config(recipe, data, run_dir, resume, resume_unverified)
     if scale:  # the recipe's own train.lr_scale patterns come first: the first match wins
         extra = {k: v for k, v in scale.items() if k not in cfg.lr_scale}
         cfg = cfg.model_copy(update={"lr_scale": {**cfg.lr_scale, **extra}})
@@ -104,7 +108,8 @@ def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | 
             values["backbone"] = str(backbone)
         values |= {"recipe": name, "model": recipe.model.label, "dataset": data.name,
                    "samples": data.sizes(), "train_seconds": train_s,
-                   "epochs": len(history), "history": history}
+                   "epochs": len(history), "history": history,
+                   _rundir.WEIGHTS_SHA256: sha256_file(run_dir / _rundir.WEIGHTS)}
         _rundir.write_json(run_dir / _rundir.RESULTS, values)
         _rundir.write_json(run_dir / _rundir.SUMMARY, sharing.summary(model).to_dict())
         write_report(run_dir)

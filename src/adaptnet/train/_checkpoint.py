@@ -18,15 +18,16 @@ shard of both, so a checkpoint resumes in one process, under DDP or under
 FSDP2 at any world size, whichever wrote it.
 
 Loading verifies the checksums, the step recorded in ``checkpoint.json`` and
-in ``state.pt`` against the directory's name, and that the model fits, newest
-first; it falls back, with a warning, past any checkpoint that fails, and
-refuses (:class:`~adaptnet.errors.ResumeError`) when none passes rather than
-start the run again from step 0.
+in ``state.pt`` against the directory's name, the loop position's counts and
+the history's form, and that the model fits, newest first; it falls back,
+with a warning, past any checkpoint that fails, and refuses
+(:class:`~adaptnet.errors.ResumeError`) when none passes rather than start the
+run again from step 0. A checkpoint without checksums (an older format) fails
+unless the caller asks to resume unverified.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptnet._io import atomic_path
+from adaptnet._io import atomic_path, plain_mode, sha256_file
 from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError
 from adaptnet.sharing import load, save
 
@@ -62,11 +63,12 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
     final = root / f"step-{step:09d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
+        os.chmod(tmp, plain_mode(final, directory=True))  # not mkdtemp's 0700
         save(model, tmp / "model.safetensors")
         with atomic_path(tmp / "state.pt") as path:
             torch.save(state, path)
         record = {"format": 2, "step": step,
-                  "sha256": {name: _sha256(tmp / name) for name in FILES}}
+                  "sha256": {name: sha256_file(tmp / name) for name in FILES}}
         with atomic_path(tmp / MANIFEST) as path:
             path.write_text(json.dumps(record, indent=1) + "\n")
         if final.exists():  # the same step again, after a resume: replace it whole
@@ -92,10 +94,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
 
 
-def load_latest(run_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(run_dir: Path, model: nn.Module, unverified: bool = False
+                ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest sound checkpoint into ``model``; return it and its state.
 
-    Returns None when the run has no checkpoint at all.
+    Returns None when the run has no checkpoint at all. A checkpoint without
+    checksums (written by an older adaptnet) is used only with ``unverified``.
 
     Raises:
         ResumeError: there are checkpoints, but none passes its checks (each
@@ -105,7 +109,7 @@ def load_latest(run_dir: Path, model: nn.Module) -> tuple[Path, dict[str, Any]] 
     failures = []
     for path in reversed(found):
         try:
-            state = _verified_state(path)
+            state = _verified_state(path, unverified)
             load(model, path / "model.safetensors")
         except (AdaptnetError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
@@ -173,8 +177,9 @@ def _rekey(state: dict[str, Any], new: dict) -> dict[str, Any]:
                              for g in state["param_groups"]]}
 
 
-def _verified_state(path: Path) -> dict[str, Any]:
-    """``state.pt`` of checkpoint ``path`` once its checksums and recorded steps agree."""
+def _verified_state(path: Path, unverified: bool) -> dict[str, Any]:
+    """``state.pt`` of checkpoint ``path`` once its checksums and recorded steps agree, and
+    its loop position and history hold what a run records."""
     step = _step(path)
     absent = [name for name in FILES if not (path / name).is_file()]
     if absent:
@@ -189,31 +194,37 @@ def _verified_state(path: Path) -> dict[str, Any]:
         if recorded != step:
             raise CheckpointCorruptError(f"{MANIFEST} records step {recorded!r}, not {step}")
         for name in FILES:
-            if not isinstance(sums, dict) or _sha256(path / name) != sums.get(name):
+            if not isinstance(sums, dict) or sha256_file(path / name) != sums.get(name):
                 raise CheckpointCorruptError(f"{name} does not match its checksum (damaged, "
                                              "or copied from another checkpoint)")
-    else:  # written before checksums existed: the steps below are all that can be checked
+    elif not unverified:  # written before checksums existed: its files cannot be verified
+        raise CheckpointCorruptError(
+            f"no {MANIFEST}: written by an older adaptnet, its files cannot be verified; "
+            "resume from it only if you trust it (resume_unverified=True, "
+            "--resume-unverified)")
+    else:
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written by an older adaptnet); "
-                      "its files cannot be verified.", RuntimeWarning, stacklevel=4)
+                      "resuming from it unverified, as asked.", RuntimeWarning, stacklevel=4)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointCorruptError(f"state.pt lacks {', '.join(missing)}")
     if state["step"] != step:
         raise CheckpointCorruptError(f"state.pt is from step {state['step']!r}, not {step}")
+    for key in ("epoch", "batch", "bad_epochs", "skipped"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= step:
+            raise CheckpointCorruptError(f"state.pt holds {key}={value!r}, not a count from 0 "
+                                         f"to its step {step}")
+    if not isinstance(state["history"], list) or len(state["history"]) > step or \
+            not all(isinstance(row, dict) for row in state["history"]):
+        raise CheckpointCorruptError("state.pt's history is not the list of epoch rows a run "
+                                     "records")
     return state
 
 
 def _step(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

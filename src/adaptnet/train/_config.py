@@ -102,6 +102,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1, le=_BIG)
     keep_checkpoints: int = Field(2, ge=1, le=_BIG)
     resume: bool = False
+    resume_unverified: bool = False
     print_every: int | None = Field(None, ge=1, le=_BIG)
     progress: bool | None = None
 
@@ -194,6 +195,10 @@ class TrainConfig(BaseModel):
                              f"optimizer={self.optimizer!r}, momentum={self.momentum}.")
         if self.resume and self.run_dir is None:
             raise ValueError("resume=True needs run_dir, the directory holding the checkpoints.")
+        if self.resume_unverified and not self.resume:
+            raise ValueError("resume_unverified=True goes with resume=True: it lets a resume "
+                             "use a checkpoint without checksums (written by an older "
+                             "adaptnet).")
         if self.checkpoint_every and self.run_dir is None:
             raise ValueError("checkpoint_every needs run_dir, where checkpoints are written.")
         if self.scheduler_args and not isinstance(self.scheduler, str | type):

@@ -41,7 +41,9 @@ class RunLog:
     """Progress, JSONL and TensorBoard for one run (a no-op where ``active`` is False)."""
 
     def __init__(self, run_dir: Path | None, active: bool, show_progress: bool | None,
-                 resumed_step: int | None) -> None:
+                 resumed_step: int | None, resumed_rows: int = 0) -> None:
+        """``resumed_step``, ``resumed_rows``: where a resumed run's checkpoint stands, and how
+        many rows the run had logged when it was written (its history's length)."""
         self.active = active
         self.jsonl = None
         self.tb = None
@@ -50,7 +52,7 @@ class RunLog:
             path = run_dir / "metrics.jsonl"
             if resumed_step is not None and path.exists():  # drop what the killed run logged
                 kept = [line for line in path.read_text(errors="replace").splitlines()
-                        if _step_of(line) <= resumed_step]
+                        if _step_of(line) <= resumed_step][:resumed_rows]
                 path.write_text("".join(line + "\n" for line in kept))
             elif resumed_step is None and path.exists():
                 path.unlink()

@@ -31,9 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptnet._io import locked_dir
-from adaptnet.errors import ConfigError, NonFiniteError
+from adaptnet.errors import ConfigError, NonFiniteError, ResumeError, RunDirError
 from adaptnet.sharing import param_groups, save
 from adaptnet.train._checkpoint import (
+    checkpoints,
     load_latest,
     optimizer_state,
     restore_optimizer,
@@ -119,7 +120,9 @@ def fit(model: nn.Module, train: Any, *, val: Any = None, loss_fn: LossFn | None
             weights and buffers are those before the failing step, and the last
             good checkpoint is kept.
         ResumeError: ``resume=True`` and the run has checkpoints, none of which
-            passes its checksums or fits the model.
+            passes its checksums or fits the model; or ``run_dir`` holds a run
+            but no checkpoint to continue from.
+        RunDirError: ``run_dir`` already holds a run and ``resume`` is False.
         RunLockedError: another process is training into ``run_dir``.
 
     With ``run_dir``, the directory is locked (``run_dir/.lock``) for the whole
@@ -191,8 +194,10 @@ class _Trainer:
                "order": None}
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, correct, depth sum
         torch.manual_seed(cfg.seed)
+        if cfg.run_dir is not None:  # every rank, as every rank reads the checkpoints
+            self._check_run_dir()
         if cfg.resume:
-            found = load_latest(cfg.run_dir, model)
+            found = load_latest(cfg.run_dir, model, cfg.resume_unverified)
             if found is not None:
                 result.resumed_from, state = found
                 self._restore(state, pos, result)
@@ -203,7 +208,7 @@ class _Trainer:
         # find_unused_parameters: a dynamic model may leave a path unused on one rank in a
         # step; DDP then reduces zeros for it instead of waiting for a gradient forever.
         log = RunLog(cfg.run_dir, self.rank == 0, cfg.progress,
-                     pos["step"] if result.resumed_from else None)
+                     pos["step"] if result.resumed_from else None, len(result.history))
         try:
             self.slots = acc.unbind()  # views: one add_ per metric per step, no indexing
             self._epochs(data, val, pos, acc, result, log)
@@ -211,6 +216,29 @@ class _Trainer:
             log.close()
         result.steps = pos["step"]
         return result
+
+    def _check_run_dir(self) -> None:
+        """Never train over a run: without ``resume`` the run directory must hold none; with
+        it, a directory that holds one must hold a checkpoint to continue from.
+
+        Raises:
+            RunDirError: a run is there and ``resume`` is False.
+            ResumeError: ``resume`` found no checkpoint in a directory that holds a run.
+        """
+        run = Path(self.cfg.run_dir)
+        traces = [name for name in ("metrics.jsonl", "tensorboard", "model.safetensors",
+                                    "results.json") if (run / name).exists()]
+        if not traces:
+            return
+        if not self.cfg.resume:
+            raise RunDirError(
+                f"{run} already holds a run ({', '.join(traces)}); fit() never trains over one. "
+                "Continue it with resume=True, or give another run_dir.")
+        if not checkpoints(run):
+            raise ResumeError(
+                f"cannot resume {run}: it holds a run ({', '.join(traces)}) but no checkpoint "
+                "to continue from (checkpoints/ is missing or empty). Nothing was changed; "
+                "to train again from the start, give another run_dir.")
 
     def _setup(self) -> None:
         """Process group, device, optimizer, schedule, and the tensors the step works on."""
