@@ -194,8 +194,10 @@ class _Trainer:
                "order": None}
         acc = torch.zeros(4, dtype=torch.float64)  # loss sum, samples, correct, depth sum
         torch.manual_seed(cfg.seed)
-        if cfg.run_dir is not None:  # every rank, as every rank reads the checkpoints
-            self._check_run_dir()
+        if cfg.run_dir is not None:  # every rank, as every rank reads the checkpoints,
+            self._check_run_dir()  # and all before rank 0 writes anything there
+            if self.world > 1:
+                dist.barrier()
         if cfg.resume:
             found = load_latest(cfg.run_dir, model, cfg.resume_unverified)
             if found is not None:
