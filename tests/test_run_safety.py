@@ -213,3 +213,48 @@ def test_the_command_line_resumes_an_unverifiable_run_only_when_asked(tmp_path):
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, [*TRAIN, "--run-dir", str(tmp_path / "n"),
                                "--resume-unverified"]).exit_code == 2
+
+
+# ------------------------------------------------- 10. a full disk, a file in the way
+
+def test_a_full_disk_mid_run_is_one_message_and_keeps_the_last_checkpoint(tmp_path,
+                                                                         monkeypatch):
+    run = tmp_path / "r"
+    fitted(run)
+    real = torch.save
+
+    def full(obj, f, *a, **kw):  # torch.save's own message when the disk fills
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RunDirError, match=r"cannot write checkpoint .*step-000000012: "
+                       r"PytorchStreamWriter failed writing file data/0: file write failed "
+                       r"\(RuntimeError\)\. The previous checkpoint is kept"):
+        fitted(run, epochs=3, resume=True)
+    monkeypatch.setattr(torch, "save", real)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000000004", "step-000000008"]  # nothing half-written left
+    assert fitted(run, epochs=3, resume=True).resumed_from.name == "step-000000008"
+
+
+def test_a_log_that_cannot_be_written_and_a_file_named_checkpoints_are_one_message(
+        tmp_path, monkeypatch):
+    import errno
+
+    from torch.utils import tensorboard
+
+    def no_space(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", no_space)
+    with pytest.raises(RunDirError, match=r"cannot write the training log in .*: No space left "
+                       r"on device \(OSError\)"):
+        fitted(tmp_path / "a")
+    monkeypatch.undo()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoints").write_text("not a directory")
+    with pytest.raises(RunDirError, match=r"checkpoints is a file, where fit\(\) writes its "
+                       r"checkpoints"):
+        fitted(tmp_path / "b")
+    result = runner.invoke(app, [*TRAIN, "--run-dir", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "Traceback" not in result.output

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from adaptnet._io import atomic_path, plain_mode, sha256_file
-from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError
+from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError, RunDirError
 from adaptnet.sharing import load, save
 
 __all__ = ["checkpoints", "load_latest", "optimizer_state", "restore_optimizer",
@@ -57,11 +57,20 @@ STATE_KEYS = ("epoch", "batch", "step", "best", "bad_epochs", "order", "skipped"
 
 def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
                      keep: int) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep``; return its directory."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep``; return its directory.
+
+    Raises:
+        RunDirError: the checkpoint cannot be written (a full disk, no
+            permission, ``checkpoints`` not a directory); the previous
+            checkpoint is kept and nothing half-written is left.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    except OSError as e:
+        raise _unwritable(final, e) from None
     try:
         os.chmod(tmp, plain_mode(final, directory=True))  # not mkdtemp's 0700
         save(model, tmp / "model.safetensors")
@@ -75,6 +84,9 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(final, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,6 +96,13 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
     for stale in root.glob(".step-*"):  # left by a run killed while writing (the run dir is
         shutil.rmtree(stale, ignore_errors=True)  # locked: no other process is writing one)
     return final
+
+
+def _unwritable(final: Path, e: Exception) -> RunDirError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    return RunDirError(f"cannot write checkpoint {final}: {reason} ({type(e).__name__}). The "
+                       "previous checkpoint is kept; free space or make the run directory "
+                       "writable, then resume.")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -24,6 +24,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from adaptnet.errors import RunDirError
+
 __all__ = ["RunLog"]
 
 
@@ -45,22 +47,15 @@ class RunLog:
         """``resumed_step``, ``resumed_rows``: where a resumed run's checkpoint stands, and how
         many rows the run had logged when it was written (its history's length)."""
         self.active = active
-        self.jsonl = None
-        self.tb = None
+        self.jsonl = self.tb = self.progress = None
         if active and run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            path = run_dir / "metrics.jsonl"
-            if resumed_step is not None and path.exists():  # drop what the killed run logged
-                kept = [line for line in path.read_text(errors="replace").splitlines()
-                        if _step_of(line) <= resumed_step][:resumed_rows]
-                path.write_text("".join(line + "\n" for line in kept))
-            elif resumed_step is None and path.exists():
-                path.unlink()
-            self.jsonl = path.open("a")
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
-                                    purge_step=resumed_step + 1 if resumed_step else None)
+            try:
+                self._open(run_dir, resumed_step, resumed_rows)
+            except OSError as e:
+                self.close()
+                raise RunDirError(f"cannot write the training log in {run_dir}: "
+                                  f"{e.strerror or e} ({type(e).__name__}). Free space or make "
+                                  "the run directory writable.") from None
         if show_progress is None:
             show_progress = sys.stderr.isatty() and not os.environ.get("CI")
         self.progress = None
@@ -74,6 +69,21 @@ class RunLog:
         self.task = None
         self.started = time.perf_counter()
         self.samples = 0
+
+    def _open(self, run_dir: Path, resumed_step: int | None, resumed_rows: int) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        if resumed_step is not None and path.exists():  # drop what the killed run logged
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if _step_of(line) <= resumed_step][:resumed_rows]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resumed_step is None and path.exists():
+            path.unlink()
+        self.jsonl = path.open("a")
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                purge_step=resumed_step + 1 if resumed_step else None)
 
     def epoch_start(self, epoch: int, batches: int, done: int) -> None:
         if self.progress is not None:

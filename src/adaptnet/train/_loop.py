@@ -228,6 +228,9 @@ class _Trainer:
             ResumeError: ``resume`` found no checkpoint in a directory that holds a run.
         """
         run = Path(self.cfg.run_dir)
+        if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():
+            raise RunDirError(f"{run / 'checkpoints'} is a file, where fit() writes its "
+                              "checkpoints; move it away, or give another run_dir.")
         traces = [name for name in ("metrics.jsonl", "tensorboard", "model.safetensors",
                                     "results.json") if (run / name).exists()]
         if not traces:
