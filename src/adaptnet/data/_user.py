@@ -104,13 +104,20 @@ def csv(path: str | os.PathLike, *, target: str | int = -1, task: str | None = N
             classes).
 
     Raises:
-        DataError: no header, unknown target column, ragged or non-numeric rows
-            (the message names the line and column), or a target whose task is
-            ambiguous.
+        DataError: not UTF-8, no header, unknown target column, ragged or
+            non-numeric rows (the message names the line and column), or a target
+            whose task is ambiguous.
     """
     p = _exists(path, "csv")
-    with open(p, newline="", encoding="utf-8") as f:
-        rows = [r for r in _csv.reader(f) if r]
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = [r for r in _csv.reader(f) if r]
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"csv: {p} is not UTF-8 text (byte {e.object[e.start]:#04x} on line "
+                        f"{line}); save it as UTF-8.") from None
+    except _csv.Error as e:
+        raise DataError(f"csv: {p} cannot be read as CSV ({e}).") from None
     if len(rows) < 2:
         raise DataError(f"csv: {p} needs a header row and at least one data row.")
     header, body = rows[0], rows[1:]

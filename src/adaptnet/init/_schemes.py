@@ -145,8 +145,8 @@ def parse_scheme(spec: str | Scheme | Mapping[str, Any], where: str = "") -> Sch
                         f"'normal(std=0.02)', got {type(spec).__name__}.")
     try:
         node = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError:
-        node = None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        node = None  # also a lone surrogate (UnicodeEncodeError) or a thousand nested signs
     if isinstance(node, ast.Name):
         return _checked(node.id, {}, spec, where)
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from adaptnet import _rundir, sharing
+from adaptnet._io import shown
 from adaptnet.data import DataSplits, load
 from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.init import initialize
@@ -67,9 +68,34 @@ def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
         if spec is not None:
             model = adapt(model, args, data)
             freeze_for(model, spec)
+        _probe(model, data, recipe.model.label, recipe.args("model"))
     except AdaptnetError as e:  # problems only the data or the builder can see
         raise RecipeError(f"bad recipe: {e}") from None
     return data, model, args
+
+
+def _probe(model: nn.Module, data: DataSplits, label: str, given: dict[str, Any]) -> None:
+    """Run the model once, in eval mode, on two training inputs: a model that does not fit
+    the data fails here, naming its arguments, not deep inside training or evaluation.
+
+    Raises:
+        RecipeError: the forward pass failed (a shape or type that does not fit).
+    """
+    x = data.train.tensors[0][:2]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise RecipeError(
+            f"model {label!r} with {shown(given) if given else 'its defaults'} does not fit "
+            f"{data.name!r}, whose inputs are {tuple(x.shape[1:])}: one forward pass raised "
+            f"{type(e).__name__}: {reason}. Check the model arguments the data does not set "
+            "(sizes, channels, features per step) and data.transform.") from None
+    finally:
+        model.train(was)
 
 
 def _backbone_spec(spec: TransferSpec, limit: int | None) -> tuple[str, dict[str, Any]]:

@@ -256,6 +256,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return result
 
 
+_STAND_IN = "\0absent"  # a missing or broken required section, while the rest is checked
+
+
 def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
     """Check a raw recipe; every problem is listed with its path in one ``RecipeError``."""
     problems: list[str] = []
@@ -267,8 +270,12 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
         # Drop the top-level keys at fault and check the rest, so that every problem is
         # reported in one pass (an unknown key does not hide a bad model argument).
         bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+        retry = {k: v for k, v in raw.items() if k not in bad}
+        for key in ("data", "model"):  # required: a stand-in, so the rest is still checked
+            if key not in retry:
+                retry[key] = {"name": _STAND_IN}
         try:
-            recipe = Recipe.model_validate({k: v for k, v in raw.items() if k not in bad})
+            recipe = Recipe.model_validate(retry)
         except ValidationError:
             _raise(problems)
     data_args, model_args = recipe.args("data"), recipe.args("model")
@@ -277,7 +284,9 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
         problems.append(f"data.transform: unknown transform {transform!r}; expected one of "
                         f"{', '.join(TRANSFORMS)}.")
     dataset = recipe.data.name
-    if dataset in DATASETS:
+    if dataset == _STAND_IN:
+        pass  # data: reported above
+    elif dataset in DATASETS:
         problems += check_args("data", DATASETS[dataset], data_args)
     elif not Path(dataset).suffix and not Path(dataset).is_dir():
         problems.append(f"data.name: unknown dataset {dataset!r}{_close(dataset, DATASETS)}; "
@@ -296,7 +305,7 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
             problems.append(str(e))
     elif recipe.model.name in MODELS:
         problems += check_args("model", MODELS[recipe.model.name], model_args)
-    else:
+    elif recipe.model.name != _STAND_IN:  # model: reported above
         problems.append(f"model.name: unknown model {recipe.model.name!r}"
                         f"{_close(str(recipe.model.name), MODELS)}; `adaptnet models` lists "
                         "the zoo, or give builder: 'package.module:function'.")
@@ -324,7 +333,8 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
                             "recipe file nor a shipped recipe.")
     loss = recipe.train.get("loss")
     task = "autoencode" if transform == "autoencode" else \
-        "classification" if transform == "pairs" else _task(dataset)
+        "classification" if transform == "pairs" else \
+        None if dataset == _STAND_IN else _task(dataset)
     if isinstance(loss, str) and loss in _CLASSES and task and task not in _CLASSES[loss]:
         problems.append(f"train.loss: {loss!r} does not fit {dataset!r}, a {task} dataset; "
                         f"leave it out to use the dataset's loss.")
@@ -359,10 +369,14 @@ def check_args(section: str, fn: Callable, args: dict[str, Any]) -> list[str]:
         p = params.get(key)
         if p is None or isinstance(value, bool):
             continue
+        seed = key == "seed" or key.endswith("_seed")  # 0 is a seed like any other
+        low, high = (0, 2**64 - 1) if seed else (1, 2**31)
         if hints.get(key) is int and isinstance(p.default, int) and p.default >= 1 and \
-                isinstance(value, int) and not 1 <= value <= 2**31:  # a size or count
-            problems.append(f"{section}.{key}: must be a positive int (a size or count) up "
-                            f"to 2**31, got {shown(value)}; the default is {p.default}.")
+                isinstance(value, int) and not low <= value <= high:
+            what = "a seed, an int from 0 to 2**64 - 1" if seed else \
+                "a positive int (a size or count) up to 2**31"
+            problems.append(f"{section}.{key}: must be {what}, got {shown(value)}; the "
+                            f"default is {p.default}.")
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{section}.{key}: must be a finite number, got {value}.")
     fields = {k: (hints.get(k, Any), p.default if p.default is not p.empty else ...)

@@ -247,13 +247,18 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[st
     try:
         manifest = json.loads(metadata[META_KEY])
         version = manifest["version"]
-        if not isinstance(version, int) or version > VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"version {version!r} is not a version number")
+        if version > VERSION:
             raise CheckpointCorruptError(
                 f"load(): {str(path)!r} has tie manifest version {version!r}; this adaptnet "
                 f"reads version {VERSION} and below. Upgrade adaptnet to load it."
             )
-        aliases = {str(k): [str(v[0]), normalize_transform(v[1])]
-                   for k, v in manifest["aliases"].items()}
+        aliases = {}
+        for k, v in manifest["aliases"].items():
+            if not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], str):
+                raise ValueError(f"alias {k!r} is {v!r}, not [owner, transform]")
+            aliases[str(k)] = [v[0], normalize_transform(v[1])]
         modules = {str(k): str(v) for k, v in manifest["modules"].items()}
     except CheckpointCorruptError:
         raise
@@ -267,6 +272,14 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list], dict[st
         raise CheckpointCorruptError(
             f"load(): {str(path)!r}: the manifest ties {dangling} to tensors the file does "
             "not contain; the file is incomplete or altered."
+        )
+    flat = sorted(k for k, (owner, how) in aliases.items()
+                  if how == "transpose" and stored[owner].dim() < 2)
+    if flat:
+        raise CheckpointCorruptError(
+            f"load(): {str(path)!r}: the manifest ties {flat} to the transpose of tensors "
+            "with fewer than 2 dimensions, which have none; the file was altered or not "
+            "written by adaptnet.save."
         )
     return stored, aliases, modules
 

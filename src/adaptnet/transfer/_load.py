@@ -145,6 +145,14 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = F
         raise CheckpointCorruptError(
             f"load_backbone(): {str(path)!r} holds a {type(state).__name__}, not a state dict "
             "of tensors; save it with torch.save(model.state_dict(), path).")
+    odd = [f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items()
+           if v.is_meta or v.layout != torch.strided]
+    if odd:
+        raise CheckpointCorruptError(
+            f"load_backbone(): {str(path)!r} holds tensors without dense values: "
+            f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}; save the weights "
+            "themselves (dense tensors: .to_dense(), or a model materialised off the meta "
+            "device).")
     return sharing.load(model, state, cast=cast, source=path)
 
 
