@@ -288,6 +288,54 @@ def test_capacity_models_export_to_onnx_and_run_in_onnxruntime(build, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_the_capacity_count_is_exact_integer_arithmetic():
+    """ceil(capacity * rows) in integers: floats round (0.7 * 10 is 7.000000000000001), and
+    an exported graph rounded 0.3 * 100 up in float32 (31 rows on, not 30)."""
+    from adaptnet.dynamic._partition import capacity_rows
+
+    assert capacity_rows(0.7, 10) == 7 and capacity_rows(0.3, 100) == 30
+    assert capacity_rows(0.125, 64) == 8 and capacity_rows(1 / 3, 7) == 3
+    assert [capacity_rows(0.3, n) for n in range(5)] == [0, 1, 1, 1, 2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None or
+                    importlib.util.find_spec("onnxruntime") is None,
+                    reason="the dev extra installs onnxscript and onnxruntime")
+def test_a_dynamic_batch_equals_eager_at_every_size_in_onnx_and_export(tmp_path):
+    """Regression: exported to ONNX with a dynamic batch, 100 rows left at exits [69, 21, 10]
+    where eager gives [70, 21, 9]. Dim.AUTO: ONNX equals eager at every batch size; a
+    torch.export program equals it wherever every decision keeps 2 rows or more, and
+    refuses the other sizes (its guard) rather than answer wrongly."""
+    import onnxruntime
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = adaptnet.EarlyExit([nn.Linear(32, 32) for _ in range(3)],
+                               [nn.Linear(32, 5) for _ in range(3)], capacity=0.3).eval()
+    example = (torch.randn(64, 32),)
+    onnx = torch.onnx.export(model, example, dynamo=True, verbose=False,
+                             dynamic_shapes=({0: Dim.AUTO},))
+    onnx.save(str(tmp_path / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    program = torch.export.export(model, example, dynamic_shapes=({0: Dim.AUTO},)).module()
+    refused = []
+    for n in range(1, 151):
+        x = torch.randn(n, 32)
+        want = model(x)
+        logits, index = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:2]
+        assert torch.equal(torch.from_numpy(index), want.exit_index), n
+        torch.testing.assert_close(torch.from_numpy(logits), want.logits.detach())
+        try:
+            got = program(x)
+        except (AssertionError, RuntimeError):
+            refused.append(n)
+            continue
+        assert torch.equal(got.exit_index, want.exit_index), n
+    kept = [(3 * ((3 * n + 9) // 10) + 9) // 10 for n in range(1, 151)]  # rows at exit 3
+    assert refused == [n for n, k in zip(range(1, 151), kept, strict=True) if k < 2]
+    assert torch.bincount(model(torch.randn(100, 32)).exit_index).tolist() == [70, 21, 9]
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adaptnet.dynamic._ledger import charged, current_ledger
-from adaptnet.dynamic._partition import check_capacity
+from adaptnet.dynamic._partition import capacity_rows, check_capacity
 from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
@@ -189,7 +189,7 @@ class MoE(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Capacity mode: every expert on exactly ``C`` slots; (output, dropped)."""
         n, E, A = tokens.shape[0], len(self.experts), expert.numel()
-        C = min(math.ceil(self.capacity * n), A)
+        C = min(capacity_rows(self.capacity, n), A)
         # Each expert's C best assignments by gate: one topk over an (E, A) table in which
         # the assignments of other experts score -1 (gates lie in (0, 1]).
         mine = expert[None, :] == torch.arange(E, device=tokens.device)[:, None]

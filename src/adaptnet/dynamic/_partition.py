@@ -16,8 +16,9 @@ final merge, concatenation or inverse permutation is needed.
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -77,8 +78,26 @@ def take(ids: torch.Tensor | None, rows: torch.Tensor | None, *tensors: torch.Te
 
 
 def capacity_rows(capacity: float, rows: int) -> int:
-    """How many of ``rows`` go on at a decision with this capacity: ``ceil(capacity * rows)``."""
-    return min(rows, math.ceil(capacity * rows))
+    """How many of ``rows`` go on at a decision with this capacity: ``ceil(capacity * rows)``.
+
+    Computed in integers, the capacity as the nearest fraction ``p / q`` (``q`` up
+    to a million: 0.3 is 3/10): ``(p * rows + q - 1) // q``. Floats would round
+    (``0.7 * 10`` is 7.000000000000001, whose ceiling is 8) and round differently
+    where an exported graph evaluates them (float32 in ONNX); integers give the
+    same count in eager PyTorch, under ``torch.export`` with a symbolic batch,
+    and in onnxruntime.
+    """
+    p, q = _fraction(capacity)  # p <= q: at most ``rows``, without a min to trace
+    k = (p * rows + q - 1) // q
+    if not isinstance(rows, int):  # a symbolic batch (torch.export): state what holds
+        torch._check(k <= rows)
+    return k
+
+
+@functools.lru_cache(maxsize=64)
+def _fraction(capacity: float) -> tuple[int, int]:
+    f = Fraction(capacity).limit_denominator(10**6)
+    return f.numerator, f.denominator
 
 
 def check_capacity(capacity: object, what: str) -> float | None:
@@ -102,7 +121,8 @@ def token_quota(capacity: float, tokens: int, real: torch.Tensor | None) -> int 
     """
     if real is None:
         return capacity_rows(capacity, tokens)
-    return torch.ceil(real.sum(1).double() * capacity).long()
+    p, q = _fraction(capacity)
+    return (real.sum(1) * p + q - 1) // q
 
 
 @dataclass(frozen=True)
