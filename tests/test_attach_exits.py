@@ -3,6 +3,8 @@ ResNet-18 and MobileNetV3 cut by torch.fx, equal to the backbone and to the per-
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torchvision
@@ -143,3 +145,76 @@ def test_the_all_exits_graph_exports_to_onnx(tmp_path):
     assert len(outs) == 3
     for got, want in zip(outs, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input and a ViT
+
+
+def test_bad_backbones_examples_and_labels_are_typed_errors():
+    from adaptnet.errors import DynamicError
+
+    net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 3), nn.Flatten(),
+                        nn.Linear(16, 3))
+    x = torch.randn(4, 1, 8)
+    with pytest.raises(ModelError, match=r"at must name one or more submodules.*got None"):
+        attach_exits(net, None, example=x)
+    with pytest.raises(ModelError, match=r"the example \(\(4, 2, 8\), torch.float32\) does not "
+                       r"run through the backbone from the backbone's start: RuntimeError"):
+        attach_exits(net, ["1"], example=torch.randn(4, 2, 8))
+    with pytest.raises(ModelError, match=r"example must be an input batch"):
+        attach_exits(net, ["1"], example=[1, 2])
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1])
+
+    with pytest.raises(ModelError, match=r"the exit at 'rnn' returns a tuple, not one tensor"):
+        attach_exits(Recurrent(), ["rnn"], example=torch.randn(2, 5, 8))
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.a(x).sum()
+
+    with pytest.raises(ModelError, match=r"returns \(\), not \(B, classes\) logits"):
+        attach_exits(Scalar(), ["a"], example=torch.randn(4, 8))
+    model = attach_exits(net, ["1"], example=x).train()
+    y = torch.randint(0, 3, (4,))
+    for kw, match in ((dict(y=y[:, None]), r"got torch.int64 \(4, 1\)"),
+                      (dict(y=y[:3]), r"got torch.int64 \(3,\)"),
+                      (dict(y=y[:1]), r"got torch.int64 \(1,\)"),
+                      (dict(candidates=0), r"candidates is how many thresholds to try"),
+                      (dict(x=torch.randn(0, 1, 8), y=y[:0]), r"x holds no sample")):
+        args = {"x": x, "y": y, "target_accuracy": 0.5} | kw
+        with pytest.raises(DynamicError, match=match):
+            adaptnet.calibrate_exits(model, args.pop("x"), args.pop("y"), **args)
+        assert model.training  # put back after the error
+    start = time.perf_counter()
+    adaptnet.calibrate_exits(model, x, y, target_compute=1.0, candidates=10**7)
+    assert time.perf_counter() - start < 5  # more candidates than scores find nothing more
+
+
+def test_a_vision_transformer_with_a_root_level_class_token_gets_exits():
+    """torchvision's ViT reads its class token (a root-level nn.Parameter) and the encoder's
+    position embedding after the cut: bound to the first piece, shared, trained."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4,
+                                               num_heads=2, hidden_dim=32, mlp_dim=64,
+                                               num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    net = attach_exits(vit, ["encoder.layers.encoder_layer_1"], example=x, thresholds=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x).logits, vit(x), rtol=1e-5, atol=1e-5)
+    params = {id(p) for p in net.parameters()}
+    assert id(vit.class_token) in params and id(vit.encoder.pos_embedding) in params
+    out = net.train()(x)
+    out.joint_loss(torch.randint(0, 10, (3,))).backward()
+    assert vit.class_token.grad is not None and vit.class_token.grad.abs().sum() > 0

@@ -349,7 +349,33 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
         raise DynamicError(f"calibrate_exits(): the model runs in capacity mode (capacity="
                            f"{model.capacity}), which has no thresholds to calibrate; set "
                            "model.capacity = None first.")
+    check_batched(x, "calibrate_exits()")
+    if not x.shape[0]:
+        raise DynamicError("calibrate_exits(): x holds no sample; calibrate on validation data.")
+    _check_labels(y, x, "calibrate_exits()")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise DynamicError(f"calibrate_exits(): candidates is how many thresholds to try, a "
+                           f"whole number >= 2, got {candidates!r}; the default is 201.")
     was_training = model.training
+    try:
+        return _calibrate(model, x, y, target_accuracy, target_compute, candidates)
+    finally:
+        model.train(was_training)
+
+
+def _check_labels(y: object, x: torch.Tensor, caller: str) -> None:
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or \
+            y.dtype not in (torch.int64, torch.int32):
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else \
+            type(y).__name__
+        raise DynamicError(f"{caller}: y must be one class index (int64) per sample of x, "
+                           f"shape ({x.shape[0]},), got {got}.")
+
+
+def _calibrate(model: EarlyExit, x: torch.Tensor, y: torch.Tensor,
+               target_accuracy: float | None, target_compute: float | None, candidates: int
+               ) -> Calibration:
+    target = target_accuracy if target_accuracy is not None else target_compute
     model.eval()
     with torch.no_grad():
         exits = model.all_exits(x)
@@ -360,8 +386,8 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
                           for z, t in zip(exits[:-1], model.temperatures, strict=True)])
     correct = torch.stack([z.argmax(-1) == y for z in exits]).to(torch.float64)  # (L, B)
     grid = [float("inf")]  # inf: nobody exits early
-    if scores.numel():
-        qs = torch.linspace(0, 1, candidates, dtype=torch.float64)
+    if scores.numel():  # more quantiles than scores find no other threshold
+        qs = torch.linspace(0, 1, min(candidates, scores.numel() + 1), dtype=torch.float64)
         values = sorted(set(torch.quantile(scores.flatten().double(), qs).tolist()))
         # Midpoints, so that no sample's own score sits on a threshold (a filtered sub-batch
         # may compute it an ulp differently), and one below all: everyone at the first exit.
@@ -391,7 +417,6 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     s, acc, macs, index = best
     threshold = _threshold_from_score(s, model.criterion)
     model.set_thresholds(threshold)
-    model.train(was_training)
     fractions = torch.bincount(index, minlength=len(exits)).double() / max(len(index), 1)
     return Calibration(threshold, acc, macs, full, tuple(fractions.tolist()))
 
@@ -413,15 +438,15 @@ def calibrate_temperatures(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *
     Raises:
         DynamicError: ``y`` is not one class index per sample of ``x``.
     """
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or \
-            y.dtype not in (torch.int64, torch.int32):
-        raise DynamicError(f"calibrate_temperatures(): y must be one class index (int64) per "
-                           f"sample of x, got {type(y).__name__} "
-                           f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}.")
+    check_batched(x, "calibrate_temperatures()")
+    _check_labels(y, x, "calibrate_temperatures()")
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        exits = model.all_exits(x)
+    try:
+        with torch.no_grad():
+            exits = model.all_exits(x)
+    finally:
+        model.train(was_training)
     temperatures = []
     for z in exits[:-1]:
         z = z.detach().double()
@@ -439,7 +464,6 @@ def calibrate_temperatures(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *
         opt.step(nll)
         temperatures.append(float(log_t.detach().exp().clamp(1e-3, 1e3)))
     model.set_temperatures(temperatures)
-    model.train(was_training)
     return tuple(temperatures)
 
 

@@ -11,7 +11,6 @@ exactly what the backbone does. Routing is EarlyExit's: exact per sample.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -50,10 +49,12 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
     Raises:
         ModelError: a path that is not a submodule, called more than once or
             out of order; a backbone ``torch.fx`` cannot trace; a cut that more
-            than one tensor crosses; heads of the wrong number.
+            than one tensor crosses, or whose output is not one tensor; heads of
+            the wrong number; an example the backbone does not take; a backbone
+            that does not return ``(B, classes)`` logits.
     """
-    at = [at] if isinstance(at, str) else list(at)
-    if not at or not all(isinstance(p, str) and p for p in at):
+    at = [at] if isinstance(at, str) else list(at) if isinstance(at, list | tuple) else at
+    if not isinstance(at, list) or not at or not all(isinstance(p, str) and p for p in at):
         raise ModelError(f"attach_exits(): at must name one or more submodules, e.g. "
                          f"['layer1', 'layer2'], got {at!r}.")
     modules = dict(backbone.named_modules())
@@ -74,10 +75,57 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
                          "an adaptnet.EarlyExit from its stages.") from None
     segment = _segments(graph, at)
     split = split_module(graph, backbone, lambda node: segment[node.name])
-    stages = _stages(split, len(at) + 1)
+    stages = _stages(split, len(at) + 1, backbone)
+    features = _features(stages, example, at)
     if heads is None:
-        heads = _default_heads(stages, example)
+        heads = _default_heads(features)
     return EarlyExit(stages, [*heads, nn.Identity()], thresholds=thresholds, weights=weights)
+
+
+def _features(stages: list[nn.Module], example: object, at: list[str]) -> list[torch.Tensor]:
+    """Each stage's output on ``example`` (eval mode, no gradients; modes put back after):
+    tensors, batched, ending in ``(B, classes)`` logits.
+
+    Raises:
+        ModelError: an example that is not a batch the backbone takes (naming what
+            the backbone raised), a cut whose output is not one tensor, or a
+            backbone that does not return ``(B, classes)`` logits.
+    """
+    if not isinstance(example, torch.Tensor) or example.dim() < 2:
+        got = f"shape {tuple(example.shape)}" if isinstance(example, torch.Tensor) else \
+            type(example).__name__
+        raise ModelError(f"attach_exits(): example must be an input batch the backbone takes, "
+                         f"e.g. a few training samples; got {got}.")
+    was = [s.training for s in stages]
+    features, h = [], example
+    try:
+        with torch.no_grad():
+            for s in stages:
+                s.eval()
+            for i, s in enumerate(stages):
+                try:
+                    h = s(h)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    where = "the backbone's start" if i == 0 else f"{at[i - 1]!r}"
+                    raise ModelError(
+                        f"attach_exits(): the example ({tuple(example.shape)}, "
+                        f"{example.dtype}) does not run through the backbone from {where}: "
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}. Give "
+                        "an input batch of the shape and dtype the backbone takes.") from None
+                if not isinstance(h, torch.Tensor):
+                    what = f"the exit at {at[i]!r}" if i < len(at) else "the backbone"
+                    raise ModelError(f"attach_exits(): {what} returns a {type(h).__name__}, "
+                                     "not one tensor; cut where one tensor flows (an LSTM "
+                                     "returns (output, state): cut after it, or wrap it).")
+                features.append(h)
+    finally:
+        for s, w in zip(stages, was, strict=True):
+            s.train(w)
+    if features[-1].dim() != 2 or features[-1].shape[0] != example.shape[0]:
+        raise ModelError(f"attach_exits(): the backbone returns {tuple(features[-1].shape)}, "
+                         f"not (B, classes) logits for a batch of {example.shape[0]}; every "
+                         "exit must predict what the backbone predicts.")
+    return features
 
 
 class _Tracer(fx.Tracer):
@@ -112,41 +160,65 @@ def _segments(graph: fx.GraphModule, at: list[str]) -> dict[str, int]:
     return segment
 
 
-def _stages(split: fx.GraphModule, count: int) -> list[nn.Module]:
-    """The split's pieces in order, once each is checked to pass one tensor on."""
+def _stages(split: fx.GraphModule, count: int, backbone: nn.Module) -> list[nn.Module]:
+    """The split's pieces in order, once each is checked to pass one tensor on.
+
+    A piece that also reads the backbone's own parameters or tensors (a ViT's
+    class token and position embedding, root-level ``nn.Parameter``s) gets them
+    bound (:class:`_Bound`): the same objects, so training the early-exit
+    network trains the backbone's.
+    """
     calls = [n for n in split.graph.nodes if n.op == "call_module"]
-    names = [n.target for n in calls]
     if len(calls) != count:
         raise ModelError(f"attach_exits(): the cuts made {len(calls)} pieces, not {count}; "
                          "an exit point's output may not reach the classifier.")
-    for previous, node in itertools.pairwise(calls):
-        if list(node.args) != [previous] or node.kwargs:
+    stages, flowing = [], next(n for n in split.graph.nodes if n.op == "placeholder")
+    for node in calls:
+        data = [a for a in node.args if not (isinstance(a, fx.Node) and a.op == "get_attr")]
+        if data != [flowing] or node.kwargs:
             raise ModelError(
                 f"attach_exits(): more than one value crosses the cut before {node.target} "
                 "(a skip connection around the exit point); cut where one tensor flows, e.g. "
                 "between a ResNet's layer1..layer4.")
-    return [getattr(split, name) for name in names]
+        piece = getattr(split, node.target)
+        if len(node.args) > 1:
+            piece = _Bound(piece, [None if a is flowing else
+                                   _attr(backbone, a.target) for a in node.args])
+        stages.append(piece)
+        flowing = node
+    return stages
 
 
-def _default_heads(stages: list[nn.Module], example: torch.Tensor) -> list[nn.Module]:
-    """Pool, flatten, classify: sized from one forward pass over ``example``."""
-    was = [s.training for s in stages]
-    heads = []
-    with torch.no_grad():
-        for s in stages:
-            s.eval()
-        h = example
-        features = []
-        for s in stages:
-            h = s(h)
-            features.append(h)
-        classes = features[-1].shape[-1]
-        for f in features[:-1]:
-            if f.dim() not in (3, 4):
-                raise ModelError(f"attach_exits(): the default head pools (B, C, L) or "
-                                 f"(B, C, H, W) features, got {tuple(f.shape)}; give heads=.")
-            pool = nn.AdaptiveAvgPool2d(1) if f.dim() == 4 else nn.AdaptiveAvgPool1d(1)
-            heads.append(nn.Sequential(pool, nn.Flatten(), nn.Linear(f.shape[1], classes)))
-    for s, w in zip(stages, was, strict=True):
-        s.train(w)
+def _attr(root: nn.Module, qualname: str) -> torch.Tensor:
+    *path, name = qualname.split(".")
+    return getattr(root.get_submodule(".".join(path)), name)
+
+
+class _Bound(nn.Module):
+    """A piece of the backbone with the parameters and tensors it reads bound to it."""
+
+    def __init__(self, piece: nn.Module, args: list[torch.Tensor | None]) -> None:
+        super().__init__()
+        self.piece, self.slots = piece, []
+        for i, value in enumerate(args):
+            name = None if value is None else f"bound_{i}"
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
+            elif value is not None:
+                self.register_buffer(name, value, persistent=False)
+            self.slots.append(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.piece(*(x if name is None else getattr(self, name) for name in self.slots))
+
+
+def _default_heads(features: list[torch.Tensor]) -> list[nn.Module]:
+    """Pool, flatten, classify: sized from each cut's output on the example."""
+    classes, heads = features[-1].shape[-1], []
+    for f in features[:-1]:
+        if f.dim() not in (3, 4):
+            raise ModelError(f"attach_exits(): the default head pools (B, C, L) or "
+                             f"(B, C, H, W) features, got {tuple(f.shape)}; give heads=.")
+        pool = nn.AdaptiveAvgPool2d(1) if f.dim() == 4 else nn.AdaptiveAvgPool1d(1)
+        heads.append(nn.Sequential(pool, nn.Flatten(), nn.Linear(f.shape[1], classes)))
     return heads
