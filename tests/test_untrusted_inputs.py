@@ -110,3 +110,23 @@ def test_a_state_dict_without_dense_values_is_refused(tmp_path, how):
     with pytest.raises(CheckpointCorruptError, match=r"holds tensors without dense values: "
                        r"0.weight"):
         load_weights(model, tmp_path / "w.pt")
+
+
+# ---------------------------------------------------------------- 17. sizes that cannot fit
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(monkeypatch):
+    import time
+
+    from adaptnet.recipes import _prepare, prepare
+
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match=r"Storage size calculation overflowed"):
+        prepare(load_recipe("mnist1d-mlp", ["model.hidden=2147483648"])[1], 8)
+    monkeypatch.setattr(_prepare, "available_memory", lambda: 2**30)  # 1 GiB free
+    with pytest.raises(RecipeError, match=r"model 'mlp' with \{'hidden': 20000\} has "
+                       r"401,040,010 parameters \(1.5 GiB\), more than the 1.0 GiB "
+                       r"of memory free on this machine"):
+        prepare(load_recipe("mnist1d-mlp", ["model.hidden=20000"])[1], 8)
+    assert time.perf_counter() - start < 10  # nothing was allocated
+    monkeypatch.setattr(_prepare, "available_memory", lambda: 2**40)
+    assert prepare(load_recipe("mnist1d-mlp", ["model.hidden=32"])[1], 8)[1] is not None

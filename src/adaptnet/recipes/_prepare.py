@@ -61,6 +61,7 @@ def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
             model = _trained_model(pretrained).train()
             replace_head(model, args["num_classes"])
         else:
+            _check_size(recipe, args)
             model = build_model(recipe.model, args)
             apply_sharing(model, recipe)
             if recipe.init:
@@ -72,6 +73,50 @@ def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
     except AdaptnetError as e:  # problems only the data or the builder can see
         raise RecipeError(f"bad recipe: {e}") from None
     return data, model, args
+
+
+def _check_size(recipe: Recipe, args: dict[str, Any]) -> None:
+    """Refuse, before allocating it, a model whose weights alone exceed the memory free now.
+
+    The model is built once on the ``meta`` device (shapes, no storage). Every
+    zoo model builds there, so a zoo model that fails there fails for its
+    arguments (e.g. sizes whose storage overflows 64 bits), at once; a user's
+    builder that cannot build there is left to the real build.
+
+    Raises:
+        RecipeError: with the parameter count, its size and the memory available.
+        ModelError: a zoo model whose arguments cannot make a model.
+    """
+    try:
+        with torch.device("meta"):
+            meta = build_model(recipe.model, args)
+    except AdaptnetError:
+        if recipe.model.name is not None:
+            raise
+        return
+    except Exception:  # a builder of the user's that needs real tensors: no estimate
+        return
+    tensors = {id(t): t for t in (*meta.parameters(), *meta.buffers())}.values()
+    count = sum(t.numel() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free = available_memory()
+    if free is not None and size > free:
+        given = {k: v for k, v in recipe.args("model").items()}
+        raise RecipeError(
+            f"model {recipe.model.label!r} with {shown(given)} has {count:,} parameters "
+            f"({size / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB of memory free "
+            "on this machine; make it smaller (its sizes above).")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _probe(model: nn.Module, data: DataSplits, label: str, given: dict[str, Any]) -> None:
