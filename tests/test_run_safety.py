@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 import adaptnet
@@ -258,3 +259,30 @@ def test_a_log_that_cannot_be_written_and_a_file_named_checkpoints_are_one_messa
         fitted(tmp_path / "b")
     result = runner.invoke(app, [*TRAIN, "--run-dir", str(tmp_path / "b")])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+# ------------------------------------------------- extending a finished run
+
+def test_a_finished_run_is_extended_only_when_asked_and_only_in_length(tmp_path):
+    run = tmp_path / "run"
+    args = [*TRAIN, "--run-dir", str(run)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = snapshot(run)
+    longer = [*args, "train.epochs=3", "--resume"]
+    result = runner.invoke(app, longer)  # a changed recipe, without --extend
+    assert result.exit_code == 2 and "train.epochs: 1 -> 3" in " ".join(result.output.split())
+    result = runner.invoke(app, [*longer, "model.hidden=17", "--extend"])  # another change
+    assert result.exit_code == 2 and "model.hidden: (absent) -> 17" in " ".join(
+        result.output.split())
+    result = runner.invoke(app, [*args, "--resume", "--extend"])  # no longer than before
+    assert result.exit_code == 2 and "give train.epochs above the run's 1" in " ".join(
+        result.output.split())
+    assert snapshot(run) == before
+    assert runner.invoke(app, [*longer, "--extend"]).exit_code == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs"] == 3 and len(results["history"]) == 3
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["extended"] == [{"epochs": [1, 3]}] and config["train"]["epochs"] == 3
+    assert runner.invoke(app, [*args, "train.epochs=3", "--resume"]).exit_code == 0  # as is
+    assert runner.invoke(app, [*TRAIN, "--run-dir", str(tmp_path / "n"), "--extend"]
+                         ).exit_code == 2

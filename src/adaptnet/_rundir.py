@@ -38,11 +38,14 @@ class RunConfig:
         limit: the sample limit the run trained with, or None.
         body: the resolved recipe (``data``, ``model`` with every argument,
             ``train``, ...), as :func:`adaptnet.recipes.validate_recipe` reads it.
+        extended: the run's extensions, oldest first: ``{"epochs": [from, to]}``
+            each (``adaptnet train --resume --extend``).
     """
 
     recipe: str
     limit: int | None
     body: dict[str, Any] = field(default_factory=dict)
+    extended: tuple[dict[str, Any], ...] = ()
 
     @property
     def model(self) -> dict[str, Any]:
@@ -78,14 +81,21 @@ def read_config(run: str | Path) -> RunConfig:
         raise RunDirError(f"{path} is not a run configuration (a mapping); the run "
                           "directory is damaged.")
     name, limit = raw.pop("recipe", run.name), raw.pop("limit", None)
-    return RunConfig(str(name), limit if isinstance(limit, int) and limit > 0 else None, raw)
+    extended = raw.pop("extended", [])
+    if not isinstance(extended, list) or not all(isinstance(e, dict) for e in extended):
+        raise RunDirError(f"{path}: 'extended' is not the list of extensions a run records; "
+                          "the run directory is damaged.")
+    return RunConfig(str(name), limit if isinstance(limit, int) and limit > 0 else None, raw,
+                     tuple(extended))
 
 
 def write_config(run: str | Path, config: RunConfig) -> None:
     """Write ``config.yaml`` atomically (recipe name and limit first, then the recipe)."""
     with atomic_path(Path(run) / CONFIG) as tmp:
-        tmp.write_text(yaml.safe_dump({"recipe": config.recipe, "limit": config.limit,
-                                       **config.body}, sort_keys=False))
+        head = {"recipe": config.recipe, "limit": config.limit}
+        if config.extended:
+            head["extended"] = list(config.extended)
+        tmp.write_text(yaml.safe_dump({**head, **config.body}, sort_keys=False))
 
 
 WEIGHTS_SHA256 = "weights_sha256"  # the results.json key holding the final weights' checksum

@@ -61,6 +61,9 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
           resume_unverified: Annotated[bool, typer.Option(
               help="With --resume: also use checkpoints without checksums (written by an "
               "older adaptnet), which cannot be verified.")] = False,
+          extend: Annotated[bool, typer.Option(
+              help="With --resume: train a run longer (train.epochs above its own); recorded "
+              "in its config.yaml. Every other change to the recipe still refuses.")] = False,
           limit: Limit = None, trust_code: TrustCode = False) -> None:
     """Train a recipe; write the run directory, its report and plots."""
     from adaptnet.recipes import load_recipe, train_recipe
@@ -77,7 +80,7 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
                               "a directory of its own for the run, e.g. --run-dir runs/mine.")
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
                               limit=limit, trust_code=trust_code,
-                              resume_unverified=resume_unverified)
+                              resume_unverified=resume_unverified, extend=extend)
     _print_results(result.values)
     if "backbone" in result.values:
         out.print(f"pretrained backbone: {result.values['backbone']}")

@@ -5,6 +5,7 @@ The run directory's format is :mod:`adaptnet._rundir`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -49,13 +50,17 @@ def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool,
 
 def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = False,
                  limit: int | None = None, trust_code: bool = False,
-                 resume_unverified: bool = False) -> RunResult:
+                 resume_unverified: bool = False, extend: bool = False) -> RunResult:
     """Train ``recipe`` into ``run_dir``; evaluate on the test split; write results and report.
 
     The run directory is locked for the whole run. A resume checks first that
     the run's ``config.yaml`` is the recipe given (same model, data, training,
     limit); if not, it refuses and changes nothing. ``resume_unverified``: a
-    resume may use checkpoints without checksums (an older format).
+    resume may use checkpoints without checksums (an older format). ``extend``
+    (with ``resume``): the recipe may raise ``train.epochs`` above the run's, to
+    train a finished run longer; the extension is recorded in ``config.yaml``
+    and every other difference still refuses. The scheduler goes on from its
+    saved state (a schedule that ended at the old length does not stretch).
 
     Raises:
         RunDirError: ``run_dir`` already holds a run and ``resume`` is False, or
@@ -66,12 +71,15 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
         RecipeError: the recipe's ``model.builder`` (or its backbone's) names code
             and ``trust_code`` is False.
     """
+    if extend and not resume:
+        raise ResumeError("extend=True (--extend) lengthens a run being resumed; give "
+                          "resume=True (--resume) too.")
     with trusting(code_of(recipe) if trust_code else ()):
-        return _train(name, recipe, Path(run_dir), resume, limit, resume_unverified)
+        return _train(name, recipe, Path(run_dir), resume, limit, resume_unverified, extend)
 
 
 def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | None,
-           resume_unverified: bool = False) -> RunResult:
+           resume_unverified: bool = False, extend: bool = False) -> RunResult:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {str(run_dir)!r} is a file, not a directory; give a "
                           "directory (it is created if missing).")
@@ -96,7 +104,9 @@ def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | 
             if not resume:
                 raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, "
                                   "or give another --run-dir (nothing was overwritten).")
-            _check_same_run(run_dir, config)
+            config = _check_same_run(run_dir, config, extend)
+        elif extend:
+            raise ResumeError(f"cannot extend {run_dir}: it holds no run to extend.")
         _rundir.write_config(run_dir, config)
         start = time.perf_counter()
         history = fit(model, data.train, val=data.valid, config=cfg,
@@ -136,8 +146,11 @@ def pretrain(spec: TransferSpec, runs: Path, limit: int | None) -> Path:
     return run
 
 
-def _check_same_run(run_dir: Path, config: _rundir.RunConfig) -> None:
-    """Refuse to resume ``run_dir`` with a recipe other than the one it was started with."""
+def _check_same_run(run_dir: Path, config: _rundir.RunConfig, extend: bool = False
+                    ) -> _rundir.RunConfig:
+    """Refuse to resume ``run_dir`` with a recipe other than the one it was started with;
+    return the configuration to write. ``extend``: ``train.epochs`` may grow (recorded in
+    ``extended``); every other difference still refuses."""
     try:
         stored = _rundir.read_config(run_dir)
     except RunDirError as e:
@@ -148,13 +161,25 @@ def _check_same_run(run_dir: Path, config: _rundir.RunConfig) -> None:
                                              sort_keys=False))
 
     diffs = _differences(flat(stored), flat(config))
+    extended = stored.extended
+    if extend:
+        before = stored.body.get("train", {}).get("epochs", 1)
+        after = config.body.get("train", {}).get("epochs", 1)
+        if not (isinstance(before, int) and isinstance(after, int) and after > before):
+            raise ResumeError(f"cannot extend {run_dir}: --extend lengthens a run; give "
+                              f"train.epochs above the run's {before!r} (got {after!r}). "
+                              "Nothing was changed.")
+        diffs = [d for d in diffs if not d.startswith("train.epochs:")]
+        extended = (*extended, {"epochs": [before, after]})
     if diffs:
         listed = "\n".join(f"  {d}" for d in diffs[:20])
         more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
         raise ResumeError(f"cannot resume {run_dir}: the recipe given differs from the run's "
                           f"config.yaml ({len(diffs)} difference(s), run -> given):\n{listed}"
                           f"{more}\nNothing was changed. Resume with the run's own recipe and "
-                          "overrides, or train the new recipe into another --run-dir.")
+                          "overrides (--extend may raise train.epochs), or train the new "
+                          "recipe into another --run-dir.")
+    return dataclasses.replace(config, extended=extended)
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:
