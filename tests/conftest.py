@@ -117,3 +117,23 @@ def stepwise(model: nn.Module, ids: torch.Tensor, prompt: int) -> tuple[object, 
         logits = [model(ids[:, :prompt], cache=cache).logits]
         logits += [model(ids[:, i:i + 1], cache=cache).logits for i in range(prompt, ids.shape[1])]
     return cache, torch.cat(logits, 1)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """``write(name, source)``: a module of the user's in the current directory (a fresh
+    one), as a script sits beside it; the modules are forgotten after the test."""
+    import sys
+    import textwrap
+
+    monkeypatch.chdir(tmp_path)
+    names = []
+
+    def write(name: str, source: str):
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        names.append(name)
+        return tmp_path
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)

@@ -3,9 +3,6 @@ builder (``model.builder: "module:function"``), and ``--vary ties=on,off``."""
 
 from __future__ import annotations
 
-import sys
-import textwrap
-
 import pytest
 import torch
 import yaml
@@ -41,12 +38,9 @@ QUICK = ["train.epochs=1"]
 
 
 @pytest.fixture
-def user_code(tmp_path, monkeypatch):
+def user_code(user_module):
     """A module of the user's in the current directory, as a script would sit beside it."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mymodels.py").write_text(textwrap.dedent(MODULE))
-    yield tmp_path
-    sys.modules.pop("mymodels", None)
+    return user_module("mymodels", MODULE)
 
 
 def recipe_file(root, **sections) -> str:

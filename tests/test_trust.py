@@ -8,7 +8,6 @@ import-time side effects, a zoo recipe whose transfer backbone names one.
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pytest
 import yaml
@@ -32,11 +31,8 @@ def build(in_features=64, num_classes=10):
 
 
 @pytest.fixture
-def here(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "evilmod.py").write_text(textwrap.dedent(SIDE_EFFECT))
-    yield tmp_path
-    sys.modules.pop("evilmod", None)
+def here(user_module):
+    return user_module("evilmod", SIDE_EFFECT)
 
 
 def write(path, recipe: dict) -> str:
