@@ -27,7 +27,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Every benchmark in turn (under an hour on 2 cores), then BENCHMARKS.md's tables are
+# Every benchmark in turn (about an hour on 2 cores), then BENCHMARKS.md's tables are
 # regenerated from benchmarks/results/. `python benchmarks/run.py NAME` runs one.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -29,7 +29,8 @@ from _common import RESULTS, machine, machine_line, table
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "BENCHMARKS.md"
-# Cheap and timing-sensitive first, long trainings last; together under an hour on 2 cores.
+# Cheap and timing-sensitive first, long trainings last; together about an hour on 2 cores
+# (decode alone takes about 11 minutes).
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "decode", "train", "fsdp",
               "demo", "early_exit", "adaptive", "autoencoder", "ponder", "mnist1d", "transfer"]
 # Each of these trains for ten minutes or more (ResNets, decoders, several seeds to
