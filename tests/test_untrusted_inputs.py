@@ -25,9 +25,14 @@ runner = CliRunner()
 
 # ---------------------------------------------------------------- 11. recipes
 
-@pytest.mark.parametrize("scheme", ["-" * 500 + "1", "\udc80", "normal(std=" + "(" * 300 + ")"])
-def test_an_unreadable_init_scheme_is_a_recipe_error(scheme):
-    with pytest.raises(RecipeError, match=r"init\.\*: initialize\(\): cannot read scheme"):
+@pytest.mark.parametrize("scheme, says", [
+    ("normal(std=" + "-" * 500 + "1)", "std= is not a number, string or bool"),
+    ("-" * 5000 + "1", "cannot read scheme"),
+    ("\udc80", "cannot read scheme"),
+    ("normal(std=" + "(" * 300 + ")", "cannot read scheme"),
+])
+def test_an_unreadable_init_scheme_is_a_recipe_error(scheme, says):
+    with pytest.raises(RecipeError, match=rf"init\.\*: initialize\(\): .*{says}"):
         load_recipe("mnist1d-mlp", {"init": {"*": scheme}})
 
 

@@ -157,16 +157,16 @@ def parse_scheme(spec: str | Scheme | Mapping[str, Any], where: str = "") -> Sch
         if kw.arg is None:
             raise InitError(f"initialize(): {where}scheme {spec!r}: ** is not allowed.")
         kwargs[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else \
-            _literal(kw.value, spec, where)
+            _literal(kw.arg, kw.value, spec, where)
     return _checked(node.func.id, kwargs, spec, where)
 
 
-def _literal(node: ast.expr, spec: str, where: str) -> Any:
+def _literal(key: str, node: ast.expr, spec: str, where: str) -> Any:
     try:
         return ast.literal_eval(node)
-    except ValueError:
-        raise InitError(f"initialize(): {where}scheme {spec!r}: {ast.unparse(node)!r} is not a "
-                        "number, string or bool.") from None
+    except (ValueError, RecursionError):  # RecursionError: a thousand nested signs
+        raise InitError(f"initialize(): {where}scheme {spec!r}: {key}= is not a number, string "
+                        "or bool.") from None
 
 
 def _checked(name: Any, kwargs: dict, spec: Any, where: str) -> Scheme:
