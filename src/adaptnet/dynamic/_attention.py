@@ -93,8 +93,8 @@ class Span:
                     self.write, memo)
 
     def reading(self) -> Span:
-        """This span, attending to the cache without writing to it."""
-        return replace(self, write=False, _memo=self._memo)
+        """This span, attending to the cache without writing to it (its tables shared)."""
+        return replace(self, write=False)
 
     def slots(self) -> torch.Tensor:
         """``(n,)`` (no ``index``) or ``(b, n)``: each token's cache slot."""

@@ -112,7 +112,6 @@ def check_capacity(capacity: object, what: str) -> float | None:
     return float(capacity)
 
 
-
 def token_quota(capacity: float, tokens: int, real: torch.Tensor | None) -> int | torch.Tensor:
     """How many of a row's tokens go on: :func:`capacity_rows` of its real tokens.
 
@@ -227,8 +226,8 @@ class Tokens:
         sel = None if len(live) == len(counts) else torch.tensor(live, device=keep.device)
         rows, *index = take(self.rows, sel, *(() if self.index is None else (self.index,)))
         index = index[0] if index else None
-        kept = counts if sel is None else [counts[i] for i in live]
-        if keep.shape[1] == 1 or (index is None and min(kept) == keep.shape[1]):
+        kept = [counts[i] for i in live]
+        if index is None and min(kept) == keep.shape[1]:
             return Tokens(rows, index, None)  # whole rows stay, as they were
         n = max(kept)
         keep = keep if sel is None else keep.index_select(0, sel)

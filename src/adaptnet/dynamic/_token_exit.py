@@ -149,8 +149,7 @@ class TokenEarlyExit(nn.Module):
             picked = active.gather(x)
             sub = span.pack(active)
             if left:  # the keys are in: the tokens still going only read them
-                sub = replace(sub, rows=sub.rows if cache is not None else None, write=False,
-                              _memo=sub._memo)
+                sub = replace(sub, rows=sub.rows if cache is not None else None, write=False)
             done = charged_tokens(active, t, block, picked, sub, memory)
             x = active.scatter(x, active.merge(done, picked))
             active.fill(depth, i + 1)
@@ -182,7 +181,7 @@ class TokenEarlyExit(nn.Module):
                 return None
             whole = Tokens(active.rows)
             sub = span.pack(whole)
-            sub = replace(sub, rows=None, _memo=sub._memo)  # the memory's own rows
+            sub = replace(sub, rows=None)  # the memory's own rows, the same tables
             cache = block.new_cache(sub.positions.shape[0], span.end)
         elif everyone is None:
             return cache
@@ -207,4 +206,3 @@ class TokenEarlyExit(nn.Module):
             aux = sum(bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, span.valid)
                       for c, h, z in zip(self.classifiers, states, exits, strict=False))
         return TokenExits(exits[-1], depth, tuple(exits), aux)
-

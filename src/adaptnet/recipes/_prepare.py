@@ -101,11 +101,10 @@ def _check_size(recipe: Recipe, args: dict[str, Any]) -> None:
     size = sum(t.numel() * t.element_size() for t in tensors)
     free = available_memory()
     if free is not None and size > free:
-        given = {k: v for k, v in recipe.args("model").items()}
         raise RecipeError(
-            f"model {recipe.model.label!r} with {shown(given)} has {count:,} parameters "
-            f"({size / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB of memory free "
-            "on this machine; make it smaller (its sizes above).")
+            f"model {recipe.model.label!r} with {shown(recipe.args('model'))} has {count:,} "
+            f"parameters ({size / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB of "
+            "memory free on this machine; make it smaller (its sizes above).")
 
 
 def available_memory() -> int | None:
