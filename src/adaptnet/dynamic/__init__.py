@@ -30,6 +30,7 @@ from adaptnet.dynamic._per_sample import per_sample
 from adaptnet.dynamic._recursion import MixtureOfRecursions
 from adaptnet.dynamic._result import DynamicResult
 from adaptnet.dynamic._route import branch, route_topk, switch
+from adaptnet.dynamic._stack import DecoderCache, DecoderResult, TokenModel
 from adaptnet.dynamic._token_exit import TokenEarlyExit, TokenExits
 from adaptnet.dynamic._tokens import MixtureOfDepths, TokenResult
 
@@ -41,6 +42,8 @@ __all__ = [
     "Calibration",
     "CausalBlock",
     "Decision",
+    "DecoderCache",
+    "DecoderResult",
     "DepthResult",
     "DynamicResult",
     "EarlyExit",
@@ -59,6 +62,7 @@ __all__ = [
     "TokenBlock",
     "TokenEarlyExit",
     "TokenExits",
+    "TokenModel",
     "TokenResult",
     "attend",
     "branch",

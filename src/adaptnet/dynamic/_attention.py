@@ -171,37 +171,92 @@ class KVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
         """Store keys and values ``(b, H, n, dh)`` of the tokens of ``span`` at their slots."""
-        if span.end > self.length or (span.rows is None and k.shape[0] != self.batch):
-            self._refuse(k, span)
+        self.claim(span)
+        self.store(k, v, span)
+
+    def claim(self, span: Span) -> None:
+        """Mark the slots the tokens of ``span`` write as holding keys (what :meth:`write`
+        records besides the keys themselves; :meth:`store` puts those in). A block that
+        builds its mask before it has its keys (``adaptnet.hf`` runs a model's own
+        attention) claims, reads :meth:`mask`, then stores."""
+        b, n = span.positions.shape
+        if span.end > self.length or (span.rows is None and b != self.batch):
+            self._refuse(b, span)
         if span.start > self.end:  # calls that skipped this layer left their slots empty
             self._sparse()
         if span.rows is None and span.index is None:  # every row, consecutive slots
-            slots = span.slots()
-            self.keys.index_copy_(2, slots, k)
-            self.values.index_copy_(2, slots, v)
             if span.valid is not None or not self.dense:
                 self._sparse()
-                self.valid[:, span.start:span.start + k.shape[2]] = \
-                    True if span.valid is None else span.valid
+                self.valid[:, span.start:span.start + n] = True if span.valid is None else \
+                    span.valid
         elif span.index is None:  # whole rows, consecutive slots: a decoding step's
             self._sparse()
-            at = slice(span.start, span.start + k.shape[2])
-            self.keys[:, :, at].index_copy_(0, span.rows, k)
-            self.values[:, :, at].index_copy_(0, span.rows, v)
+            at = slice(span.start, span.start + n)
             if span.valid is None:
                 self.valid[:, at].index_fill_(0, span.rows, True)
             else:
                 self.valid[:, at].index_copy_(0, span.rows, span.valid)
         else:
             self._sparse()
-            rows = torch.arange(k.shape[0], device=k.device) if span.rows is None else span.rows
-            r, s = rows[:, None], span.slots()  # (b, 1) and (b, n)
-            if span.valid is not None:  # padding points at other tokens: write it nowhere
-                s = torch.where(span.valid, s, self.length)
-            self.keys[r, :, s] = k.transpose(1, 2)  # indexed: (b, n, H, dh)
-            self.values[r, :, s] = v.transpose(1, 2)
+            r, s = self._places(span)
             self.valid[r, s] = True
         self.end = max(self.end, span.end)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
+        """Put keys and values ``(b, H, n, dh)`` at the slots :meth:`claim` marked."""
+        if span.rows is None and span.index is None:
+            slots = span.slots()
+            self.keys.index_copy_(2, slots, k)
+            self.values.index_copy_(2, slots, v)
+        elif span.index is None:
+            at = slice(span.start, span.start + k.shape[2])
+            self.keys[:, :, at].index_copy_(0, span.rows, k)
+            self.values[:, :, at].index_copy_(0, span.rows, v)
+        else:
+            r, s = self._places(span)
+            self.keys[r, :, s] = k.transpose(1, 2)  # indexed: (b, n, H, dh)
+            self.values[r, :, s] = v.transpose(1, 2)
+
+    def _places(self, span: Span) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, 1)`` rows and ``(b, n)`` slots of a packed span's tokens (padding: the spare
+        slot, written nowhere that is read); kept with the span for its store."""
+        if "places" not in span._memo:
+            b = span.positions.shape[0]
+            rows = torch.arange(b, device=self.keys.device) if span.rows is None else span.rows
+            s = span.slots()
+            if span.valid is not None:  # padding points at other tokens: write it nowhere
+                s = torch.where(span.valid, s, self.length)
+            span._memo["places"] = (rows[:, None], s)
+        return span._memo["places"]
+
+    def read(self, span: Span) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values ``(b, H, S, dh)`` the tokens of ``span`` may attend to (up to
+        ``span.end``, their rows), beside :meth:`mask`."""
+        if not span.write and span.end > self.end:
+            raise DynamicError(f"KVCache: a read up to slot {span.end} of a cache filled to "
+                               f"{self.end}; write the keys of slots before reading them.")
+        keys, values = self.keys.narrow(2, 0, span.end), self.values.narrow(2, 0, span.end)
+        if span.rows is not None:
+            keys, values = keys.index_select(0, span.rows), values.index_select(0, span.rows)
+        return keys, values
+
+    def mask(self, span: Span) -> torch.Tensor | None:
+        """``(b|1, 1, n|1, S)`` bool, the slots each token of ``span`` attends to (its row's
+        keys at slots up to its own; padding queries: anything, their output is
+        discarded); None: every slot read (one token per row, a dense cache)."""
+        mask = None if self.dense else self.valid.narrow(1, 0, span.end)
+        if mask is not None and span.rows is not None:
+            mask = mask.index_select(0, span.rows)
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (b, 1, 1, S)
+        if span.end - span.start > 1:  # several slots in this call: causal among them
+            slots = span.slots()
+            causal = torch.arange(span.end, device=self.valid.device) <= slots[..., None]
+            causal = causal[:, None] if causal.dim() == 3 else causal  # (b|1, 1, n, S)
+            mask = causal if mask is None else mask & causal
+        if span.valid is not None and mask is not None:  # padding queries: anything finite
+            mask = mask | ~span.valid[:, None, :, None]
+        return mask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                span: Span) -> torch.Tensor:
@@ -209,29 +264,13 @@ class KVCache:
         ``(b, H, n, dh)`` over the keys their rows hold at slots up to their own."""
         if span.write:
             self.write(k, v, span)
-        elif span.end > self.end:
-            raise DynamicError(f"KVCache: a read up to slot {span.end} of a cache filled to "
-                               f"{self.end}; write the keys of slots before reading them.")
-        keys, values = self.keys.narrow(2, 0, span.end), self.values.narrow(2, 0, span.end)
-        mask = None if self.dense else self.valid.narrow(1, 0, span.end)
-        if span.rows is not None:
-            keys, values = keys.index_select(0, span.rows), values.index_select(0, span.rows)
-            mask = None if mask is None else mask.index_select(0, span.rows)
-        if mask is not None:
-            mask = mask[:, None, None, :]  # (b, 1, 1, S)
-        if span.end - span.start > 1:  # several slots in this call: causal among them
-            slots = span.slots()
-            causal = torch.arange(span.end, device=q.device) <= slots[..., None]
-            causal = causal[:, None] if causal.dim() == 3 else causal  # (b|1, 1, n, S)
-            mask = causal if mask is None else mask & causal
-        if span.valid is not None and mask is not None:  # padding queries: anything finite
-            mask = mask | ~span.valid[:, None, :, None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        keys, values = self.read(span)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask(span))
 
-    def _refuse(self, k: torch.Tensor, span: Span) -> None:
-        if span.rows is None and k.shape[0] != self.batch:
+    def _refuse(self, rows: int, span: Span) -> None:
+        if span.rows is None and rows != self.batch:
             raise DynamicError(f"KVCache: made for a batch of {self.batch}, written with "
-                               f"{k.shape[0]} rows; make the cache for this batch "
+                               f"{rows} rows; make the cache for this batch "
                                "(model.new_cache(batch)).")
         if span.end > self.length:
             raise DynamicError(f"KVCache: slot {span.end - 1} is past the cache's {self.length} "
