@@ -138,6 +138,56 @@ def test_capacity_one_is_the_dense_block_scaled_by_the_router():
     torch.testing.assert_close(mod(x).hidden, x + weight * (dense - x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_straight_through_weight_gives_the_block_output_and_trains_the_router(training):
+    """weight="straight": processed tokens get exactly the block's output; the router's
+    gradient is the one the sigmoid weight would give (the loop's, with the weight's
+    value replaced by 1)."""
+    torch.manual_seed(1)
+    mod = MixtureOfDepths(CausalBlock(D, H), 0.5, D, weight="straight").train(training)
+    x = torch.randn(2, 8, D, requires_grad=True)
+    if not training:  # the predictor picks the tokens whose first channel is 1
+        with torch.no_grad():
+            mod.predictor[0].weight.zero_()
+            mod.predictor[0].weight[:, 0] = 2.0
+            mod.predictor[0].bias.zero_()
+            mod.predictor[2].weight.fill_(1.0)  # sum of silu(2 x0) - 0.5 per hidden unit
+            mod.predictor[2].bias.fill_(-0.5 * mod.predictor[0].weight.shape[0])
+            x[:, ::2, 0], x[:, 1::2, 0] = 1.0, -1.0
+    res = mod(x)
+    keep = res.selected
+    assert 0 < int(keep.sum()) < keep.numel()  # some tokens skipped, some ran
+    done = token_loop(mod.block, x, torch.arange(8).expand(2, 8), keep)
+    torch.testing.assert_close(res.hidden[keep], done[keep], rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.hidden[~keep], x[~keep])
+    w = torch.sigmoid(mod.router(x))
+    want = torch.where(keep[..., None], x + (w - w.detach() + 1) * (done - x), x)
+    for g, ref in zip(grads(res.hidden, *mod.router.parameters()),
+                      grads(want, *mod.router.parameters()), strict=True):
+        close_grads(g, ref)
+        assert g.abs().sum() > 0
+
+
+def test_capacity_one_runs_every_token_in_evaluation_whatever_the_predictor_says():
+    torch.manual_seed(0)
+    mod = MixtureOfDepths(CausalBlock(D, H), 1.0, D, weight="straight").eval()
+    torch.nn.init.zeros_(mod.predictor[2].weight)
+    torch.nn.init.constant_(mod.predictor[2].bias, -5.0)  # would skip every token
+    x = torch.randn(3, 7, D)
+    res = mod(x)
+    assert bool(res.selected.all())
+    torch.testing.assert_close(res.hidden, mod.block(x), rtol=1e-5, atol=1e-6)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    res = mod(x, Span.of(x, valid=mask))
+    assert torch.equal(res.selected, mask)
+
+
+def test_an_unknown_weight_is_refused():
+    with pytest.raises(DynamicError, match="weight must be 'router'"):
+        MixtureOfDepths(CausalBlock(D, H), 0.5, D, weight="unit")
+
+
 @settings(max_examples=25, deadline=None)
 @given(sizes, st.sampled_from(["predictor", "none", "all"]))
 @example((3, 9, 3), "predictor")  # rows keep 4, 1 and 0 tokens: padding in a ragged batch

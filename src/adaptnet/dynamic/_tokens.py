@@ -96,12 +96,14 @@ def bce(guess: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -
 
 
 def routed(tokens: Tokens, x: torch.Tensor, weight: torch.Tensor | None, router: nn.Module,
-           run, span: Span, *state: object) -> torch.Tensor:
+           run, span: Span, *state: object, straight: bool = False) -> torch.Tensor:
     """``x`` with its ``tokens`` moved by their router weight times ``run``'s update:
     ``x + sigmoid(score) * (run(x) - x)``, which puts the router on the gradient path.
 
     ``weight`` ``(B, T)``, or None to score only the gathered tokens.
     ``run(picked, span, *state)`` maps the gathered ``(b, n, d)`` tokens to new states.
+    ``straight``: the weight is 1 going forward and ``sigmoid(score)``'s gradient going
+    back (a straight-through estimator), so a processed token gets the block's output.
     """
     picked = tokens.gather(x)
     if not picked.shape[1]:  # rows with no real token at all
@@ -109,6 +111,8 @@ def routed(tokens: Tokens, x: torch.Tensor, weight: torch.Tensor | None, router:
     t = x.shape[1]
     w = torch.sigmoid(charged_tokens(tokens, t, router, picked)) if weight is None else \
         tokens.gather(weight)[..., None]
+    if straight:
+        w = (w - w.detach()) + 1.0
     done = charged_tokens(tokens, t, run, picked, span.pack(tokens), *state)
     return tokens.scatter(x, tokens.merge(picked + w * (done - picked), picked))
 
@@ -147,14 +151,24 @@ class MixtureOfDepths(nn.Module):
     each token is in the top-k, decides per token (``logit > 0``) from that
     token alone. A skipped token writes no key to the block's cache.
 
+    At ``capacity=1`` every token is in the top-k, so evaluation runs every
+    real token through the block without asking the predictor.
+
     Args:
         block: any :class:`~adaptnet.dynamic.TokenBlock` (e.g. a
             :class:`~adaptnet.dynamic.CausalBlock`).
         capacity: the fraction of each sequence's tokens processed, in (0, 1].
         d_model: width of the router's input.
+        weight: ``"router"``: a processed token's update is scaled by its router
+            weight (the paper's); ``"straight"``: by 1 going forward, with the router
+            weight's gradient going back (straight-through), so a processed token
+            gets exactly the block's output: a pretrained block keeps its function
+            and the model at ``capacity=1`` is the model without routing
+            (``adaptnet.hf`` uses this).
 
     Raises:
-        DynamicError: a block without the protocol, a capacity outside (0, 1],
+        DynamicError: a block without the protocol, a capacity outside (0, 1], an
+            unknown ``weight``,
             input that is not ``(B, T, d)`` states, or a cache in training mode.
 
     Example:
@@ -165,9 +179,15 @@ class MixtureOfDepths(nn.Module):
         [2, 2]
     """
 
-    def __init__(self, block: nn.Module, capacity: float, d_model: int) -> None:
+    def __init__(self, block: nn.Module, capacity: float, d_model: int, *,
+                 weight: str = "router") -> None:
         super().__init__()
         check_block(block, "MixtureOfDepths")
+        if weight not in ("router", "straight"):
+            raise DynamicError(f"MixtureOfDepths: weight must be 'router' (the update scaled by "
+                               f"the router weight) or 'straight' (by 1, straight-through), got "
+                               f"{weight!r}.")
+        self.straight = weight == "straight"
         if capacity is None:
             raise DynamicError("MixtureOfDepths: capacity is the fraction of each sequence's "
                                "tokens the block processes, in (0, 1]; got None. E.g. 0.125.")
@@ -187,15 +207,21 @@ class MixtureOfDepths(nn.Module):
         if self.training:
             weight = torch.sigmoid(self.router(x).squeeze(-1))  # (B, T)
             tokens = top_tokens(weight, token_quota(self.capacity, t, span.valid), span.valid)
-            out = routed(tokens, x, weight, self.router, self.block, span, None)
+            out = routed(tokens, x, weight, self.router, self.block, span, None,
+                         straight=self.straight)
             selected = tokens.mask(b, t, x.device)
             aux = bce(self.predictor(x.detach()).squeeze(-1), selected, span.valid)
             return TokenResult(out, selected.long(), aux)
         refuse_tracing("MixtureOfDepths in eval mode")
-        selected = self.predictor(x).squeeze(-1) > 0  # (B, T): each token on its own
-        if span.valid is not None:
-            selected = selected & span.valid
-        tokens = pack(selected)
+        if self.capacity == 1:  # every token is in the top-k
+            selected = torch.ones(b, t, dtype=torch.bool, device=x.device) \
+                if span.valid is None else span.valid
+            tokens = Tokens() if span.valid is None else pack(span.valid)
+        else:
+            selected = self.predictor(x).squeeze(-1) > 0  # (B, T): each token on its own
+            if span.valid is not None:
+                selected = selected & span.valid
+            tokens = pack(selected)
         out = x if tokens is None else routed(tokens, x, None, self.router, self.block, span,
-                                              cache)
+                                              cache, straight=self.straight)
         return TokenResult(out, selected.long())
