@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# Fashion-MNIST's idx files, from Debian, when we may install packages (best effort).
 	if [ "$$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
 	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || echo "note: dataset-fashion-mnist not installed"; fi
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,data,vision,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,data,vision,hf,bench]"
 	touch $@
 
 demo: $(STAMP)

@@ -78,7 +78,7 @@ from adaptnet.train import FitResult, ShardPlan, TrainConfig, evaluate, fit, sha
 
 __version__ = "0.1.0"
 
-_LAZY = ("data", "models", "recipes", "report", "transfer")
+_LAZY = ("data", "hf", "models", "recipes", "report", "transfer")
 
 
 def __getattr__(name: str):
@@ -151,6 +151,7 @@ __all__ = [
     "freeze",
     "generate",
     "group_by_tensor",
+    "hf",
     "init",
     "init_report",
     "initialize",

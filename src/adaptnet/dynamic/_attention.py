@@ -20,6 +20,7 @@ attention reads a slot's validity; while every row has filled every slot
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -91,6 +92,26 @@ class Span:
                     for key, value in self._memo.items()}
         return Span(tokens.gather(self.positions), self.start, self.end, rows, index, valid,
                     self.write, memo)
+
+    def once(self, key: object, make: Callable[[], Any]) -> Any:
+        """``make()``, made once per span and kept with it (and with the span of whole rows
+        of it, when it is a tuple of tables whose first dimension is the row): what every
+        block of one call shares, such as a model's own rotary tables."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def call_mask(self) -> torch.Tensor | None:
+        """Without a cache: ``(b, 1, n, n)`` bool, the tokens of the call each token attends
+        to (the valid ones at or before it; padding queries: anything, their output is
+        discarded), or None where that is plainly causal (no padding, or real tokens
+        packed first)."""
+        if self.valid is None or self.index is not None:
+            return None
+        n = self.valid.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.valid.device).tril() & \
+            self.valid[:, None, :]
+        return (mask | ~self.valid[:, :, None])[:, None]
 
     def reading(self) -> Span:
         """This span, attending to the cache without writing to it (its tables shared)."""
@@ -297,12 +318,10 @@ def attend(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, span
     """
     if cache is not None:
         return cache.attend(q, k, v, span)
-    if span.valid is None or span.index is not None:  # real tokens first: plainly causal
+    mask = span.call_mask()
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    n = q.shape[2]
-    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() & span.valid[:, None, :]
-    mask = mask | ~span.valid[:, :, None]  # padding queries: anything finite, discarded
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @runtime_checkable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -80,7 +81,9 @@ class TokenEarlyExit(nn.Module):
         blocks: the stack, each a :class:`~adaptnet.dynamic.TokenBlock`.
         head: maps states ``(..., d)`` to logits ``(..., V)``; not a submodule
             here (it belongs to the model that passes it).
-        threshold: the confidence to leave at, in (0, 1].
+        threshold: the confidence to leave at, in (0, 1]; ``math.inf``: never (every
+            token runs every block; a softmax can round to exactly 1.0, so 1.0 is not
+            "never").
         rule: ``"confidence"`` or ``"learned"``.
         d_model: the states' width; needed by ``rule="learned"``.
 
@@ -94,9 +97,9 @@ class TokenEarlyExit(nn.Module):
                  threshold: float, rule: str = "confidence", d_model: int | None = None) -> None:
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or \
-                not 0.0 < threshold <= 1.0:
+                not (0.0 < threshold <= 1.0 or threshold == math.inf):
             raise DynamicError(f"TokenEarlyExit: threshold is the confidence to leave at, in "
-                               f"(0, 1]; got {threshold!r}.")
+                               f"(0, 1], or math.inf for never; got {threshold!r}.")
         if rule not in ("confidence", "learned"):
             raise DynamicError(f"TokenEarlyExit: rule must be 'confidence' (top softmax "
                                f"probability) or 'learned' (a classifier per exit), got {rule!r}.")
