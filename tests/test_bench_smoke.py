@@ -305,3 +305,18 @@ def test_bench_decode_quick_checks_the_hand_written_tokens_and_reports_every_var
     assert set(res["timing"]) == {"1@1", "1@2", "2@1", "2@2"}
     assert set(res["timing"]["1@1"]) == {"vanilla", "MoD", "MoR", "exit", "hand", "hand MoD"}
     assert "| clock efficiency |" in (tmp_path / "decode-quick.md").read_text()
+
+
+def test_bench_hf_quick(tmp_path):
+    """adaptnet and economize on one Hugging Face Llama: adaptnet's dense decoding keeps the
+    model's tokens, and both libraries' MoD and exits skipped layer work while decoding."""
+    pytest.importorskip("economize")
+    subprocess.run([sys.executable, str(BENCH / "bench_hf.py"), "--quick", "--rounds", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    r = json.loads((tmp_path / "hf-quick.json").read_text())
+    assert r["agreement"]["adaptnet dense"] == 1.0 and r["share"]["adaptnet dense"] == 1.0
+    for name in ("adaptnet MoD", "economize MoD", "adaptnet exit", "economize CALM"):
+        assert 0.0 < r["share"][name] < 1.0, (name, r["share"][name])
+    assert r["macs"]["adaptnet MoD"] < r["macs"]["adaptnet dense"]
+    assert set(r["timing"]) == {"1@1", "1@2", "2@1", "2@2"}
+    assert "| adaptnet / economize |" in (tmp_path / "hf-quick.md").read_text()

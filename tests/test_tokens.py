@@ -530,8 +530,10 @@ def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
 
 def test_bad_exit_settings_name_the_argument():
     with pytest.raises(DynamicError, match=r"threshold is the confidence to leave at, in "
-                       r"\(0, 1\]; got 0"):
+                       r"\(0, 1\], or math.inf for never; got 0"):
         decoder(exit_threshold=0)
+    with pytest.raises(DynamicError, match=r"math.inf for never; got 1.5"):
+        decoder(exit_threshold=1.5)
     with pytest.raises(DynamicError, match=r"rule must be 'confidence' \(top softmax "
                        r"probability\) or 'learned' \(a classifier per exit\), got 'meta'"):
         decoder(exit_threshold=0.5, exit_rule="meta")
@@ -716,3 +718,27 @@ def test_bad_masks_name_the_argument_and_the_fix():
     right = torch.tensor([[True, True, False], [True, True, True]])
     with pytest.raises(ConfigError, match=r"prompt_mask must pad on the left"):
         adaptnet.generate(model, ids, 1, prompt_mask=right)
+
+
+def test_the_learned_rule_reads_out_only_the_tokens_that_leave():
+    """With rule="learned" the head (a vocabulary's worth of work per token) runs once per
+    token: at the exit it takes, or at the last block; the classifiers decide the rest."""
+    torch.manual_seed(0)
+    seen = []
+
+    def head(h):
+        seen.append(h.shape[0] * h.shape[1])
+        return h @ torch.ones(D, 5)
+
+    exits = TokenEarlyExit([CausalBlock(D, H) for _ in range(3)], head, 0.5, "learned",
+                           D).eval()
+    with torch.no_grad():
+        for c in exits.classifiers:
+            torch.nn.init.normal_(c.weight, std=2.0)
+            torch.nn.init.zeros_(c.bias)
+    out = exits(torch.randn(1, 12, D))
+    depth = out.depth[0].tolist()
+    assert len(set(depth)) > 1  # tokens left at different exits
+    assert sum(seen) == 12  # one readout per token, at its own exit
+    for d in set(depth):  # each exit read out exactly its leavers
+        assert depth.count(d) in seen

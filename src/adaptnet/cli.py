@@ -96,6 +96,12 @@ def _print_results(values: dict) -> None:
     rows += [("unique params", f"{values['params']['unique']:,}"),
              ("trainable params", f"{values['params']['trainable']:,}"),
              ("train seconds", f"{values['train_seconds']:.1f}")]
+    if "decode" in values:  # a Hugging Face model's greedy decoding, against its base
+        d = values["decode"]
+        rows += [("decode tokens/s", f"{d['tokens_per_s']:.0f}"),
+                 ("base model tokens/s", f"{d['base_tokens_per_s']:.0f}"),
+                 ("agreement with base", f"{d['agreement']:.1%}"),
+                 ("layers per token", f"{d['layers_per_token']:.2f} of {d['layers']}")]
     show(out, table(f"{values['recipe']}: test", ("measure", "value"), rows, numbers=[1]))
 
 

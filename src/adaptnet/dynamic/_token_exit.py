@@ -67,7 +67,9 @@ class TokenEarlyExit(nn.Module):
     probability; ``"learned"``, a linear classifier per exit on the token's
     state (CALM's early-exit classifier), trained beside the model (on
     detached states, :attr:`TokenExits.aux_loss`) to predict whether the exit's
-    top token is the last block's.
+    top token is the last block's. With ``"learned"`` the head reads out only
+    the tokens that leave (and those reaching the last block): with a large
+    vocabulary the head costs several blocks.
 
     Keys for the blocks a token skips come by state propagation: its state
     when it left stands for it in every later block, whose key and value
@@ -156,12 +158,19 @@ class TokenEarlyExit(nn.Module):
             done = charged_tokens(active, t, block, picked, sub, memory)
             x = active.scatter(x, active.merge(done, picked))
             active.fill(depth, i + 1)
+            if self.rule == "learned" and i < last:  # the classifiers decide on the states:
+                stay = charged_tokens(active, t, self.confidence, i, done, None) < \
+                    self.threshold  # only the tokens that leave need their logits
+                going = active.narrow(stay)
+                leaving = None if going is active else active.narrow(~stay)
+                if leaving is not None:  # (a repacked set may have lost no token)
+                    out = charged_tokens(leaving, t, self._head, leaving.gather(x))
+                    logits = self._write(logits, leaving, out, b, t)
+                left, active = left or going is not active, going
+                continue
             out = charged_tokens(active, t, self._head, done)  # (b, n, V)
             # Every exit writes its tokens' logits; a later exit overwrites those that go on.
-            if logits is None and not active.dense:
-                logits = out.new_zeros(b, t, out.shape[-1])
-            logits = active.scatter(logits, active.merge(out, None if active.real is None
-                                                         else active.gather(logits)))
+            logits = self._write(logits, active, out, b, t)
             if i == last:
                 break
             stay = charged_tokens(active, t, self.confidence, i, done, out) < self.threshold
@@ -171,6 +180,15 @@ class TokenEarlyExit(nn.Module):
             empty = self._head(x[:, :0])
             logits = empty.new_zeros(b, t, empty.shape[-1])
         return TokenExits(logits, depth)
+
+    @staticmethod
+    def _write(logits: torch.Tensor | None, tokens: Tokens, out: torch.Tensor, b: int, t: int
+               ) -> torch.Tensor:
+        """``logits`` ``(B, T, V)`` with the entries of ``tokens`` set to ``out``."""
+        if logits is None and not tokens.dense:
+            logits = out.new_zeros(b, t, out.shape[-1])
+        return tokens.scatter(logits, tokens.merge(out, None if tokens.real is None
+                                                   else tokens.gather(logits)))
 
     @staticmethod
     def _remember(block: nn.Module, x: torch.Tensor, span: Span, everyone: Tokens | None,

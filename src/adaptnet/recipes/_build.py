@@ -29,6 +29,7 @@ from adaptnet import _rundir
 from adaptnet._io import short, shown
 from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.models import MODELS, build
+from adaptnet.recipes._hf import RECIPE_MODELS
 from adaptnet.recipes._schema import ModelSpec, Recipe, check_args
 from adaptnet.sharing import share, tie
 
@@ -167,12 +168,17 @@ def import_builder(path: str) -> Callable[..., Any]:
 
 
 def builder_of(spec: ModelSpec) -> Callable[..., Any]:
-    """The zoo builder ``spec.name`` or the user's ``spec.builder`` (imported)."""
+    """The zoo builder ``spec.name`` (or a recipes one: ``hf_causal_lm``) or the user's
+    ``spec.builder`` (imported)."""
+    if spec.name in RECIPE_MODELS:
+        return RECIPE_MODELS[spec.name]
     return MODELS[spec.name] if spec.name is not None else import_builder(str(spec.builder))
 
 
 def build_model(spec: ModelSpec, args: dict[str, Any]) -> nn.Module:
     """The model ``spec`` names, built with ``args``."""
+    if spec.name in RECIPE_MODELS:
+        return RECIPE_MODELS[spec.name](**args)
     if spec.name is not None:
         return build(spec.name, **args)
     fn = import_builder(str(spec.builder))

@@ -77,6 +77,9 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
                      "macs": res.values["test"].get("macs"),
                      "infer_ms_per_1k": res.values["infer_ms_per_1k"],
                      "train_seconds": res.values["train_seconds"]})
+        if "decode" in res.values:  # a Hugging Face model's decoding against its base
+            rows[-1] |= {k: res.values["decode"][k] for k in
+                         ("tokens_per_s", "agreement", "layers_per_token")}
         trained[label] = res.run_dir
     if len(rows) > 1:  # time the variants side by side, in the same rounds
         loaded = {label: load_run(run, trust_code=trust_code)[:2]

@@ -12,6 +12,7 @@ from torch import nn
 from adaptnet import sharing
 from adaptnet.data import DataSplits
 from adaptnet.dynamic import DynamicResult
+from adaptnet.recipes._hf import decode_figures, is_adapted
 from adaptnet.train import TrainConfig, evaluate
 
 __all__ = ["eval_metrics", "headline", "measure", "time_inference", "time_together"]
@@ -28,10 +29,13 @@ def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, A
     stats = out.statistics() if isinstance(out, DynamicResult) else {}
     counts = {name: torch.bincount(stats[name].long().flatten()).tolist()
               for name in ("exit_index", "steps") if name in stats}
-    return {"test": test, "params": {"unique": s.unique, "per_use": s.per_use,
-                                     "trainable": s.trainable},
-            "infer_ms_per_1k": time_inference(model, x), "counts": counts,
-            "metric": headline(test)}
+    values = {"test": test, "params": {"unique": s.unique, "per_use": s.per_use,
+                                       "trainable": s.trainable},
+              "infer_ms_per_1k": time_inference(model, x), "counts": counts,
+              "metric": headline(test)}
+    if is_adapted(model):  # a Hugging Face model: decoding speed, agreement with the base
+        values["decode"] = decode_figures(model, x[:8, :32])
+    return values
 
 
 def eval_metrics(cfg: TrainConfig) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from adaptnet.data import DATASETS, TRANSFORMS
 from adaptnet.errors import InitError, RecipeError
 from adaptnet.init import parse_scheme
 from adaptnet.models import MODELS
+from adaptnet.recipes._hf import RECIPE_MODELS
 from adaptnet.recipes._transfer import TransferSpec
 from adaptnet.train import TrainConfig
 
@@ -305,6 +306,8 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
             problems.append(str(e))
     elif recipe.model.name in MODELS:
         problems += check_args("model", MODELS[recipe.model.name], model_args)
+    elif recipe.model.name in RECIPE_MODELS:
+        problems += check_args("model", RECIPE_MODELS[recipe.model.name], model_args)
     elif recipe.model.name != _STAND_IN:  # model: reported above
         problems.append(f"model.name: unknown model {recipe.model.name!r}"
                         f"{_close(str(recipe.model.name), MODELS)}; `adaptnet models` lists "

@@ -72,14 +72,18 @@ def write_report(run_dir: str | Path) -> Path:
 def compare_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Header and rows of the comparison table, as strings."""
     metric = rows[0]["metric"]
+    decoding = all("tokens_per_s" in r for r in rows)  # Hugging Face models (adaptnet.hf)
     table = [["variant", "unique params", "trainable", metric, "MACs/sample", "ms/1k samples",
-              "train s"]]
+              "train s", *(("decode tokens/s", "layers/token", "agreement") if decoding
+                           else ())]]
     for r in rows:
         value = f"{r['value']:.2%}" if metric == "accuracy" else f"{r['value']:.4g}"
         macs = f"{r['macs']:,.0f}" if r.get("macs") is not None else "-"
         trainable = f"{r['trainable_params']:,}" if "trainable_params" in r else "-"
         table.append([r["variant"], f"{r['unique_params']:,}", trainable, value, macs,
-                      f"{r['infer_ms_per_1k']:.2f}", f"{r['train_seconds']:.1f}"])
+                      f"{r['infer_ms_per_1k']:.2f}", f"{r['train_seconds']:.1f}",
+                      *((f"{r['tokens_per_s']:.0f}", f"{r['layers_per_token']:.2f}",
+                         f"{r['agreement']:.1%}") if decoding else ())])
     return table
 
 
