@@ -258,9 +258,11 @@ def markdown(r: dict) -> str:
         f"{s['vocab_size']}, random weights; greedy decoding of a {r['prompt']}-token prompt "
         f"then {r['new_tokens']} tokens, median of {r['rounds']} interleaved rounds. Tokens/s "
         "counts the generated tokens of every row. Executed layers: share of the (token, "
-        "layer) pairs of the decoding steps that ran. Exit thresholds: adaptnet "
-        f"{r['threshold']:.3g} (top-1 probability), economize {r['economize_threshold']:.3g} "
-        "(its top-1 minus top-2), each set for about the same executed share.", "",
+        "layer) pairs of the decoding steps that ran. Exits: learned classifiers, thresholds "
+        f"adaptnet {r['threshold']:.3g}, economize {r['economize_threshold']:.3g}, each set "
+        "for about the same executed share. Agreement: share of generated tokens equal to HF "
+        "generate's at the same place (random weights: any change of path changes the "
+        "greedy stream).", "",
         *table(["threads", "batch", "variant", "executed layers", "MAC reduction",
                 "tokens/s", "speed-up over HF", "clock efficiency (≥ 0.7)", "target",
                 "agreement with HF"], rows), "",

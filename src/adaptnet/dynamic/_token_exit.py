@@ -67,9 +67,11 @@ class TokenEarlyExit(nn.Module):
     probability; ``"learned"``, a linear classifier per exit on the token's
     state (CALM's early-exit classifier), trained beside the model (on
     detached states, :attr:`TokenExits.aux_loss`) to predict whether the exit's
-    top token is the last block's. With ``"learned"`` the head reads out only
-    the tokens that leave (and those reaching the last block): with a large
-    vocabulary the head costs several blocks.
+    top token is the last block's. With ``"learned"`` the head reads every
+    token out once, from the state it left with, after the last block: one
+    head call per call of the stack, whatever the exits taken (with a large
+    vocabulary the head costs several blocks, and in a decoding step each
+    call reads all its weights).
 
     Keys for the blocks a token skips come by state propagation: its state
     when it left stands for it in every later block, whose key and value
@@ -158,14 +160,12 @@ class TokenEarlyExit(nn.Module):
             done = charged_tokens(active, t, block, picked, sub, memory)
             x = active.scatter(x, active.merge(done, picked))
             active.fill(depth, i + 1)
-            if self.rule == "learned" and i < last:  # the classifiers decide on the states:
+            if self.rule == "learned":  # the classifiers decide on the states; the head
+                if i == last:           # reads every token out once, after the loop
+                    break
                 stay = charged_tokens(active, t, self.confidence, i, done, None) < \
-                    self.threshold  # only the tokens that leave need their logits
+                    self.threshold
                 going = active.narrow(stay)
-                leaving = None if going is active else active.narrow(~stay)
-                if leaving is not None:  # (a repacked set may have lost no token)
-                    out = charged_tokens(leaving, t, self._head, leaving.gather(x))
-                    logits = self._write(logits, leaving, out, b, t)
                 left, active = left or going is not active, going
                 continue
             out = charged_tokens(active, t, self._head, done)  # (b, n, V)
@@ -176,6 +176,9 @@ class TokenEarlyExit(nn.Module):
             stay = charged_tokens(active, t, self.confidence, i, done, out) < self.threshold
             going = active.narrow(stay)
             left, active = left or going is not active, going
+        if self.rule == "learned" and everyone is not None:  # each token's state at its exit
+            out = charged_tokens(everyone, t, self._head, everyone.gather(x))
+            logits = self._write(None, everyone, out, b, t)
         if logits is None:  # no real token at all
             empty = self._head(x[:, :0])
             logits = empty.new_zeros(b, t, empty.shape[-1])
