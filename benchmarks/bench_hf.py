@@ -37,7 +37,7 @@ tokens equal to HF generate's at the same place. Random weights make flat
 softmaxes and near-constant greedy streams; the timing measures the machinery
 at a given skip share, not a trained model's quality.
 
-    python benchmarks/bench_hf.py           # full (about 15 minutes on 2 cores)
+    python benchmarks/bench_hf.py           # full (about 20 minutes on 2 cores)
     python benchmarks/bench_hf.py --quick   # smoke test
 """
 

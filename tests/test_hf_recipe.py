@@ -101,3 +101,22 @@ def test_compare_over_capacities_shows_decoding_columns(tmp_path):
     assert full["layers_per_token"] == 4.0 and full["agreement"] == 1.0
     assert quarter["layers_per_token"] < 4.0
     assert "decode tokens/s" in (out / "compare.md").read_text()
+
+
+def test_a_gpt2_run_keeps_its_head_tied_to_the_embedding_after_training_and_loading(tmp_path):
+    """GPT-2 ties lm_head to wte: one tensor trained, saved, loaded back as one and
+    stepped as one."""
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "shakespeare-hf-mod", "model.model_type=gpt2",
+                                 "model.kv_heads=null", *QUICK, "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    _, model, _ = load_run(run)
+    base = model.base
+    assert base.lm_head.weight is base.transformer.wte.weight
+    ids = torch.randint(0, base.config.vocab_size, (2, 5))
+    before = base.lm_head.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(ids).logits.square().mean().backward()
+    opt.step()  # one tensor, one gradient (both uses summed), still one tensor
+    assert base.lm_head.weight is base.transformer.wte.weight
+    assert not torch.equal(base.lm_head.weight, before)
