@@ -96,16 +96,23 @@ def spread_routes(model: nn.Module, embed_std: float = 1.0) -> nn.Module:
     depth router and exit classifiers that disagree between tokens."""
     with torch.no_grad():
         nn.init.normal_(model.embed.weight, std=embed_std)
-        for m in model.modules():
-            for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
-                if p is not None:
-                    nn.init.normal_(p[2].weight, std=3.0)
-                    nn.init.zeros_(p[2].bias)
-            if hasattr(m, "depth_router"):
-                nn.init.normal_(m.depth_router.weight, std=4.0)
-            for c in getattr(m, "classifiers", []):
-                nn.init.normal_(c.weight, std=2.0)
-                nn.init.zeros_(c.bias)
+    return spread_adapters(model)
+
+
+@torch.no_grad()
+def spread_adapters(model: nn.Module) -> nn.Module:
+    """The routing half of ``spread_routes``: causal predictors with large weights and no
+    bias, a depth router and exit classifiers that disagree between tokens."""
+    for m in model.modules():
+        for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
+            if p is not None:
+                nn.init.normal_(p[2].weight, std=3.0)
+                nn.init.zeros_(p[2].bias)
+        if hasattr(m, "depth_router"):
+            nn.init.normal_(m.depth_router.weight, std=4.0)
+        for c in getattr(m, "classifiers", []):
+            nn.init.normal_(c.weight, std=2.0)
+            nn.init.zeros_(c.bias)
     return model
 
 

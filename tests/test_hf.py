@@ -32,6 +32,7 @@ from adaptnet.errors import (
     DynamicError,
     ModelError,
 )
+from conftest import spread_adapters
 
 V, D, L, CONTEXT = 61, 32, 4, 64
 FAMILIES = ["llama", "qwen2", "gpt2", "qwen3", "mistral"]
@@ -69,18 +70,7 @@ def build(family: str, attention: str = "sdpa", layers: int = L, seed: int = 0,
 def spread(lm: nn.Module) -> nn.Module:
     """Adapter weights under which tokens route, recur and leave differently."""
     torch.manual_seed(1)
-    with torch.no_grad():
-        for m in lm.modules():
-            for p in [getattr(m, "predictor", None), *getattr(m, "predictors", [])]:
-                if p is not None:
-                    nn.init.normal_(p[2].weight, std=3.0)
-                    nn.init.zeros_(p[2].bias)
-            if hasattr(m, "depth_router"):
-                nn.init.normal_(m.depth_router.weight, std=4.0)
-            for c in getattr(m, "classifiers", []):
-                nn.init.normal_(c.weight, std=2.0)
-                nn.init.zeros_(c.bias)
-    return lm.eval()
+    return spread_adapters(lm).eval()
 
 
 def padded(batch: int = 3, t: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
