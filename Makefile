@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench bench-long clean
+.PHONY: demo test test-fast lint bench bench-long clean
 
 # constraints.txt holds the exact versions (torch 2.14.1 + torchvision 0.29.1, ...);
 # pyproject.toml only the ranges adaptnet supports.
@@ -26,6 +26,11 @@ lint: $(STAMP)
 # pytest exits 5 when it collects no test; make treats that as a failure.
 test: lint
 	$(PY) -m pytest -q
+
+# The loop while editing (under 2 minutes on 2 cores): everything but the tests marked
+# slow (subprocesses, torchrun, kills, fuzzing, CLI trainings, benchmark smoke runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark in turn (about an hour on 2 cores), then BENCHMARKS.md's tables are
 # regenerated from benchmarks/results/. `python benchmarks/run.py NAME` runs one.

@@ -88,6 +88,7 @@ def test_the_suite_lists_every_script_and_the_document_every_table(suite):
         assert (BENCH / "results" / f"{name}.json").is_file()
 
 
+@pytest.mark.slow
 def test_run_quick_writes_results_and_leaves_the_document_alone(tmp_path):
     before = (BENCH.parent / "BENCHMARKS.md").read_text()
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "moe", "--quick", "--out",
@@ -97,6 +98,7 @@ def test_run_quick_writes_results_and_leaves_the_document_alone(tmp_path):
     assert (BENCH.parent / "BENCHMARKS.md").read_text() == before
 
 
+@pytest.mark.slow
 def test_run_names_an_unknown_benchmark():
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "rout"], capture_output=True,
                           text=True)

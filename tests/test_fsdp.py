@@ -73,6 +73,7 @@ def _loss(out: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in lines if '"train/loss"' in line]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_mid_epoch_under_any_strategy(whole, tmp_path):
     """FSDP2 run_dir checkpoints hold the optimizer state gathered whole, keyed by name; a run
     cut mid-epoch resumes to the uninterrupted run's weights under FSDP2, and a checkpoint

@@ -24,6 +24,8 @@ from adaptnet.errors import RecipeError
 from adaptnet.recipes import validate_recipe
 from adaptnet.recipes._schema import RECIPES
 
+pytestmark = pytest.mark.slow  # fuzzing: hundreds of mutated inputs
+
 runner = CliRunner()
 FAST = ["digits-moe", "digits-adaptive-depth", "digits-tied-autoencoder",
         "regression-branch", "parity-pondernet", "digits-siamese", "digits-adaptive-mlp"]

@@ -99,6 +99,7 @@ def base_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None =
 
 # -- the optional extra ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_import_adaptnet_imports_neither_transformers_nor_adaptnet_hf():
     code = ("import sys, adaptnet, adaptnet.models, adaptnet.recipes; "
             "bad = [m for m in ('transformers', 'adaptnet.hf') if m in sys.modules]; "

@@ -28,6 +28,7 @@ def saved_llama(tmp_path, vocab: int = 90):
     return tmp_path / "llama", model
 
 
+@pytest.mark.slow
 def test_the_shipped_recipe_trains_and_reports_decoding_against_its_base(tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "shakespeare-hf-mod", *QUICK, "--run-dir", str(run)],
@@ -43,6 +44,7 @@ def test_the_shipped_recipe_trains_and_reports_decoding_against_its_base(tmp_pat
     assert type(model).__name__ == "AdaptedLM" and model.spec["kind"] == "mod"
 
 
+@pytest.mark.slow
 def test_a_local_model_directory_trains_only_what_adaptnet_adds(tmp_path):
     path, original = saved_llama(tmp_path)
     run = tmp_path / "run"
@@ -90,6 +92,7 @@ def test_a_directory_with_pickled_weights_only_is_not_read(tmp_path):
     assert "safetensors" in result.output
 
 
+@pytest.mark.slow
 def test_compare_over_capacities_shows_decoding_columns(tmp_path):
     out = tmp_path / "cmp"
     result = runner.invoke(app, ["compare", "shakespeare-hf-mod", "--vary",
@@ -103,6 +106,7 @@ def test_compare_over_capacities_shows_decoding_columns(tmp_path):
     assert "decode tokens/s" in (out / "compare.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_gpt2_run_keeps_its_head_tied_to_the_embedding_after_training_and_loading(tmp_path):
     """GPT-2 ties lm_head to wte: one tensor trained, saved, loaded back as one and
     stepped as one."""

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_installing_beside_the_pinned_stack_reinstalls_nothing(tmp_path):
     """pip resolves adaptnet (and its data/vision extras) against this venv: only adaptnet itself.
 
@@ -47,6 +50,7 @@ def _run(code: str) -> str:
                           check=True, timeout=120).stdout
 
 
+@pytest.mark.slow
 def test_subpackages_load_lazily_after_a_bare_import():
     out = _run("import sys, adaptnet\n"
                "print('adaptnet.models' in sys.modules)\n"
@@ -56,6 +60,7 @@ def test_subpackages_load_lazily_after_a_bare_import():
     assert out.split() == ["False", "True", "True"]
 
 
+@pytest.mark.slow
 def test_importing_the_zoo_and_recipes_does_not_import_dynamo():
     out = _run("import sys, adaptnet.models, adaptnet.recipes, adaptnet.cli\n"
                "print('torch._dynamo' in sys.modules)")

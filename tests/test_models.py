@@ -11,7 +11,7 @@ import torch
 
 import adaptnet
 import adaptnet.models as M
-from adaptnet.errors import ModelError
+from adaptnet.errors import DynamicError, ModelError
 
 INPUTS = {
     "branch_net": (10,), "two_input_net": (2, 10), "adaptive_mlp": (64,),
@@ -211,13 +211,21 @@ def test_adaptive_mlp_matches_loop(b):
     _oracle(M.adaptive_mlp(hidden=16, tol=0.5), torch.randn(b, 64) * 2)
 
 
-@pytest.mark.parametrize("threshold", [0.05, 0.3, 1.0])  # all at exit 0, mixed, all at the end
-def test_early_exit_cnn_matches_loop(threshold):
+@pytest.mark.parametrize("where", ["first", "mixed", "last"])
+def test_early_exit_cnn_with_shared_stages_matches_loop(where):
     net = M.early_exit_cnn(channels=8, num_classes=3, share_stages=True,
-                           threshold=threshold).eval()
-    out = _oracle(net, torch.randn(12, 40), fields=("exit_index",))
+                           threshold=0.05 if where == "first" else 1.0).eval()
+    x = torch.randn(12, 40) * 3
+    if where == "mixed":  # half the samples are sure enough at exit 0, none on the threshold
+        with torch.no_grad():
+            first = net.exits.all_exits(net.stem(x))[0].softmax(1).amax(1).sort().values
+        net.exits.set_thresholds(float(first[5:7].mean()))
+    out = _oracle(net, x, fields=("exit_index",))
     taken = set(out.exit_index.tolist())
-    assert taken == {0} if threshold == 0.05 else taken == {2} if threshold == 1.0 else True
+    if where == "mixed":
+        assert 0 in taken and len(taken) > 1
+    else:
+        assert taken == ({0} if where == "first" else {2})
 
 
 def test_early_exit_cnn_mixes_exits():
@@ -278,3 +286,11 @@ def test_docs_parameter_tables_match_the_builders():
     layer = sum(p.numel() for p in ut.depth.blocks[0].parameters())
     assert f"one encoder layer ({layer:,}) up to 6 steps | 38,539 | {38_539 + 5 * layer:,} |" \
         in docs
+
+
+def test_pondernet_gru_without_halting_runs_every_sample_to_the_end():
+    net = M.pondernet_gru(bits=4, hidden=8, max_steps=5, halting="none").eval()
+    out = net(torch.randn(6, 4))
+    assert out.steps.tolist() == [5] * 6 and net.depth.capacity == 1.0
+    with pytest.raises(DynamicError, match="capacity must be a fraction in"):
+        M.PonderGRU(4, 8, 2, 5, net.depth.halting, capacity=1.5)  # checked when built

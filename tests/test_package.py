@@ -12,9 +12,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import adaptnet
 
 
+@pytest.mark.slow
 def test_import_has_no_side_effects(tmp_path):
     code = textwrap.dedent("""
         import os, torch

@@ -33,6 +33,18 @@ class FixedSteps(nn.Module):
     def aux_loss(self, ponder, halting):
         return ponder.new_zeros(())
 
+    def output(self, output, halting, states):
+        return output
+
+
+def test_a_policy_without_every_method_is_refused_when_built_naming_them():
+    class NoOutput(FixedSteps):  # what AdaptiveDepth calls after the loop, left out
+        output = None
+
+    with pytest.raises(adaptnet.DynamicError, match=r"HaltingPolicy \(per_step, start, "
+                       r"decide, settle, aux_loss, output\)"):
+        adaptnet.AdaptiveDepth(nn.Linear(4, 4), NoOutput(), max_steps=3)
+
 
 def test_a_policy_of_ones_own_plugs_into_adaptive_depth_and_matches_the_loop():
     block = nn.Linear(4, 4)

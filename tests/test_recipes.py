@@ -45,6 +45,7 @@ def test_every_shipped_recipe_validates_and_has_a_description():
         load_recipe(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_recipe_runs_a_few_steps(name, tmp_path):
     _needs_data(name)
@@ -201,6 +202,7 @@ def test_cli_errors_are_one_message_with_exit_code_2(args, message, tmp_path, mo
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_cli_recipes_models_compare_demo(tmp_path):
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0 and "mnist1d-early-exit" in result.output

@@ -123,6 +123,7 @@ with locked_dir(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_gets_a_clear_error_and_the_first_is_untouched(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
@@ -143,6 +144,7 @@ def test_a_second_process_gets_a_clear_error_and_the_first_is_untouched(tmp_path
     adaptnet.fit(mlp(), data(), epochs=1, run_dir=tmp_path)  # released when the holder died
 
 
+@pytest.mark.slow
 def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
     from adaptnet._io import locked_dir
 

@@ -56,6 +56,7 @@ def test_compare_table_keeps_every_number_at_80_columns(tmp_path, monkeypatch):
     assert "…" not in text and widest(text) <= 80
 
 
+@pytest.mark.slow
 def test_models_prints_plain_text_at_the_terminal_width():
     env = {**os.environ, "COLUMNS": "70", "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-m", "adaptnet.cli", "models"], env=env,
@@ -81,6 +82,7 @@ def test_build_with_a_seed_repeats_and_leaves_the_global_state_alone():
         adaptnet.models.build("mlp", in_features=8, num_classes=3, seed=-1)
 
 
+@pytest.mark.slow
 def test_readme_tour_prints_the_numbers_it_shows(tmp_path):
     """The README's first Python block, run in a fresh process, prints what it says: the
     numbers shown there came from another run, so they repeat run to run."""

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "train_script.py"
 
 
+@pytest.mark.slow
 def test_textbook_example_runs_with_every_optimizer():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "textbook_train.py")],
                          check=True, capture_output=True, text=True, timeout=300).stdout
@@ -137,6 +138,7 @@ def _train(run_dir: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     whole = _train(tmp_path / "whole", tmp_path / "whole.safetensors")
     victim = _train(tmp_path / "killed", tmp_path / "killed.safetensors")
@@ -223,6 +225,7 @@ def test_every_problem_is_reported_at_once_and_bad_data():
         adaptnet.fit(mlp(), (x[:99], y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["tensors", "loader"])
 def test_ddp_two_processes_equal_one_process(tmp_path, data):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}

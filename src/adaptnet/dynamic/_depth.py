@@ -70,8 +70,9 @@ class HaltingPolicy(Protocol):
     ``decide`` says which rows want to halt after a step; ``settle`` gives
     their weights, carry and cost once ``done`` is final (capacity mode may
     overrule ``decide``). ``per_step`` policies keep every step's halting
-    probability and state in the result (PonderNet's expected loss) and pick
-    the output from them.
+    probability and state in the result (PonderNet's expected loss); ``output``
+    picks the result's output once the loop ends (``halting`` and ``states``
+    are None unless ``per_step``).
     """
 
     per_step: bool
@@ -85,6 +86,9 @@ class HaltingPolicy(Protocol):
                done: torch.Tensor) -> Step: ...
 
     def aux_loss(self, ponder: torch.Tensor, halting: torch.Tensor | None) -> torch.Tensor: ...
+
+    def output(self, output: torch.Tensor, halting: torch.Tensor | None,
+               states: torch.Tensor | None) -> torch.Tensor: ...
 
 
 @export_as_pytree
@@ -197,6 +201,9 @@ class ThresholdHalting(nn.Module):
     def aux_loss(self, ponder, halting) -> torch.Tensor:
         return ponder.new_zeros(())
 
+    def output(self, output, halting, states) -> torch.Tensor:
+        return output  # the loop's output as it is
+
 
 class ACTHalting(nn.Module):
     """Adaptive Computation Time (Graves 2016, "Adaptive Computation Time for RNNs").
@@ -249,6 +256,9 @@ class ACTHalting(nn.Module):
         if not self.time_penalty or ponder.numel() == 0:
             return ponder.new_zeros(())
         return self.time_penalty * ponder.mean()
+
+    def output(self, output, halting, states) -> torch.Tensor:
+        return output  # the loop's output as it is
 
 
 class PonderNetHalting(nn.Module):
@@ -385,7 +395,8 @@ class AdaptiveDepth(nn.Module):
             )
         if not isinstance(halting, nn.Module) or not isinstance(halting, HaltingPolicy):
             raise DynamicError(f"AdaptiveDepth: halting must be an nn.Module implementing "
-                               f"HaltingPolicy (per_step, start, decide, settle, aux_loss), "
+                               f"HaltingPolicy (per_step, start, decide, settle, aux_loss, "
+                               f"output), "
                                f"e.g. ThresholdHalting, ACTHalting or PonderNetHalting; got "
                                f"{type(halting).__name__}.")
         self.blocks = nn.ModuleList(pool)
@@ -412,7 +423,8 @@ class AdaptiveDepth(nn.Module):
                 break
         output, steps, ponder = run["output"], run["steps"], run["ponder"]
         if not policy.per_step:
-            return DepthResult(output, steps, ponder, policy.aux_loss(ponder, None))
+            return DepthResult(policy.output(output, None, None), steps, ponder,
+                               policy.aux_loss(ponder, None))
         halting, states = run["halting"].view(B, S), run["states"].view(B, S, *x.shape[1:])
         return DepthResult(policy.output(output, halting, states), steps, ponder,
                            policy.aux_loss(ponder, halting), halting, states)

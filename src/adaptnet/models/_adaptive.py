@@ -189,10 +189,11 @@ class PonderGRU(nn.Module):
     """A GRU cell applied to one input until it halts (PonderNet or ACT); a classifier on ``h``."""
 
     def __init__(self, bits: int, hidden: int, num_classes: int, max_steps: int,
-                 halting: nn.Module) -> None:
+                 halting: nn.Module, capacity: float | None = None) -> None:
         super().__init__()
         self.bits, self.hidden = bits, hidden
-        self.depth = AdaptiveDepth(_GRUStep(nn.GRUCell(bits, hidden), bits), halting, max_steps)
+        self.depth = AdaptiveDepth(_GRUStep(nn.GRUCell(bits, hidden), bits), halting, max_steps,
+                                   capacity=capacity)
         self.out = _Hidden(bits, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> DepthResult:  # (B, bits) -> logits in .output
@@ -221,9 +222,7 @@ def pondernet_gru(bits: int = 8, hidden: int = 64, num_classes: int = 2, max_ste
     else:
         raise ModelError(f"pondernet_gru: halting must be 'pondernet', 'act' or 'none', got "
                          f"{halting!r}.")
-    model = PonderGRU(bits, hidden, num_classes, max_steps, policy)
-    model.depth.capacity = capacity
-    return model
+    return PonderGRU(bits, hidden, num_classes, max_steps, policy, capacity)
 
 
 class _Readout(nn.Module):
