@@ -27,6 +27,7 @@ from adaptnet.recipes import (
     validate_recipe,
     variants,
 )
+from adaptnet.recipes._compare import run_name
 
 SHIPPED = sorted(shipped_recipes())
 QUICK = ["train.epochs=1"]
@@ -139,8 +140,11 @@ def test_overrides():
 
 
 def test_unknown_recipe_and_not_a_run_dir(tmp_path):
-    with pytest.raises(RecipeError, match="no shipped recipe of that name; shipped: "):
+    with pytest.raises(RecipeError, match=r"no shipped recipe of that name \(did you mean "
+                       r"'mnist1d-cnn'\?\); shipped: "):
         load_recipe("mnist1d-cnnn")
+    with pytest.raises(RecipeError, match="no shipped recipe of that name; shipped: "):
+        load_recipe("zzz")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(RunDirError, match=r"not an adaptnet run directory.*notes.txt"):
         evaluate_run(tmp_path)
@@ -214,6 +218,8 @@ def test_cli_recipes_models_compare_demo(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
     assert "hidden=4" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == [
+        "0-hidden=4", "1-hidden=8"]
     result = runner.invoke(app, ["demo", "--limit", "64", "--out-dir", str(tmp_path / "demo")],
                            env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
@@ -231,3 +237,10 @@ def test_cli_recipes_models_compare_demo(tmp_path):
 def test_shipped_recipe_files_are_package_data():
     root = Path(adaptnet.recipes.__file__).parent / "shipped"
     assert sorted(p.stem for p in root.glob("*.yaml")) == SHIPPED
+
+
+def test_compare_names_each_variant_directory_by_its_label():
+    labels = list(variants(["model.mode=frozen,full", "train.lr=0.1"]))
+    assert [run_name(i, label) for i, label in enumerate(labels)] == [
+        "0-mode=frozen,lr=0.1", "1-mode=full,lr=0.1"]
+    assert run_name(2, 'dir="../a b/c"') == "2-dir=.._a_b_c"  # stays inside the compare dir

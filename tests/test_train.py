@@ -118,18 +118,26 @@ def test_auxiliary_losses_and_dynamic_metrics():
     assert result.history[-1]["val/macs"] == pytest.approx(macs)
 
 
-def test_run_directory_logs_and_quiet_under_ci(tmp_path, capsys, monkeypatch):
+def test_run_directory_logs_and_a_line_per_epoch_off_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CI", "true")
     x, y = data()
     adaptnet.fit(mlp(), (x, y), epochs=3, batch_size=50, run_dir=tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines[-1]["step"] == 6
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    err = capsys.readouterr().err.splitlines()  # no bar under CI or in a log: plain lines
+    assert [line.split(":")[0] for line in err] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert f"epoch 3/3: train loss {lines[-1]['train/loss']:.4g} (" in err[-1]
+    adaptnet.fit(mlp(), (x, y), epochs=4, batch_size=50, run_dir=tmp_path, resume=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"resumed from {tmp_path / 'checkpoints' / 'step-000000006'} (step 6)"
+    assert err[1].startswith("epoch 4/4: train loss ")
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=50, progress=False)
     assert capsys.readouterr().err == ""
-    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=50, progress=True)  # forced on
+    adaptnet.fit(mlp(), (x, y), epochs=1, batch_size=50, progress=True)  # the bar, forced on
     assert "epoch 1" in capsys.readouterr().err
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert kept == ["step-000000004", "step-000000006"]  # keep_checkpoints=2
+    assert kept == ["step-000000006", "step-000000008"]  # keep_checkpoints=2
 
 
 def _train(run_dir: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
@@ -220,6 +228,10 @@ def test_every_problem_is_reported_at_once_and_bad_data():
     with pytest.raises(ConfigError, match=r"prediction of shape \(10, 1\) and a target of shape "
                        r"\(10,\); they would broadcast silently"):
         adaptnet.fit(mlp(), (x[:10], y[:10, 0]))
+    labels = torch.randint(0, 3, (10,))  # class labels under the default loss
+    with pytest.raises(ConfigError, match=r"integer targets of shape \(10,\) for a prediction "
+                       r"of shape \(10, 3\): class labels\? Use loss='cross_entropy'"):
+        adaptnet.fit(nn.Linear(10, 3), (x[:10], labels))
     with pytest.raises(ConfigError, match=r"train must be \(inputs, targets\) with one row per "
                        r"sample, got 2 tensor\(s\) with \[99, 100\] rows"):
         adaptnet.fit(mlp(), (x[:99], y))

@@ -50,6 +50,13 @@ def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
             for combo in itertools.product(*axes)}
 
 
+def run_name(i: int, label: str) -> str:
+    """The directory of variant ``i``: its label as typed (``0-mode=frozen,lr=0.1``), quotes
+    dropped, any character a file name should not hold (``/``, spaces, ...) as ``_``."""
+    kept = "".join(c if c.isalnum() or c in "=,.-_+" else "_" for c in label.replace('"', ""))
+    return f"{i}-{kept[:60]}"
+
+
 def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list[str],
             out: Path, *, limit: int | None = None, trust_code: bool = False
             ) -> list[dict[str, Any]]:
@@ -66,8 +73,8 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
                for label, v in plans.items()]
     rows, trained = [], {}
     for i, (label, v, name, recipe) in enumerate(checked):
-        slug = f"{i}-" + "".join(c if c.isalnum() else "_" for c in label)[:60]
-        res = train_recipe(name, recipe, out / slug, limit=limit, trust_code=trust_code)
+        res = train_recipe(name, recipe, out / run_name(i, label), limit=limit,
+                           trust_code=trust_code)
         metric, value = res.values["metric"]
         rows.append({"variant": label, "overrides": v, "run_dir": str(res.run_dir),
                      "unique_params": res.values["params"]["unique"],

@@ -11,6 +11,7 @@ from adaptnet.errors import RecipeError
 from adaptnet.recipes._schema import (
     RECIPES,
     Recipe,
+    _close,
     apply_overrides,
     parse_overrides,
     read_recipe,
@@ -37,9 +38,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
     if not p.is_file():
         shipped = RECIPES / f"{name_or_path}.yaml"
         if not shipped.is_file():
+            names = list(shipped_recipes())
             raise RecipeError(f"no recipe file {str(name_or_path)!r}, and no shipped recipe of "
-                              f"that name; shipped: {', '.join(shipped_recipes())} "
-                              "(`adaptnet recipes` describes them).")
+                              f"that name{_close(str(name_or_path), names)}; shipped: "
+                              f"{', '.join(names)} (`adaptnet recipes` describes them).")
         p = Path(str(shipped))
     raw = read_recipe(p)
     if not isinstance(overrides, dict):

@@ -39,14 +39,19 @@ def _step_of(line: str) -> float:
     return step if isinstance(step, int | float) else math.inf
 
 
+LINE = ("train/loss", "val/loss", "val/accuracy", "val/perplexity")  # an epoch's line
+
+
 class RunLog:
     """Progress, JSONL and TensorBoard for one run (a no-op where ``active`` is False)."""
 
     def __init__(self, run_dir: Path | None, active: bool, show_progress: bool | None,
-                 resumed_step: int | None, resumed_rows: int = 0) -> None:
+                 resumed_step: int | None, resumed_rows: int = 0, epochs: int = 0) -> None:
         """``resumed_step``, ``resumed_rows``: where a resumed run's checkpoint stands, and how
-        many rows the run had logged when it was written (its history's length)."""
-        self.active = active
+        many rows the run had logged when it was written (its history's length).
+        ``show_progress`` None: a bar on an interactive terminal (never under ``CI``), a
+        line per epoch on stderr elsewhere (a log file, a notebook, CI); False: neither."""
+        self.active, self.epochs = active, epochs
         self.jsonl = self.tb = self.progress = None
         if active and run_dir is not None:
             try:
@@ -56,10 +61,11 @@ class RunLog:
                 raise RunDirError(f"cannot write the training log in {run_dir}: "
                                   f"{e.strerror or e} ({type(e).__name__}). Free space or make "
                                   "the run directory writable.") from None
-        if show_progress is None:
-            show_progress = sys.stderr.isatty() and not os.environ.get("CI")
+        bar = sys.stderr.isatty() and not os.environ.get("CI") if show_progress is None \
+            else show_progress
+        self.lines = active and show_progress is None and not bar
         self.progress = None
-        if active and show_progress:
+        if active and bar:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
@@ -101,9 +107,18 @@ class RunLog:
                 fields["loss"] = f"{loss:.4f}"
             self.progress.update(self.task, completed=batches_done, **fields)
 
+    def resumed(self, checkpoint: Path, step: int) -> None:
+        """Say where a resumed run picks up (unless progress is off)."""
+        if self.lines or self.progress is not None:
+            print(f"resumed from {checkpoint} (step {step})", file=sys.stderr, flush=True)
+
     def record(self, step: int, values: dict[str, Any]) -> None:
         if not self.active:
             return
+        if self.lines:  # the headline figures only: a line fits 80 columns
+            shown = [f"{k.replace('/', ' ')} {values[k]:.4g}" for k in LINE if k in values]
+            print(f"epoch {values['epoch']}/{self.epochs}: {', '.join(shown)} "
+                  f"({time.perf_counter() - self.started:.1f} s)", file=sys.stderr, flush=True)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()

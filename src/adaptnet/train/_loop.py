@@ -210,7 +210,10 @@ class _Trainer:
         # find_unused_parameters: a dynamic model may leave a path unused on one rank in a
         # step; DDP then reduces zeros for it instead of waiting for a gradient forever.
         log = RunLog(cfg.run_dir, self.rank == 0, cfg.progress,
-                     pos["step"] if result.resumed_from else None, len(result.history))
+                     pos["step"] if result.resumed_from else None, len(result.history),
+                     cfg.epochs)
+        if result.resumed_from:
+            log.resumed(result.resumed_from, pos["step"])
         try:
             self.slots = acc.unbind()  # views: one add_ per metric per step, no indexing
             self._epochs(data, val, pos, acc, result, log)

@@ -18,6 +18,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if not (y.is_floating_point() or y.is_complex()) and pred.dim() == y.dim() + 1:
+        raise ConfigError(f"fit(): loss 'mse' got integer targets of shape {tuple(y.shape)} "
+                          f"for a prediction of shape {tuple(pred.shape)}: class labels? "
+                          "Use loss='cross_entropy' (recipes: train.loss=cross_entropy); for "
+                          "regression, give float targets of the prediction's shape.")
     if pred.shape != y.shape:
         raise ConfigError(f"fit(): loss 'mse' got a prediction of shape {tuple(pred.shape)} "
                           f"and a target of shape {tuple(y.shape)}; they would broadcast "
