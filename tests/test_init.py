@@ -163,3 +163,20 @@ def test_bad_arguments_are_refused_before_any_tensor_is_written(scheme, message)
     with pytest.raises(InitError, match=message):
         adaptnet.initialize(net, {"bias": "zeros", "0.weight": "ones", "1.weight": scheme})
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_the_report_prints_at_the_terminal_width_with_names_and_numbers_whole(
+        monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    report = adaptnet.initialize(tied_lm(), {"*.weight": "xavier_uniform(gain=1.4142)",
+                                             "*.bias": "zeros"})
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["tensor", "shape", "scheme", "mean", "std", "expected"]
+    # tensor names are never cut (schemes fold): 66 columns at least
+    assert max(map(len, lines)) <= max(columns, 66) and "…" not in "".join(lines)
+    row = next(r for r in report.rows if len(r.paths) > 1)  # the tied pair, one row
+    assert any(line.startswith(row.paths[0] + " ") for line in lines)
+    numbers = f"{row.mean:.4f}", f"{row.std:.4f}", f"{row.expected_std:.4f}"
+    assert any(all(n in line for n in numbers) for line in lines)
+    assert (f"{row.paths[0]} (+1 tied)" in str(report)) == (columns >= 120)  # else wrapped

@@ -35,10 +35,30 @@ def test_summary_fits_the_terminal_and_never_cuts_a_number(monkeypatch, columns)
     for n in (s.unique, s.per_use, 6_400_000, 6_500_000, 66_560):
         assert f"{n:,}" in text
     assert "…" not in text
-    # this table needs 71 columns at least: a narrower terminal gets that, a wider one its own
-    assert widest(text) <= max(columns, 71)
+    # this table needs 77 columns at least (no name cut inside a word): a narrower terminal
+    # gets that, a wider one its own
+    assert widest(text) <= max(columns, 77)
+    names = [r.name for r in s.rows] + ["embedding.weight"]
+    assert all(re.search(rf"(^|\s){re.escape(n)}(\s|$)", text, re.M) for n in names)
     if columns >= 100:
-        assert "weight = embedding.weight" in text  # room enough: the name is not folded
+        assert "weight = embedding.weight" in text  # room enough: not even wrapped
+
+
+def test_a_frozen_resnet18_summary_fits_80_columns_with_every_name_whole(monkeypatch):
+    """Nothing shared: no "per use" (it would repeat "unique") and no "shares" column, and
+    so room at 80 columns for torchvision's longest names, whole."""
+    import torchvision
+
+    monkeypatch.setenv("COLUMNS", "80")
+    net = torchvision.models.resnet18(num_classes=5)
+    adaptnet.transfer.freeze_blocks(net, trainable=1)  # BatchNorms become FrozenBatchNorm
+    text = str(adaptnet.summary(net))
+    lines = text.splitlines()
+    assert widest(text) <= 80 and "…" not in text
+    assert lines[1].split() == ["module", "type", "unique", "trainable", "frozen"]
+    for name, module in net.named_modules():
+        if list(module.parameters(recurse=False)):
+            assert re.search(rf"^{re.escape(name)}\s+{type(module).__name__}\s", text, re.M), name
 
 
 def test_compare_table_keeps_every_number_at_80_columns(tmp_path, monkeypatch):

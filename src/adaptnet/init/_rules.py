@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
+from adaptnet._table import render, table
 from adaptnet._tree import matches, suggest, walk
 from adaptnet.errors import InitError, SelectionError
 from adaptnet.init._schemes import Scheme, parse_scheme
@@ -40,15 +42,17 @@ class InitReport:
 
     rows: tuple[InitRow, ...]
 
+    def __rich__(self) -> Table:
+        rows = [(r.paths[0] + (f" (+{len(r.paths) - 1} tied)" if len(r.paths) > 1 else ""),
+                 "×".join(map(str, r.shape)) or "scalar", r.scheme or "(kept)",
+                 f"{r.mean:.4f}", f"{r.std:.4f}",
+                 "-" if r.expected_std is None else f"{r.expected_std:.4f}") for r in self.rows]
+        return table(None, ("tensor", "shape", "scheme", "mean", "std", "expected"), rows,
+                     numbers=(3, 4, 5), words=(0, 1))
+
     def __str__(self) -> str:
-        lines = [f"{'tensor':<32} {'shape':<14} {'scheme':<40} {'mean':>9} {'std':>9} "
-                 f"{'expected':>9}"]
-        for r in self.rows:
-            name = r.paths[0] + (f" (+{len(r.paths) - 1} tied)" if len(r.paths) > 1 else "")
-            expected = "-" if r.expected_std is None else f"{r.expected_std:9.4f}"
-            lines.append(f"{name:<32} {r.shape!s:<14} {r.scheme or '(kept)':<40} "
-                         f"{r.mean:9.4f} {r.std:9.4f} {expected:>9}")
-        return "\n".join(lines)
+        """The table as plain text at the terminal's width (``COLUMNS``)."""
+        return render(self)
 
 
 def initialize(model: nn.Module, rules: Rules, *, seed: int | None = None) -> InitReport:
