@@ -232,6 +232,12 @@ def test_cli_recipes_models_compare_demo(tmp_path):
     assert plain["params"] < fast["params"]  # the exits' heads
     assert set(plain["ms_per_1k"]) == {"1", "2"} and 0 < demo["threshold"] <= 1
     assert len(json.loads((tmp_path / "demo" / "compare.json").read_text())) == 2
+    # report.md holds the calibrated figures the demo printed, not the recipe threshold's
+    report = (tmp_path / "demo" / "report.md").read_text()
+    summary = [line for line in report.splitlines() if line.startswith(("early", "threshold"))]
+    assert len(summary) == 2 and all(" ".join(line.split()) in said for line in summary)
+    assert f"threshold {demo['threshold']:.3f}, calibrated" in report
+    assert f"| early-exit CNN | {fast['params']:,} | {100 * fast['accuracy']:.1f}% |" in report
 
 
 def test_shipped_recipe_files_are_package_data():

@@ -210,20 +210,9 @@ def demo(out_dir: Annotated[Path | None, typer.Option(
               "split and timing both networks side by side...")
     with _errors():
         result = flagship(target, limit=limit)
-    rows = [(r.variant, f"{r.params:,}", f"{100 * r.accuracy:.1f}%", f"{r.macs:,.0f}",
-             *(f"{r.ms_per_1k[t]:.1f}" for t in sorted(r.ms_per_1k))) for r in result.rows]
-    show(out, table("demo: MNIST-1D test split; batched (256) CPU inference, ms per 1,000 "
-                    "samples at 1 and 2 threads (T)", ("network", "params", "accuracy",
-                                                       "MACs/sample", "ms/1k, 1T", "ms/1k, 2T"),
-                    rows, numbers=range(1, 6)))
-    plain, fast = result.rows
-    shares = " / ".join(f"{100 * s:.0f}%" for s in fast.exit_shares)
-    speed = ", ".join(f"{v:.2f}x at {t} thread{'s' if t > 1 else ''}"
-                      for t, v in sorted(result.speedup.items()))
-    out.print(f"early exit: {speed} faster, {plain.macs / fast.macs:.2f}x fewer multiply-adds "
-              f"per sample, accuracy {100 * (fast.accuracy - plain.accuracy):+.1f} points.\n"
-              f"threshold {result.threshold:.3f}, calibrated on the validation split; samples "
-              f"leaving at exit 1 / 2 / ...: {shares}.\nruns, timings: {target}")
+    header, rows = result.table()
+    show(out, table(f"demo: {result.title}", header, rows, numbers=range(1, len(header))))
+    out.print("\n".join([*result.summary(), f"runs, timings, report.md: {target}"]))
 
 
 def main() -> None:

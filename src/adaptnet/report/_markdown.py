@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,19 @@ from adaptnet import _rundir
 from adaptnet._io import atomic_path
 from adaptnet.report._plots import bars, curves, histogram, params_by_module
 
-__all__ = ["compare_table", "write_compare", "write_report"]
+__all__ = ["compare_table", "markdown_table", "write_compare", "write_report"]
 
 
 def _write(path: Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -93,10 +100,8 @@ def write_compare(out_dir: str | Path, title: str) -> Path:
     rows = json.loads((out / "compare.json").read_text())
     bars(rows, out / "compare.png")
     table = compare_table(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(table[0]) + " |",
-             "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    lines += ["", "![comparison](compare.png)", ""]
+    lines = [f"# {title}", "", *markdown_table(table[0], table[1:]), "",
+             "![comparison](compare.png)", ""]
     if all(r.get("run_dir") for r in rows):  # variants of a recipe, each with its run
         lines += ["Runs: " + ", ".join(f"[{r['variant']}]({Path(r['run_dir']).name}/report.md)"
                                        for r in rows), ""]
