@@ -65,3 +65,19 @@ def test_importing_the_zoo_and_recipes_does_not_import_dynamo():
     out = _run("import sys, adaptnet.models, adaptnet.recipes, adaptnet.cli\n"
                "print('torch._dynamo' in sys.modules)")
     assert out.strip() == "False"
+
+
+@pytest.mark.slow
+def test_help_and_the_recipe_list_answer_without_importing_torch():
+    """`import adaptnet` imports no subpackage; `adaptnet --help` and `adaptnet recipes`
+    answer without torch (its import alone takes seconds); the first library name used
+    imports what it needs."""
+    out = _run("import sys, adaptnet\n"
+               "from typer.testing import CliRunner\n"
+               "from adaptnet.cli import app\n"
+               "said = [CliRunner().invoke(app, a).output for a in (['--help'], ['recipes'],\n"
+               "                                                    ['train', '--help'])]\n"
+               "print('torch' in sys.modules, 'mnist1d-cnn' in said[1], 'recipe' in said[2])\n"
+               "adaptnet.fit\n"
+               "print('torch' in sys.modules, 'adaptnet.train' in sys.modules)")
+    assert out.split() == ["False", "True", "True", "True", "True"]

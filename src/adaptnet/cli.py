@@ -182,7 +182,7 @@ def _print_compare(rows: list[dict], target: Path, title: str) -> None:
 @app.command()
 def recipes() -> None:
     """List the shipped recipes."""
-    from adaptnet.recipes import shipped_recipes
+    from adaptnet._shipped import shipped_recipes  # not adaptnet.recipes: no torch to import
 
     show(out, table("shipped recipes (adaptnet train NAME)", ("name", "description"),
                     list(shipped_recipes().items())))

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from adaptnet._shipped import shipped_recipes
 from adaptnet.errors import RecipeError
 from adaptnet.recipes._schema import (
     RECIPES,
@@ -19,16 +18,6 @@ from adaptnet.recipes._schema import (
 )
 
 __all__ = ["load_recipe", "shipped_recipes"]
-
-
-def shipped_recipes() -> dict[str, str]:
-    """Shipped recipe names and their one-line descriptions."""
-    out = {}
-    for f in sorted(RECIPES.iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
-            out[f.name.removesuffix(".yaml")] = str(
-                yaml.safe_load(f.read_text(encoding="utf-8")).get("description", ""))
-    return out
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] = ()

@@ -14,7 +14,6 @@ import inspect
 import math
 import typing
 from collections.abc import Callable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from pydantic import (
 )
 
 from adaptnet._io import short, shown
+from adaptnet._shipped import RECIPES
 from adaptnet.data import DATASETS, TRANSFORMS
 from adaptnet.errors import InitError, RecipeError
 from adaptnet.init import parse_scheme
@@ -41,7 +41,6 @@ from adaptnet.train import TrainConfig
 __all__ = ["RECIPES", "RUN_ONLY", "Recipe", "apply_overrides", "parse_overrides", "read_recipe",
            "validate_recipe"]
 
-RECIPES = resources.files("adaptnet.recipes") / "shipped"
 
 RUN_ONLY = ("run_dir", "resume")  # set by the command line, not the recipe
 _CLASSES = {"cross_entropy": ("classification", "language_model"),
