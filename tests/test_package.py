@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
 import inspect
@@ -95,3 +96,50 @@ def test_no_private_import_across_packages_and_layers_point_down():
             if home in above and pkg in above[home]:
                 bad.append(f"{'/'.join(rel)}: imports {node.module}, a layer above {home}")
     assert not bad, "\n".join(bad)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """adaptnet's modules and the adaptnet modules each imports, at any depth of its code
+    (a function-level import is an edge too: it closes a cycle when it runs)."""
+    src = Path(adaptnet.__file__).resolve().parent.parent
+    files = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (src / "adaptnet").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, base] if base else parts)
+                edges |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+        graph[name] = {e for e in edges if e in files and e != name}
+    return graph
+
+
+def test_no_module_imports_itself_round_a_cycle():
+    graph = _import_graph()
+    assert {"adaptnet.cli", "adaptnet.recipes._schema", "adaptnet.dynamic._exit"} <= set(graph)
+    assert "adaptnet.recipes._trust" in graph["adaptnet.recipes._schema"]  # edges are read
+
+    state: dict[str, str] = {}  # "open" while on the path, then "done"
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for nxt in sorted(graph[module]):
+            assert state.get(nxt) != "open", " -> ".join([*path[path.index(nxt):], nxt])
+            if nxt not in state:
+                visit(nxt)
+        state[module] = "done"
+        path.pop()
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

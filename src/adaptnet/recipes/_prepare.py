@@ -18,10 +18,11 @@ from adaptnet._io import shown
 from adaptnet.data import DataSplits, load
 from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.init import initialize
-from adaptnet.recipes._build import apply_sharing, build_model, builder_of, code_of, trusting
+from adaptnet.recipes._build import apply_sharing, build_model, builder_of, code_of
 from adaptnet.recipes._lookup import load_recipe
 from adaptnet.recipes._schema import Recipe, validate_recipe
 from adaptnet.recipes._transfer import TransferSpec, adapt, freeze_for, target_args
+from adaptnet.recipes._trust import trusting
 from adaptnet.transfer import replace_head
 
 __all__ = ["RunRecipe", "derived_args", "load_run", "prepare", "read_run_config"]

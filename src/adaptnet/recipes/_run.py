@@ -19,12 +19,13 @@ from adaptnet import _rundir, sharing
 from adaptnet._io import locked_dir, sha256_file, shown
 from adaptnet.data import DataSplits
 from adaptnet.errors import RecipeError, ResumeError, RunDirError
-from adaptnet.recipes._build import code_of, trusting
+from adaptnet.recipes._build import code_of
 from adaptnet.recipes._lookup import load_recipe
 from adaptnet.recipes._measure import eval_metrics, measure
 from adaptnet.recipes._prepare import load_run, prepare, read_run_config
 from adaptnet.recipes._schema import Recipe
 from adaptnet.recipes._transfer import TransferSpec, training_plan
+from adaptnet.recipes._trust import trusting
 from adaptnet.report import write_report
 from adaptnet.train import TrainConfig, evaluate, fit
 

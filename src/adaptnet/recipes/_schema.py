@@ -36,6 +36,7 @@ from adaptnet.init import parse_scheme
 from adaptnet.models import MODELS
 from adaptnet.recipes._hf import RECIPE_MODELS
 from adaptnet.recipes._transfer import TransferSpec
+from adaptnet.recipes._trust import check_builder_path, import_builder, trusted
 from adaptnet.train import TrainConfig
 
 __all__ = ["RECIPES", "RUN_ONLY", "Recipe", "apply_overrides", "parse_overrides", "read_recipe",
@@ -294,8 +295,6 @@ def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
     if recipe.model.builder is not None:
         # The user's module is imported only when trusted; untrusted, its arguments are
         # checked when it is built (under trust), and reading the recipe runs nothing.
-        from adaptnet.recipes._build import check_builder_path, import_builder, trusted
-
         try:
             check_builder_path(recipe.model.builder)
             if trusted(recipe.model.builder):
