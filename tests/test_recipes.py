@@ -92,6 +92,18 @@ def test_report_shows_exit_histogram(tmp_path):
     assert "Exit taken per sample" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_decoder_report_counts_the_blocks_each_token_ran(tmp_path):
+    """Token models: whole counts per token (a per-sample mean is not a count)."""
+    name, recipe = load_recipe("shakespeare-mod", [*QUICK, "data.seq_len=16"])
+    train_recipe(name, recipe, tmp_path / "run", limit=32)
+    values = json.loads((tmp_path / "run" / "results.json").read_text())
+    depth = values["counts"]["depth"]  # depth[n]: test tokens that ran n blocks
+    assert "steps" not in values["counts"] and sum(depth) == 32 * 16
+    assert depth[2] > 0 and depth[4] > 0 and sum(depth[:2]) == 0  # 2 plain blocks, 2 routed
+    assert "Blocks run per token" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_bad_recipe_lists_every_problem_with_its_path():
     raw = {"data": {"name": "digits", "vaild": 0.1}, "model": {"name": "mlp", "hidden": "big"},
            "train": {"lr": -1, "optimiser": "adam"}, "extra": 1, "init": {"bias": "zeroes"}}

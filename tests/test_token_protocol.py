@@ -122,6 +122,8 @@ def test_a_user_block_trains_and_padding_is_invisible(kind, training):
         alone = model(row[None])
         torch.testing.assert_close(out.logits[i, mask[i]], alone.logits[0], rtol=1e-5,
                                    atol=1e-5)
+        # a row's mean depth counts its real tokens only: as if it ran alone
+        assert out.statistics()["steps"][i] == alone.statistics()["steps"][0]
         total = total + alone.logits[0].sum()
     want = torch.autograd.grad(total, params, allow_unused=True, retain_graph=True)
     for g, w in zip(got, want, strict=True):

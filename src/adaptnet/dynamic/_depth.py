@@ -162,7 +162,7 @@ class DepthResult:
         return self.expected_loss(per.view(B, N))
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        return {"steps": self.steps}
+        return {"steps": self.steps.float()}  # one type for every result: float (B,)
 
 
 class ThresholdHalting(nn.Module):

@@ -94,7 +94,11 @@ class DecoderResult:
         return loss_fn(self.logits, target)
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        return {"steps": self.depth.float().mean(1), "depth": self.depth}
+        """``steps``: ``(B,)`` float, the blocks a sample's real tokens went through on
+        average (padding left out); ``depth``: ``(B, T)`` int64, each token's."""
+        depth = self.depth
+        real = depth.shape[1] if self.mask is None else self.mask.sum(1).clamp_min(1)
+        return {"steps": depth.sum(1) / real, "depth": depth}
 
 
 def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,8 @@ class TokenModel(nn.Module):
         for i, block in enumerate(self.blocks):
             out = block(h, span, None if cache is None else cache.layers[i])
             if self.exits:  # the exits read the logits out themselves
-                return DecoderResult(out.logits, out.aux_loss, out.exit_logits, (out,))
+                return DecoderResult(out.logits, out.aux_loss, out.exit_logits, (out,),
+                                     mask=mask)
             if isinstance(out, torch.Tensor):
                 h, plain = out, plain + 1
                 continue

@@ -11,7 +11,7 @@ from torch import nn
 
 from adaptnet import sharing
 from adaptnet.data import DataSplits
-from adaptnet.dynamic import DynamicResult
+from adaptnet.dynamic import DecoderResult, DynamicResult
 from adaptnet.recipes._hf import decode_figures, is_adapted
 from adaptnet.train import TrainConfig, evaluate
 
@@ -27,8 +27,13 @@ def measure(model: nn.Module, data: DataSplits, cfg: TrainConfig) -> dict[str, A
     with torch.no_grad():
         out = model(x)
     stats = out.statistics() if isinstance(out, DynamicResult) else {}
-    counts = {name: torch.bincount(stats[name].long().flatten()).tolist()
-              for name in ("exit_index", "steps") if name in stats}
+    # histograms of whole counts: the exit each sample took, the steps it ran, or (token
+    # models, whose per-sample steps are means) the blocks each real token went through
+    whole = {"exit_index": stats.get("exit_index"), "steps": stats.get("steps")}
+    if isinstance(out, DecoderResult):
+        whole = {"depth": out.depth if out.mask is None else out.depth[out.mask]}
+    counts = {name: torch.bincount(t.long().flatten()).tolist()
+              for name, t in whole.items() if t is not None}
     values = {"test": test, "params": {"unique": s.unique, "per_use": s.per_use,
                                        "trainable": s.trainable},
               "infer_ms_per_1k": time_inference(model, x), "counts": counts,

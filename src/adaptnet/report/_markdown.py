@@ -58,12 +58,14 @@ def write_report(run_dir: str | Path) -> Path:
         if "exit_index" in results["counts"]:
             lines += ["The training loss is BranchyNet's joint loss, summed over the exits; the "
                       "validation loss is that of the exit each sample took.", ""]
-    for attr, label in (("exit_index", "exit taken"), ("steps", "steps executed")):
+    for attr, label, unit in (("exit_index", "exit taken", "sample"),
+                              ("steps", "steps executed", "sample"),
+                              ("depth", "blocks run", "token")):
         counts = results["counts"].get(attr)
         if counts:
             first = 1 if attr == "steps" else 0
             histogram(counts[first:], plots / f"{attr}.png", xlabel=label, first=first)
-            lines += [f"## {label.capitalize()} per sample", "",
+            lines += [f"## {label.capitalize()} per {unit}", "",
                       f"![{label}](plots/{attr}.png)", ""]
     params_by_module(summary, plots / "params.png")
     lines += ["## Parameters by module", "", "![parameters](plots/params.png)", "",
