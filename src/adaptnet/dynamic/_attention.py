@@ -355,7 +355,7 @@ def check_block(block: object, owner: str) -> None:
     name = type(block).__name__
     for method in PROTOCOL:
         attr = method.split("(")[0]
-        if not callable(getattr(block, attr, None)):
+        if not callable(getattr(block, attr, None)):  # a user's block: name what it lacks
             raise DynamicError(
                 f"{owner}: {name} has no {method}, so it cannot run as a per-token block. "
                 f"Implement {', '.join(PROTOCOL)} (adaptnet.dynamic.TokenBlock; docs/dynamic.md "

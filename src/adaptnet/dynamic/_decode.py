@@ -71,6 +71,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
         _check_prompt_mask(prompt_mask, prompt_ids)
     cached = isinstance(model, CachedModel)
     if use_cache and not cached:
+        # a user's model: name what it lacks
         missing = "new_cache(batch)" if not callable(getattr(model, "new_cache", None)) \
             else "context (its longest sequence)"
         raise ConfigError(f"generate(): {type(model).__name__} has no {missing}, so it cannot "

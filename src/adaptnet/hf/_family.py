@@ -74,7 +74,7 @@ class Parts:
 def parts(model: nn.Module) -> Parts:
     """The :class:`Parts` of ``model``; a ModelError naming the supported families, or what
     this family's model has that adaptnet cannot run exactly, otherwise."""
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None)  # transformers' API (probed: any object may come)
     family = getattr(config, "model_type", None)
     if not isinstance(model, nn.Module) or family not in FAMILIES:
         got = type(model).__name__ + (f" (model_type {family!r})" if family else "")
@@ -96,6 +96,7 @@ def parts(model: nn.Module) -> Parts:
     else:
         body = model.model
         heads = config.num_attention_heads
+        # config fields some families (and transformers versions) lack: their defaults
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         got = Parts(family, body.embed_tokens, None, None, body.layers, body.norm,
                     model.lm_head, body.rotary_emb, config.hidden_size,
@@ -119,6 +120,7 @@ def _window(config: object, family: str) -> int | None:
     Within a window as long as the context the two are the same; beyond it adaptnet's
     cache would hand those layers every key, so :class:`~adaptnet.hf.AdaptedLM` refuses a
     context longer than the window."""
+    # transformers' config fields, absent in older versions or other families
     types = set(getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None)
     windowed = types - {"full_attention"} or family == "mistral" or \

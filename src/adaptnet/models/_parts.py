@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adaptnet.dynamic import DepthResult, MoEResult
 
 __all__ = ["MeanPool", "PoolHead", "SequenceInput", "readout"]
 
@@ -78,7 +79,7 @@ class MeanPool(nn.Module):
         return f"bins={self.bins}, dims={self.dims}"
 
 
-def readout(result: Any, head: nn.Module) -> Any:
+def readout(result: DepthResult | MoEResult, head: nn.Module) -> DepthResult | MoEResult:
     """The dynamic result with ``head`` applied to its output (and to PonderNet's step states).
 
     ``DepthResult``/``MoEResult`` carry states; the trainer wants predictions,
@@ -86,7 +87,7 @@ def readout(result: Any, head: nn.Module) -> Any:
     PonderNet's expected loss).
     """
     changes = {"output": head(result.output)}
-    states = getattr(result, "step_states", None)
+    states = result.step_states if isinstance(result, DepthResult) else None
     if states is not None:  # (B, N, ...) -> (B, N, out)
         changes["step_states"] = head(states.flatten(0, 1)).unflatten(0, states.shape[:2])
     return dataclasses.replace(result, **changes)

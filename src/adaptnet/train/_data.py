@@ -49,7 +49,7 @@ def source(data: Any, what: str, *, keys: tuple[str, str] | None, batch_size: in
                                                       for t in data):
         return Indexed(tuple(data), what, caller)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and \
-            hasattr(data, "__len__"):
+            hasattr(data, "__len__"):  # a map-style Dataset need not define it (torch)
         return Indexed(data, what, caller)
     if isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=batch_size)
@@ -111,6 +111,8 @@ class Indexed:
 
 def _generators(data: Any) -> list[torch.Generator]:
     """The generators an iterator over ``data`` draws its order from, besides torch's."""
+    # torch's API, probed: a DataLoader has samplers (a user's iterable may not), a sampler
+    # may hold a generator
     batch = getattr(data, "batch_sampler", None)
     holders = (data, getattr(data, "sampler", None), batch, getattr(batch, "sampler", None))
     found = (getattr(h, "generator", None) for h in holders)
@@ -138,6 +140,7 @@ class Batches:
 
     def samplers(self) -> list[Any]:
         """The loader's sampler, batch sampler and the batch sampler's sampler, each once."""
+        # torch's API, probed: a user's batch sampler may have no inner sampler
         batch = getattr(self.data, "batch_sampler", None)
         found = (getattr(self.data, "sampler", None), batch, getattr(batch, "sampler", None))
         return list({id(s): s for s in found if s is not None}.values())
@@ -162,7 +165,7 @@ class Batches:
         checkpoint's, and the loader's generators stand where they stood.
         """
         for sampler in self.samplers():
-            if hasattr(sampler, "set_epoch"):
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler's (torch's API)
                 sampler.set_epoch(epoch)
         if order is None:
             batches = enumerate(self.data)

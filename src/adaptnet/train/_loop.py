@@ -479,7 +479,7 @@ def _destroy_group() -> None:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2), or ``t`` itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's API (torch)
 
 
 def _l1_grad(params: list[torch.Tensor], strength: float) -> None:
