@@ -48,7 +48,7 @@ class BudgetHead(nn.Module):
 def run(batch: int, d: int, h: int, max_steps: int, rounds: int, iters: int) -> dict:
     torch.manual_seed(0)
     block = Block(d, h)
-    model = adaptnet.AdaptiveDepth(block, adaptnet.ThresholdHalting(BudgetHead(), 0.5),
+    model = adaptnet.AdaptiveDepth(block, adaptnet.dynamic.ThresholdHalting(BudgetHead(), 0.5),
                                    max_steps)
     feats = torch.randn(batch, d)
     budgets = torch.randint(1, max_steps // 2 + 1, (batch,)).float()

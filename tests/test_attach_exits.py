@@ -111,7 +111,7 @@ def test_temperatures_are_fitted_per_exit_and_steer_the_decisions():
     g = torch.Generator().manual_seed(4)  # labels the first exit gets right 70% of the time
     y = torch.where(torch.rand(64, generator=g) < 0.7, exits[0].argmax(-1),
                     torch.randint(0, 4, (64,), generator=g))
-    temps = adaptnet.calibrate_temperatures(ee, x, y)
+    temps = adaptnet.dynamic.calibrate_temperatures(ee, x, y)
     assert len(temps) == 2 and ee.temperatures == temps
     for z, t in zip(exits[:-1], temps, strict=True):  # no worse than T = 1 at any exit
         assert nn.functional.cross_entropy(z / t, y) <= nn.functional.cross_entropy(z, y)
@@ -124,7 +124,7 @@ def test_temperatures_are_fitted_per_exit_and_steer_the_decisions():
         out = ee(x)
         scaled = (exits[0] / temps[0]).softmax(-1).amax(-1) >= 0.6
     assert torch.equal(out.exit_index == 0, scaled)  # the decision reads logits / T
-    with pytest.raises(adaptnet.DynamicError, match=r"temperatures needs one positive"):
+    with pytest.raises(adaptnet.errors.DynamicError, match=r"temperatures needs one positive"):
         ee.set_temperatures([1.0, -2.0])
 
 

@@ -32,9 +32,9 @@ def exits(capacity: float, n: int = 3, seed: int = 0) -> adaptnet.EarlyExit:
 def depth(policy: str, capacity: float, steps: int = 4, seed: int = 0) -> adaptnet.AdaptiveDepth:
     torch.manual_seed(seed)
     head = nn.Linear(D, 1)
-    halting = {"threshold": adaptnet.ThresholdHalting(head),
-               "act": adaptnet.ACTHalting(head),
-               "pondernet": adaptnet.PonderNetHalting(head)}[policy]
+    halting = {"threshold": adaptnet.dynamic.ThresholdHalting(head),
+               "act": adaptnet.dynamic.ACTHalting(head),
+               "pondernet": adaptnet.dynamic.PonderNetHalting(head)}[policy]
     return adaptnet.AdaptiveDepth(nn.Sequential(nn.Linear(D, D), nn.Tanh()), halting, steps,
                                   capacity=capacity).eval()
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import adaptnet
-from adaptnet import DynamicError
+from adaptnet.errors import DynamicError
 from adaptnet.models import build
 
 
@@ -37,8 +37,8 @@ def exit_model() -> nn.Module:
 
 
 def depth_model() -> nn.Module:
-    return adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.ThresholdHalting(nn.Linear(4, 1), 0.5),
-                                  max_steps=3)
+    policy = adaptnet.dynamic.ThresholdHalting(nn.Linear(4, 1), 0.5)
+    return adaptnet.AdaptiveDepth(nn.Linear(4, 4), policy, max_steps=3)
 
 
 MODELS = {"per_sample": lambda: build("branch_net", in_features=4), "branch": branch_model,

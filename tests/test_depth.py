@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
-from adaptnet import ACTHalting, AdaptiveDepth, DynamicError, PonderNetHalting, ThresholdHalting
+from adaptnet import AdaptiveDepth
+from adaptnet.dynamic import ACTHalting, PonderNetHalting, ThresholdHalting
+from adaptnet.errors import DynamicError
 
 D = 4
 

@@ -16,8 +16,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import adaptnet
-from adaptnet import AdaptnetError
 from adaptnet.cli import app
+from adaptnet.errors import AdaptnetError
 
 runner = CliRunner()
 
@@ -161,8 +161,8 @@ def _early_exit():
 
 
 def _depth():
-    return adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.ThresholdHalting(nn.Linear(4, 1)),
-                                  max_steps=3)
+    policy = adaptnet.dynamic.ThresholdHalting(nn.Linear(4, 1))
+    return adaptnet.AdaptiveDepth(nn.Linear(4, 4), policy, max_steps=3)
 
 
 XY = (torch.randn(8, 2), torch.randn(8, 1))
@@ -202,10 +202,10 @@ API = {
                                      "head 0 returned logits of shape [2, 5, 3]"),
     "AdaptiveDepth on an unbatched example": (lambda: _depth()(torch.randn(4)),
                                               "x.unsqueeze(0)"),
-    "ACT time_penalty NaN": (lambda: adaptnet.ACTHalting(nn.Linear(2, 1),
+    "ACT time_penalty NaN": (lambda: adaptnet.dynamic.ACTHalting(nn.Linear(2, 1),
                                                          time_penalty=float("nan")),
                              "time_penalty must be finite"),
-    "PonderNet beta NaN": (lambda: adaptnet.PonderNetHalting(nn.Linear(2, 1),
+    "PonderNet beta NaN": (lambda: adaptnet.dynamic.PonderNetHalting(nn.Linear(2, 1),
                                                              beta=float("nan")),
                            "beta must be finite"),
     "MoE balance_weight NaN": (lambda: adaptnet.MoE([nn.Linear(2, 2)], nn.Linear(2, 1), k=1,

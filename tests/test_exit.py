@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
-from adaptnet import DynamicError, EarlyExit, calibrate_exits
+from adaptnet import EarlyExit, calibrate_exits
+from adaptnet.errors import DynamicError
 
 D, C = 6, 4
 

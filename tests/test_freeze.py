@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adaptnet
-from adaptnet import SelectionError
+from adaptnet.errors import SelectionError
 from conftest import tied_ae, tied_lm
 
 
@@ -73,11 +73,12 @@ def test_plain_module_reuse_unties_for_real_or_refuses_with_the_fix():
     """Seed 003's ``nn.Sequential(s, nn.ReLU(), s)``: one module object at two paths."""
     s = nn.Linear(3, 3)
     net = nn.Sequential(s, nn.ReLU(), s)
-    with pytest.raises(adaptnet.TieError, match=r"'2.weight' belongs to module '2', which is "
+    with pytest.raises(adaptnet.errors.TieError,
+                       match=r"'2.weight' belongs to module '2', which is "
                        r"the same module object as '0'.*adaptnet.untie\(model, '2'\)"):
         adaptnet.untie(net, "2.weight")
     assert net[0] is net[2]
-    with pytest.raises(adaptnet.TieError, match=r"adaptnet.untie\(model, '2'\)"):
+    with pytest.raises(adaptnet.errors.TieError, match=r"adaptnet.untie\(model, '2'\)"):
         adaptnet.freeze(net, "2.weight", untie=True)  # half of the module: refused too
     report = adaptnet.freeze(net, "2", untie=True)
     assert report.untied == ("2.weight", "2.bias") and report.collateral == ()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adaptnet
-from adaptnet import SelectionError
+from adaptnet.errors import SelectionError
 from conftest import tied_lm
 
 

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 import adaptnet
-from adaptnet import InitError, SelectionError
+from adaptnet.errors import InitError, SelectionError
 from conftest import tied_ae, tied_lm
 
 # scheme -> (shape, expected mean, expected std); std from the formula each scheme documents
@@ -38,7 +38,7 @@ def test_each_scheme_has_its_statistics(spec):
     holder = nn.Module()
     holder.w = nn.Parameter(torch.empty(shape))
     [row] = adaptnet.initialize(holder, {"w": spec}, seed=0).rows
-    assert row.scheme == str(adaptnet.parse_scheme(spec))
+    assert row.scheme == str(adaptnet.init.parse_scheme(spec))
     values = holder.w.detach().double()
     assert abs(float(values.mean()) - mean) < 0.02 * max(std, 0.05), spec
     assert float(values.std()) == pytest.approx(std, rel=0.03, abs=1e-9), spec

@@ -89,8 +89,8 @@ def test_branch_pays_only_for_paths_taken():
 
 
 def test_adaptive_depth_pays_for_executed_steps():
-    depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.ThresholdHalting(nn.Linear(4, 1)),
-                                   max_steps=6)
+    policy = adaptnet.dynamic.ThresholdHalting(nn.Linear(4, 1))
+    depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), policy, max_steps=6)
     with adaptnet.count_macs() as m:
         r = depth(torch.randn(12, 4))
     assert m.total == int(r.steps.sum()) * (16 + 4)  # block + halting head per executed step
@@ -127,8 +127,8 @@ def test_per_sample_follows_adaptive_depth_and_nesting():
             return s + adaptnet.branch(s[:, 0] > 0, self.small, self.big, s)
 
     torch.manual_seed(0)
-    depth = adaptnet.AdaptiveDepth(Branchy(), adaptnet.ThresholdHalting(nn.Linear(4, 1), 0.6),
-                                   max_steps=5)
+    policy = adaptnet.dynamic.ThresholdHalting(nn.Linear(4, 1), 0.6)
+    depth = adaptnet.AdaptiveDepth(Branchy(), policy, max_steps=5)
     x = torch.randn(10, 4)
     with adaptnet.count_macs(batch_size=10) as m:
         r = depth(x)

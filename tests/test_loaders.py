@@ -230,5 +230,5 @@ def test_under_torchrun_a_loader_needs_a_distributed_sampler(monkeypatch):
     ({"batch_keys": ("a",)}, r"batch_keys"),
 ])
 def test_bad_optimizers_schedulers_and_rules_are_config_errors(options, message):
-    with pytest.raises(adaptnet.AdaptnetError, match=message):
+    with pytest.raises(adaptnet.errors.AdaptnetError, match=message):
         adaptnet.fit(net(), loader(), loss="cross_entropy", **options)

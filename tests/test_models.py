@@ -28,7 +28,7 @@ ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8},
 def _pred(out):
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, adaptnet.ExitResult | M.DecoderResult):
+    if isinstance(out, adaptnet.dynamic.ExitResult | M.DecoderResult):
         return out.logits
     return out.output
 

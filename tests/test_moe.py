@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adaptnet import DynamicError, MoE
+from adaptnet import MoE
+from adaptnet.errors import DynamicError
 
 D = 6
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
-from adaptnet import DynamicError, PerSampleError
+from adaptnet.errors import DynamicError, PerSampleError
 
 # -- the oracle ------------------------------------------------------------------------
 

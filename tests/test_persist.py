@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import adaptnet
-from adaptnet import (
+from adaptnet.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,

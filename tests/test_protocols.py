@@ -41,7 +41,7 @@ def test_a_policy_without_every_method_is_refused_when_built_naming_them():
     class NoOutput(FixedSteps):  # what AdaptiveDepth calls after the loop, left out
         output = None
 
-    with pytest.raises(adaptnet.DynamicError, match=r"HaltingPolicy \(per_step, start, "
+    with pytest.raises(adaptnet.errors.DynamicError, match=r"HaltingPolicy \(per_step, start, "
                        r"decide, settle, aux_loss, output\)"):
         adaptnet.AdaptiveDepth(nn.Linear(4, 4), NoOutput(), max_steps=3)
 
@@ -52,7 +52,7 @@ def test_a_policy_of_ones_own_plugs_into_adaptive_depth_and_matches_the_loop():
         block.weight.copy_(torch.eye(4))
         block.bias.zero_()
     depth = adaptnet.AdaptiveDepth(block, FixedSteps(), max_steps=5)
-    assert isinstance(depth.halting, adaptnet.HaltingPolicy)
+    assert isinstance(depth.halting, adaptnet.dynamic.HaltingPolicy)
     x = torch.tensor([[0.5, 1, 2, 3], [2.5, 0, 0, 1], [1.5, 1, 1, 1], [9.0, 0, 0, 0]])
     r = depth(x)
     assert r.steps.tolist() == [1, 3, 2, 3]
@@ -103,7 +103,7 @@ def test_fit_reads_a_users_dynamic_result_through_the_protocol(tmp_path):
     config = {"epochs": 2, "batch_size": 8, "loss": "cross_entropy",
               "metrics": ["loss", "accuracy", "steps"]}
     nets = {p: MyNet(p) for p in (0.0, 10.0)}
-    assert isinstance(nets[0.0](x), adaptnet.DynamicResult)
+    assert isinstance(nets[0.0](x), adaptnet.dynamic.DynamicResult)
     for p, net in nets.items():
         res = adaptnet.fit(net, (x, y), config={**config, "run_dir": str(tmp_path / str(p))})
         assert res.history[-1]["train/steps"] == 2.0  # read from statistics()
@@ -127,11 +127,11 @@ def test_a_result_outside_the_protocol_is_a_config_error(tmp_path):
 
 def test_shipped_results_implement_the_protocol():
     ee = adaptnet.EarlyExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 2)] * 2)
-    depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.ACTHalting(nn.Linear(4, 1)), 3)
+    depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.dynamic.ACTHalting(nn.Linear(4, 1)), 3)
     moe = adaptnet.MoE([nn.Linear(4, 4)] * 2, nn.Linear(4, 2), k=1)
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     for r in (ee(x), ee.eval()(x), depth(x), moe(x)):
-        assert isinstance(r, adaptnet.DynamicResult)
+        assert isinstance(r, adaptnet.dynamic.DynamicResult)
         assert r.prediction.shape[0] == 6 and r.statistics()
     train = ee.train()(x)
     torch.testing.assert_close(train.task_loss(y, F.cross_entropy), train.joint_loss(y))

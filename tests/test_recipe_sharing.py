@@ -190,5 +190,5 @@ def test_compare_from_a_script_gives_the_table_and_the_plot(tmp_path):
 def test_compare_refuses_what_it_cannot_compare(models, data, message):
     x = torch.randn(8, 2)
     given = ((x, x), (x, x)) if data == "ok" else (x,) if data == "bad" else ((x, x), (x, x))
-    with pytest.raises(adaptnet.ConfigError, match=message):
+    with pytest.raises(adaptnet.errors.ConfigError, match=message):
         adaptnet.compare(models, given, loss="mse")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptnet
-from adaptnet import RoutingError
+from adaptnet.errors import RoutingError
 
 D, H, OUT = 5, 7, 3
 

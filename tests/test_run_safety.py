@@ -20,9 +20,8 @@ import yaml
 from typer.testing import CliRunner
 
 import adaptnet
-from adaptnet import ResumeError
 from adaptnet.cli import app
-from adaptnet.errors import RunDirError
+from adaptnet.errors import ResumeError, RunDirError
 from adaptnet.recipes import load_run
 from adaptnet.train import _loop
 from adaptnet.transfer import load_backbone
@@ -38,7 +37,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".lock"}
 
 
-def fitted(run: Path, **kw) -> adaptnet.FitResult:
+def fitted(run: Path, **kw) -> adaptnet.train.FitResult:
     return adaptnet.fit(mlp(), data(), epochs=kw.pop("epochs", 2), batch_size=25,
                         run_dir=run, **kw)
 
@@ -114,7 +113,7 @@ def test_a_checkpoint_without_checksums_resumes_only_when_asked(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"resuming from it unverified, as asked"):
         out = fitted(run, epochs=3, resume=True, resume_unverified=True)
     assert out.resumed_from.name == "step-000000008" and len(out.history) == 3
-    with pytest.raises(adaptnet.ConfigError, match=r"resume_unverified=True goes with "
+    with pytest.raises(adaptnet.errors.ConfigError, match=r"resume_unverified=True goes with "
                        r"resume=True"):
         fitted(tmp_path / "other", resume_unverified=True)
 

@@ -17,8 +17,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import adaptnet
-from adaptnet import ResumeError, RunLockedError
 from adaptnet.cli import app
+from adaptnet.errors import ResumeError, RunLockedError
 from conftest import mlp
 from conftest import regression_xy as data
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adaptnet
-from adaptnet import ShareError
+from adaptnet.errors import ShareError
 
 
 def stack(n: int = 6, dim: int = 4) -> nn.Module:
@@ -84,7 +84,8 @@ def test_share_records_modules_and_assert_tied_checks_them():
     model = stack(3)
     adaptnet.share(model, "layers")
     model.layers[2] = nn.Linear(4, 4)  # someone replaced a shared layer
-    with pytest.raises(adaptnet.TieBrokenError, match=r"module 'layers\.2' is not 'layers\.0'"):
+    with pytest.raises(adaptnet.errors.TieBrokenError,
+                       match=r"module 'layers\.2' is not 'layers\.0'"):
         adaptnet.assert_tied(model)
     assert adaptnet.retie(model) == ["layers.2"]
     assert model.layers[2] is model.layers[0]
@@ -97,7 +98,7 @@ def test_untie_module_gives_it_its_own_copy():
     assert model.layers[1] is not model.layers[0] and model.layers[2] is model.layers[0]
     assert torch.equal(model.layers[1].weight, model.layers[0].weight)
     adaptnet.assert_tied(model)
-    with pytest.raises(adaptnet.TieError, match="untie the module instead"):
+    with pytest.raises(adaptnet.errors.TieError, match="untie the module instead"):
         adaptnet.untie(model, "layers.2.weight")
 
 

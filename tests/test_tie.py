@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptnet
-from adaptnet import TieBrokenError, TieError
+from adaptnet.errors import TieBrokenError, TieError
 from conftest import AE, TinyLM, tied_ae, tied_lm
 
 
@@ -261,7 +261,7 @@ def test_ties_discovers_plain_assignment_and_storage_aliases():
 def test_ties_reports_declared_transposed_members():
     [g] = adaptnet.ties(tied_ae())
     assert g.owner == "encoder.weight" and g.shape == (5, 12) and g.numel == 60
-    assert g.members == (adaptnet.TieMember("decoder.weight", "transpose", True),)
+    assert g.members == (adaptnet.sharing.TieMember("decoder.weight", "transpose", True),)
 
 
 def test_untie_gives_own_copy_and_keeps_other_members_tied():

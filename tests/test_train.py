@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import adaptnet
-from adaptnet import ConfigError, NonFiniteError
+from adaptnet.errors import ConfigError, NonFiniteError
 from conftest import mlp, tied_lm
 from conftest import regression_xy as data
 
@@ -89,8 +89,8 @@ def test_auxiliary_losses_and_dynamic_metrics():
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     depth = nn.Sequential(nn.Linear(8, 8))
-    act = adaptnet.AdaptiveDepth(depth, adaptnet.ACTHalting(nn.Linear(8, 1), time_penalty=1.0),
-                                 max_steps=4)
+    policy = adaptnet.dynamic.ACTHalting(nn.Linear(8, 1), time_penalty=1.0)
+    act = adaptnet.AdaptiveDepth(depth, policy, max_steps=4)
 
     class Classifier(nn.Module):
         def __init__(self):

@@ -8,25 +8,36 @@ here, is imported on first use (``adaptnet.fit`` imports ``adaptnet.train``), so
 """
 
 import importlib
+import warnings
 
-# Every name below lives in a subpackage and is imported from it on first use, so that
+# The everyday verbs and classes, each imported from its subpackage on first use, so that
 # `import adaptnet` (and the command line's --help) does not pay for importing torch.
 _FROM = {
-    "dynamic": ("ACTHalting", "AdaptiveDepth", "Calibration", "DepthResult", "DynamicResult",
-        "EarlyExit", "ExitResult", "HaltingPolicy", "MacCount", "MoE", "MoEResult",
-        "PonderNetHalting", "ThresholdHalting", "branch", "calibrate_exits",
-        "calibrate_temperatures", "count_macs", "generate", "per_sample", "route_topk", "switch"),
+    "dynamic": ("AdaptiveDepth", "EarlyExit", "MixtureOfDepths", "MixtureOfRecursions", "MoE",
+        "TokenEarlyExit", "branch", "calibrate_exits", "count_macs", "generate", "per_sample",
+        "route_topk", "switch"),
+    "init": ("init_report", "initialize"),
+    "sharing": ("assert_tied", "freeze", "load", "param_groups", "retie", "save", "share",
+        "summary", "tie", "ties", "unfreeze", "untie"),
+    "train": ("TrainConfig", "evaluate", "fit", "shard"),
+}
+_OWNER = {name: module for module, names in _FROM.items() for name in names}
+# Top-level names until 0.1, now only in their subpackage: they still resolve, with a
+# DeprecationWarning naming the new place (removed in 0.2).
+_MOVED = {
+    "dynamic": ("ACTHalting", "Calibration", "DepthResult", "DynamicResult", "ExitResult",
+        "HaltingPolicy", "MacCount", "MoEResult", "PonderNetHalting", "ThresholdHalting",
+        "calibrate_temperatures"),
     "errors": ("AdaptnetError", "CheckpointCorruptError", "CheckpointError",
         "CheckpointMismatchError", "CheckpointNotFoundError", "ConfigError", "DynamicError",
         "InitError", "NonFiniteError", "PerSampleError", "ResumeError", "RoutingError",
         "RunLockedError", "SelectionError", "ShareError", "TieBrokenError", "TieError"),
-    "init": ("InitReport", "InitRow", "Scheme", "init_report", "initialize", "parse_scheme"),
+    "init": ("InitReport", "InitRow", "Scheme", "parse_scheme"),
     "sharing": ("FreezeReport", "ModuleRow", "Slot", "Summary", "TieGroup", "TieMember",
-        "assert_tied", "freeze", "group_by_tensor", "iter_slots", "load", "param_groups",
-        "retie", "save", "share", "summary", "tie", "ties", "unfreeze", "untie"),
-    "train": ("FitResult", "ShardPlan", "TrainConfig", "evaluate", "fit", "shard"),
+        "group_by_tensor", "iter_slots"),
+    "train": ("FitResult", "ShardPlan"),
 }
-_OWNER = {name: module for module, names in _FROM.items() for name in names}
+_WAS = {name: module for module, names in _MOVED.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -41,6 +52,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"adaptnet.{_OWNER[name]}"), name)
         globals()[name] = value  # looked up once
         return value
+    if name in _WAS:
+        warnings.warn(f"adaptnet.{name} is now adaptnet.{_WAS[name]}.{name}; the top-level name "
+                      "goes in adaptnet 0.2.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"adaptnet.{_WAS[name]}"), name)
     if name == "compare":  # adaptnet.recipes.compare_models, imported on first use
         return importlib.import_module("adaptnet.recipes").compare_models
     raise AttributeError(f"module 'adaptnet' has no attribute {name!r}")
@@ -50,88 +65,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_OWNER) | {"compare"})
 
 
-__all__ = [
-    "ACTHalting",
-    "AdaptiveDepth",
-    "AdaptnetError",
-    "Calibration",
-    "CheckpointCorruptError",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "CheckpointNotFoundError",
-    "ConfigError",
-    "DepthResult",
-    "DynamicError",
-    "DynamicResult",
-    "EarlyExit",
-    "ExitResult",
-    "FitResult",
-    "FreezeReport",
-    "HaltingPolicy",
-    "InitError",
-    "InitReport",
-    "InitRow",
-    "MacCount",
-    "MoE",
-    "MoEResult",
-    "ModuleRow",
-    "NonFiniteError",
-    "PerSampleError",
-    "PonderNetHalting",
-    "ResumeError",
-    "RoutingError",
-    "RunLockedError",
-    "Scheme",
-    "SelectionError",
-    "ShardPlan",
-    "ShareError",
-    "Slot",
-    "Summary",
-    "ThresholdHalting",
-    "TieBrokenError",
-    "TieError",
-    "TieGroup",
-    "TieMember",
-    "TrainConfig",
-    "__version__",
-    "assert_tied",
-    "branch",
-    "calibrate_exits",
-    "calibrate_temperatures",
-    "compare",
-    "count_macs",
-    "data",
-    "dynamic",
-    "errors",
-    "evaluate",
-    "fit",
-    "freeze",
-    "generate",
-    "group_by_tensor",
-    "hf",
-    "init",
-    "init_report",
-    "initialize",
-    "iter_slots",
-    "load",
-    "models",
-    "param_groups",
-    "parse_scheme",
-    "per_sample",
-    "recipes",
-    "report",
-    "retie",
-    "route_topk",
-    "save",
-    "shard",
-    "share",
-    "sharing",
-    "summary",
-    "switch",
-    "tie",
-    "ties",
-    "train",
-    "transfer",
-    "unfreeze",
-    "untie",
-]
+__all__ = ["__version__", "compare", *_OWNER]  # the subpackages: adaptnet.<name>

@@ -94,7 +94,7 @@ class HaltingPolicy(Protocol):
 @export_as_pytree
 @dataclass(frozen=True)
 class DepthResult:
-    """What :class:`AdaptiveDepth` returns (a :class:`~adaptnet.DynamicResult`).
+    """What :class:`AdaptiveDepth` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         output: ``(B, ...)`` the final state (threshold) or the halting-weighted
@@ -370,8 +370,8 @@ class AdaptiveDepth(nn.Module):
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
-        >>> depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4),
-        ...                                adaptnet.ACTHalting(nn.Linear(4, 1)), max_steps=6)
+        >>> policy = adaptnet.dynamic.ACTHalting(nn.Linear(4, 1))
+        >>> depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), policy, max_steps=6)
         >>> result = depth(torch.randn(8, 4))
         >>> result.output.shape, result.steps.shape
         (torch.Size([8, 4]), torch.Size([8]))

@@ -41,7 +41,7 @@ CRITERIA = ("max_prob", "entropy")
 @functools.partial(export_as_pytree, static=("weights",))
 @dataclass(frozen=True)
 class ExitResult:
-    """What :class:`EarlyExit` returns (a :class:`~adaptnet.DynamicResult`).
+    """What :class:`EarlyExit` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         logits: ``(B, C)`` each sample's prediction: from the exit it took

@@ -28,7 +28,7 @@ __all__ = ["MoE", "MoEResult"]
 @export_as_pytree
 @dataclass(frozen=True)
 class MoEResult:
-    """What :class:`MoE` returns (a :class:`~adaptnet.DynamicResult`).
+    """What :class:`MoE` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         output: ``(..., d_out)`` the gate-weighted sum of each token's experts.

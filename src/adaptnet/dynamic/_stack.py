@@ -46,7 +46,7 @@ class DecoderCache:
 
 @dataclass(frozen=True)
 class DecoderResult:
-    """What a :class:`TokenModel` returns (a :class:`~adaptnet.DynamicResult`).
+    """What a :class:`TokenModel` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         logits: ``(B, T, V)`` next-token logits.
@@ -109,7 +109,7 @@ class TokenModel(nn.Module):
     """Token ids -> :meth:`embed_ids` -> ``blocks`` -> :meth:`readout` -> logits.
 
     Each block is called as ``block(h, span, cache)`` and returns the new states,
-    or a :class:`~adaptnet.DynamicResult` whose ``prediction`` they are (Mixture-of-
+    or a :class:`~adaptnet.dynamic.DynamicResult` whose ``prediction`` they are (Mixture-of-
     Depths, Mixture-of-Recursions); with ``exits`` the one block is a
     :class:`~adaptnet.dynamic.TokenEarlyExit` whose exits read the logits out.
 

@@ -24,7 +24,7 @@ __all__ = ["TokenEarlyExit", "TokenExits"]
 @export_as_pytree
 @dataclass(frozen=True)
 class TokenExits:
-    """What :class:`TokenEarlyExit` returns (a :class:`~adaptnet.DynamicResult`).
+    """What :class:`TokenEarlyExit` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         logits: ``(B, T, V)`` each token's prediction, from the exit it took

@@ -29,7 +29,7 @@ __all__ = ["MixtureOfDepths", "TokenResult"]
 @dataclass(frozen=True)
 class TokenResult:
     """What :class:`MixtureOfDepths` and :class:`MixtureOfRecursions` return (a
-    :class:`~adaptnet.DynamicResult`).
+    :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
         hidden: ``(B, T, d)`` the new token states.

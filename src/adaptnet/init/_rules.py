@@ -58,7 +58,7 @@ class InitReport:
 def initialize(model: nn.Module, rules: Rules, *, seed: int | None = None) -> InitReport:
     """Initialise ``model`` by rules, once per unique tensor.
 
-    Each rule maps a *selector* to a scheme (see :func:`adaptnet.parse_scheme`).
+    Each rule maps a *selector* to a scheme (see :func:`adaptnet.init.parse_scheme`).
     Selectors, tried in order; the first that matches a tensor's path decides:
 
     - ``"Linear.weight"``, ``"Conv2d.*"``, ``"LayerNorm"``: a module class name

@@ -66,8 +66,8 @@ def iter_slots(model: nn.Module, *, buffers: bool = False) -> Iterator[Slot]:
     Example:
         >>> import torch.nn as nn, adaptnet
         >>> layer = nn.Linear(2, 2)
-        >>> slots = list(adaptnet.iter_slots(nn.Sequential(layer, layer)))
-        >>> [s.name for s in slots], len(adaptnet.group_by_tensor(slots))
+        >>> slots = list(adaptnet.sharing.iter_slots(nn.Sequential(layer, layer)))
+        >>> [s.name for s in slots], len(adaptnet.sharing.group_by_tensor(slots))
         (['0.weight', '0.bias', '1.weight', '1.bias'], 2)
     """
     for path, module in walk(model):

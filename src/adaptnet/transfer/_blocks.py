@@ -115,7 +115,7 @@ def freeze_blocks(model: nn.Module, trainable: int, *, batchnorm: BatchNormMode 
             moving in ``train()`` mode). Trainable blocks always get BatchNorm.
 
     Returns:
-        The :class:`adaptnet.FreezeReport` of the frozen blocks.
+        The :class:`adaptnet.sharing.FreezeReport` of the frozen blocks.
 
     Raises:
         ModelError: ``trainable`` is negative, or ``batchnorm`` is unknown.
