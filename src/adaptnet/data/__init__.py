@@ -17,15 +17,13 @@ from adaptnet.data._builtin import (
 )
 from adaptnet.data._load import DATASETS, TRANSFORMS, autoencode, load, pairs
 from adaptnet.data._splits import DataSplits
-from adaptnet.data._text import TEST_PLAYS, VALID_PLAYS, shakespeare
+from adaptnet.data._text import shakespeare
 from adaptnet.data._user import csv, image_folder, npz
 
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
-    "TEST_PLAYS",
     "TRANSFORMS",
-    "VALID_PLAYS",
     "DataSplits",
     "autoencode",
     "csv",

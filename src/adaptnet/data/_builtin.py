@@ -17,6 +17,7 @@ from adaptnet.errors import DataError, DatasetNotFoundError
 
 __all__ = ["FASHION_MNIST_DIR", "digits", "fashion_mnist", "mnist1d", "parity", "regression"]
 
+#: Where Debian's dataset-fashion-mnist puts Fashion-MNIST (read from there, never fetched).
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")

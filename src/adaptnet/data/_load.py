@@ -20,11 +20,13 @@ from adaptnet.errors import DataError
 
 __all__ = ["DATASETS", "TRANSFORMS", "autoencode", "load", "pairs"]
 
+#: The datasets ``load`` knows by name (built in, and the file loaders).
 DATASETS: dict[str, Callable[..., DataSplits]] = {
     "digits": digits, "mnist1d": mnist1d, "fashion_mnist": fashion_mnist,
     "shakespeare": shakespeare, "parity": parity, "regression": regression,
     "csv": csv, "npz": npz, "image_folder": image_folder,
 }
+#: What ``load(..., transform=)`` can make of a dataset: Siamese pairs, or x -> x.
 TRANSFORMS = ("pairs", "autoencode")
 
 

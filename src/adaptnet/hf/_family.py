@@ -22,7 +22,7 @@ from adaptnet.errors import ModelError
 
 __all__ = ["FAMILIES", "Parts", "parts"]
 
-# model_type -> the ``...ForCausalLM`` class it is tested with
+#: The supported model types, each with the ``...ForCausalLM`` class it is tested with.
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
             "gpt2": "GPT2LMHeadModel"}

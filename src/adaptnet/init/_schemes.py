@@ -72,8 +72,8 @@ def _exact_std(fn: Callable) -> Callable[[torch.Tensor, dict], float]:
     return std
 
 
-# name -> (function, keyword arguments it takes, random?, expected std)
 _Std = Callable[[torch.Tensor, dict], float]
+#: The named schemes: name -> (function, keyword arguments it takes, random?, expected std).
 SCHEMES: dict[str, tuple[Callable, tuple[str, ...], bool, _Std]] = {
     "uniform": (_INIT.uniform_, ("a", "b"), True,
                 lambda t, kw: (kw.get("b", 1.0) - kw.get("a", 0.0)) / math.sqrt(12)),

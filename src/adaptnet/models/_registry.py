@@ -24,6 +24,7 @@ from adaptnet.models import (
 
 __all__ = ["MODELS", "build", "describe"]
 
+#: The zoo's builders by name (``model.name`` in a recipe).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # the textbook examples
     "branch_net": _textbook.branch_net,

@@ -12,6 +12,7 @@ from adaptnet.sharing import share
 
 __all__ = ["SHARING", "SequenceEncoder", "albert_encoder", "universal_transformer"]
 
+#: What an ALBERT encoder's layers may share: nothing, attention, feed-forward or all.
 SHARING = ("none", "attention", "ffn", "all")
 
 

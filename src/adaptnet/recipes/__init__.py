@@ -9,9 +9,7 @@ from adaptnet.recipes._prepare import RunRecipe, load_run, prepare, read_run_con
 from adaptnet.recipes._run import RunResult, evaluate_run, pretrain, train_recipe
 from adaptnet.recipes._schema import (
     Recipe,
-    apply_overrides,
     parse_overrides,
-    read_recipe,
     validate_recipe,
 )
 
@@ -22,7 +20,6 @@ __all__ = [
     "Recipe",
     "RunRecipe",
     "RunResult",
-    "apply_overrides",
     "code_notices",
     "compare",
     "compare_models",
@@ -33,7 +30,6 @@ __all__ = [
     "parse_overrides",
     "prepare",
     "pretrain",
-    "read_recipe",
     "read_run_config",
     "shipped_recipes",
     "time_together",

@@ -12,7 +12,6 @@ See docs/transfer.md for a tour.
 
 from adaptnet.transfer._adapt import InputAdapter, adapt_input
 from adaptnet.transfer._blocks import (
-    BatchNormMode,
     FrozenBatchNorm,
     GradualUnfreeze,
     blocks,
@@ -23,7 +22,6 @@ from adaptnet.transfer._head import find_head, replace_head
 from adaptnet.transfer._load import load_backbone, load_weights
 
 __all__ = [
-    "BatchNormMode",
     "FrozenBatchNorm",
     "GradualUnfreeze",
     "InputAdapter",
