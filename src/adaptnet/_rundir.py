@@ -22,11 +22,16 @@ import yaml
 from adaptnet._io import atomic_path, refuse_links, sha256_file
 from adaptnet.errors import RunDirError
 
-__all__ = ["CONFIG", "RESULTS", "SUMMARY", "WEIGHTS", "WEIGHTS_SHA256", "RunConfig",
-           "read_config", "read_json", "weights", "write_config", "write_json"]
+__all__ = ["CHECKPOINTS", "CHECKPOINT_MANIFEST", "CHECKPOINT_STATE", "CONFIG", "METRICS",
+           "PLOTS", "REPORT", "RESULTS", "SUMMARY", "TENSORBOARD", "WEIGHTS", "WEIGHTS_SHA256",
+           "RunConfig", "read_config", "read_json", "weights", "write_config", "write_json"]
 
+# Every name in a run directory (its lock, .lock, is _io.locked_dir's, on any directory)
 CONFIG, WEIGHTS, RESULTS, SUMMARY = "config.yaml", "model.safetensors", "results.json", \
     "summary.json"
+METRICS, TENSORBOARD, REPORT, PLOTS = "metrics.jsonl", "tensorboard", "report.md", "plots"
+CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNNNNN/: the weights (WEIGHTS), the state
+CHECKPOINT_STATE, CHECKPOINT_MANIFEST = "state.pt", "checkpoint.json"  # and their checksums
 
 
 @dataclass(frozen=True)

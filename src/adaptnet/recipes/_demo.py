@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptnet import sharing
+from adaptnet import _rundir, sharing
 from adaptnet._io import atomic_path
 from adaptnet.dynamic import EarlyExit, calibrate_exits
 from adaptnet.errors import DynamicError
@@ -128,7 +128,7 @@ def flagship(out: Path, limit: int | None = None, rounds: int = 21) -> DemoResul
     header, cells = result.table()
     runs = ", ".join(f"[{r.variant}]({run.name}/report.md)"
                      for r, run in zip(result.rows, result.runs, strict=True))
-    with atomic_path(out / "report.md") as tmp:
+    with atomic_path(out / _rundir.REPORT) as tmp:
         tmp.write_text("\n".join([
             f"# adaptnet demo: {result.title}", "", *markdown_table(header, cells), "",
             *result.summary(), "",

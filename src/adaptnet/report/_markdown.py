@@ -35,7 +35,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = _rundir.read_json(run, _rundir.SUMMARY)
     stored = _rundir.read_config(run)
     config = {"recipe": stored.recipe, "limit": stored.limit, **stored.body}
-    plots = run / "plots"
+    plots = run / _rundir.PLOTS
     lines = [f"# Run `{results['recipe']}`", "", config.get("description") or "", "",
              f"Model `{results['model']}` on `{results['dataset']}` "
              f"({', '.join(f'{k} {v:,}' for k, v in results['samples'].items())} samples); "
@@ -75,7 +75,7 @@ def write_report(run_dir: str | Path) -> Path:
                      f"{row['unique']:,} | {'; '.join(row['shared'])} |")
     lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False)
               .rstrip(), "```", ""]
-    return _write(run / "report.md", "\n".join(lines))
+    return _write(run / _rundir.REPORT, "\n".join(lines))
 
 
 def compare_table(rows: list[dict[str, Any]]) -> list[list[str]]:

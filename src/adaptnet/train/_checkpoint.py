@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet import _rundir
 from adaptnet._io import atomic_path, plain_mode, sha256_file
 from adaptnet.errors import AdaptnetError, CheckpointCorruptError, ResumeError, RunDirError
 from adaptnet.sharing import load, save
@@ -49,8 +50,8 @@ __all__ = ["checkpoints", "load_latest", "optimizer_state", "restore_optimizer",
            "write_checkpoint"]
 
 _NAME = re.compile(r"step-(\d{9})")
-MANIFEST = "checkpoint.json"
-FILES = ("model.safetensors", "state.pt")
+MANIFEST = _rundir.CHECKPOINT_MANIFEST
+FILES = (_rundir.WEIGHTS, _rundir.CHECKPOINT_STATE)
 STATE_KEYS = ("epoch", "batch", "step", "best", "bad_epochs", "order", "skipped", "history",
               "acc", "optimizer", "scheduler", "rng_torch", "rng_python", "rng_cuda")
 
@@ -64,7 +65,7 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
             permission, ``checkpoints`` not a directory); the previous
             checkpoint is kept and nothing half-written is left.
     """
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / _rundir.CHECKPOINTS
     final = root / f"step-{step:09d}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,8 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
         raise _unwritable(final, e) from None
     try:
         os.chmod(tmp, plain_mode(final, directory=True))  # not mkdtemp's 0700
-        save(model, tmp / "model.safetensors")
-        with atomic_path(tmp / "state.pt") as path:
+        save(model, tmp / _rundir.WEIGHTS)
+        with atomic_path(tmp / _rundir.CHECKPOINT_STATE) as path:
             torch.save(state, path)
         record = {"format": 2, "step": step,
                   "sha256": {name: sha256_file(tmp / name) for name in FILES}}
@@ -107,7 +108,7 @@ def _unwritable(final: Path, e: Exception) -> RunDirError:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoint directories, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / _rundir.CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
@@ -129,7 +130,7 @@ def load_latest(run_dir: Path, model: nn.Module, unverified: bool = False
     for path in reversed(found):
         try:
             state = _verified_state(path, unverified)
-            load(model, path / "model.safetensors")
+            load(model, path / _rundir.WEIGHTS)
         except (AdaptnetError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
             failures.append(f"{path.name}: {why}")
@@ -224,7 +225,7 @@ def _verified_state(path: Path, unverified: bool) -> dict[str, Any]:
     else:
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written by an older adaptnet); "
                       "resuming from it unverified, as asked.", RuntimeWarning, stacklevel=4)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(path / _rundir.CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointCorruptError(f"state.pt lacks {', '.join(missing)}")

@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from adaptnet import _rundir
 from adaptnet.errors import RunDirError
 
 __all__ = ["RunLog"]
@@ -78,7 +79,7 @@ class RunLog:
 
     def _open(self, run_dir: Path, resumed_step: int | None, resumed_rows: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
+        path = run_dir / _rundir.METRICS
         if resumed_step is not None and path.exists():  # drop what the killed run logged
             kept = [line for line in path.read_text(errors="replace").splitlines()
                     if _step_of(line) <= resumed_step][:resumed_rows]
@@ -88,7 +89,7 @@ class RunLog:
         self.jsonl = path.open("a")
         from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+        self.tb = SummaryWriter(str(run_dir / _rundir.TENSORBOARD),
                                 purge_step=resumed_step + 1 if resumed_step else None)
 
     def epoch_start(self, epoch: int, batches: int, done: int) -> None:

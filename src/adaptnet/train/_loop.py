@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adaptnet import _rundir
 from adaptnet._io import locked_dir
 from adaptnet.errors import ConfigError, NonFiniteError, ResumeError, RunDirError
 from adaptnet.sharing import param_groups, save
@@ -231,11 +232,11 @@ class _Trainer:
             ResumeError: ``resume`` found no checkpoint in a directory that holds a run.
         """
         run = Path(self.cfg.run_dir)
-        if (run / "checkpoints").exists() and not (run / "checkpoints").is_dir():
-            raise RunDirError(f"{run / 'checkpoints'} is a file, where fit() writes its "
+        if (run / _rundir.CHECKPOINTS).exists() and not (run / _rundir.CHECKPOINTS).is_dir():
+            raise RunDirError(f"{run / _rundir.CHECKPOINTS} is a file, where fit() writes its "
                               "checkpoints; move it away, or give another run_dir.")
-        traces = [name for name in ("metrics.jsonl", "tensorboard", "model.safetensors",
-                                    "results.json") if (run / name).exists()]
+        traces = [name for name in (_rundir.METRICS, _rundir.TENSORBOARD, _rundir.WEIGHTS,
+                                    _rundir.RESULTS) if (run / name).exists()]
         if not traces:
             return
         if not self.cfg.resume:
