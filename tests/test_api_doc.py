@@ -72,3 +72,16 @@ def test_the_api_page_is_the_code_s_and_every_name_has_a_purpose():
 if __name__ == "__main__":
     PAGE.write_text(page(), encoding="utf-8")
     sys.exit(0)
+
+
+def test_the_readme_counts_the_docstring_examples_truly():
+    seen: dict[int, object] = {}
+    for namespace in NAMESPACES:
+        module = importlib.import_module(namespace)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                seen[id(obj)] = obj
+    examples = sum(">>>" in (inspect.getdoc(o) or "") for o in seen.values())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"{examples} of the {len(seen)} carry a runnable example" in readme

@@ -338,6 +338,15 @@ def calibrate_exits(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *,
     Raises:
         DynamicError: not exactly one target, a target out of (0, 1], or a
             target no threshold reaches (the message gives the reachable range).
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> net = adaptnet.EarlyExit([nn.Linear(4, 4), nn.Linear(4, 4)],
+        ...                          [nn.Linear(4, 3), nn.Linear(4, 3)])
+        >>> x, y = torch.randn(200, 4), torch.randint(0, 3, (200,))
+        >>> cal = adaptnet.calibrate_exits(net, x, y, target_compute=0.8)
+        >>> cal.mean_macs <= 0.8 * cal.full_macs, cal.threshold == net.thresholds[0]
+        (True, True)
     """
     if (target_accuracy is None) == (target_compute is None):
         raise DynamicError("calibrate_exits(): give exactly one of target_accuracy and "

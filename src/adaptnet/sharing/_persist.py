@@ -136,6 +136,17 @@ def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
         CheckpointMismatchError: missing or unexpected names, shape or dtype
             mismatches, tensors tied in the model (or claimed tied, or claimed
             one module, in the file) whose stored values differ.
+
+    Example:
+        >>> import tempfile, torch, torch.nn as nn, adaptnet
+        >>> def lm():
+        ...     return nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> net = lm()
+        >>> _ = adaptnet.tie(net, "1.weight", "0.weight")
+        >>> path = adaptnet.save(net, tempfile.mkdtemp() + "/lm.safetensors")
+        >>> fresh = adaptnet.load(lm(), path)  # built untied: the file's tie comes back
+        >>> fresh[1].weight is fresh[0].weight, torch.equal(fresh[0].weight, net[0].weight)
+        (True, True)
     """
     if isinstance(path, Mapping):
         stored, aliases, modules = dict(path), {}, {}

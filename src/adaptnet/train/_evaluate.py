@@ -29,6 +29,14 @@ def evaluate(model: nn.Module, data: Any, *, loss: str | LossFn = "mse",
     ``steps`` (mean executed depth of a ``DepthResult``), ``macs`` (mean
     multiply-adds executed per sample, from :func:`adaptnet.count_macs`),
     ``exits`` (fraction of samples leaving at each exit of an ``ExitResult``).
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+        >>> values = adaptnet.evaluate(nn.Linear(3, 2), (x, y), loss="cross_entropy",
+        ...                            metrics=("loss", "accuracy", "macs"))
+        >>> sorted(values), values["macs"]  # 3 x 2 multiply-adds per sample
+        (['accuracy', 'loss', 'macs'], 6.0)
     """
     if not callable(loss) and not (isinstance(loss, str) and loss in LOSSES):
         raise ConfigError(f"evaluate(): unknown loss {shown(loss)}; expected one of "

@@ -52,6 +52,17 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
             than one tensor crosses, or whose output is not one tensor; heads of
             the wrong number; an example the backbone does not take; a backbone
             that does not return ``(B, classes)`` logits.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptnet.transfer import attach_exits
+        >>> backbone = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Conv1d(4, 8, 3),
+        ...                          nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        ...                          nn.Linear(8, 3))
+        >>> net = attach_exits(backbone, ["1", "3"], example=torch.randn(2, 1, 16),
+        ...                    thresholds=0.9)
+        >>> len(net.heads), net(torch.randn(5, 1, 16)).prediction.shape
+        (3, torch.Size([5, 3]))
     """
     at = [at] if isinstance(at, str) else list(at) if isinstance(at, list | tuple) else at
     if not isinstance(at, list) or not at or not all(isinstance(p, str) and p for p in at):
