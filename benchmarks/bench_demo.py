@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from _common import parse_args, publish, table, verdict
 
-from adaptnet.recipes import flagship, load_run, time_together
+from adaptnet.recipes import flagship, load_run
+from adaptnet.study import time_together
 
 REPEATS = 3
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "api.md"
 NAMESPACES = ["adaptnet", "adaptnet.sharing", "adaptnet.dynamic", "adaptnet.init",
               "adaptnet.train", "adaptnet.errors", "adaptnet.data", "adaptnet.models",
-              "adaptnet.transfer", "adaptnet.recipes", "adaptnet.report", "adaptnet.hf"]
+              "adaptnet.transfer", "adaptnet.recipes", "adaptnet.study", "adaptnet.report",
+              "adaptnet.hf"]
 
 
 def purpose(namespace: str, name: str) -> str:

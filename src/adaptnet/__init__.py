@@ -42,7 +42,7 @@ _WAS = {name: module for module, names in _MOVED.items() for name in names}
 __version__ = "0.1.0"
 
 _LAZY = ("data", "dynamic", "errors", "hf", "init", "models", "recipes", "report", "sharing",
-         "train", "transfer")
+         "study", "train", "transfer")
 
 
 def __getattr__(name: str):
@@ -56,8 +56,8 @@ def __getattr__(name: str):
         warnings.warn(f"adaptnet.{name} is now adaptnet.{_WAS[name]}.{name}; the top-level name "
                       "goes in adaptnet 0.2.", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(f"adaptnet.{_WAS[name]}"), name)
-    if name == "compare":  # adaptnet.recipes.compare_models, imported on first use
-        return importlib.import_module("adaptnet.recipes").compare_models
+    if name == "compare":  # adaptnet.study.compare_models, imported on first use
+        return importlib.import_module("adaptnet.study").compare_models
     raise AttributeError(f"module 'adaptnet' has no attribute {name!r}")
 
 

@@ -171,8 +171,8 @@ def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped
 
 
 def _print_compare(rows: list[dict], target: Path, title: str) -> None:
-    from adaptnet.recipes import Comparison
     from adaptnet.report import write_compare
+    from adaptnet.study import Comparison
 
     report = write_compare(target, title)
     show(out, Comparison(rows, report, title))

@@ -1,10 +1,12 @@
 """YAML recipes: validated up front, overridable with ``key=value``, run into run directories."""
 
+import importlib
+import warnings
+
 from adaptnet.recipes._build import code_notices
-from adaptnet.recipes._compare import Comparison, compare, compare_models, variants
+from adaptnet.recipes._compare import compare, variants
 from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
-from adaptnet.recipes._measure import time_together
 from adaptnet.recipes._prepare import RunRecipe, load_run, prepare, read_run_config
 from adaptnet.recipes._run import RunResult, evaluate_run, pretrain, train_recipe
 from adaptnet.recipes._schema import (
@@ -14,7 +16,6 @@ from adaptnet.recipes._schema import (
 )
 
 __all__ = [
-    "Comparison",
     "DemoResult",
     "DemoRow",
     "Recipe",
@@ -22,7 +23,6 @@ __all__ = [
     "RunResult",
     "code_notices",
     "compare",
-    "compare_models",
     "evaluate_run",
     "flagship",
     "load_recipe",
@@ -32,8 +32,15 @@ __all__ = [
     "pretrain",
     "read_run_config",
     "shipped_recipes",
-    "time_together",
     "train_recipe",
     "validate_recipe",
     "variants",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("Comparison", "compare_models", "time_together"):  # here until 0.1
+        warnings.warn(f"adaptnet.recipes.{name} is now adaptnet.study.{name}; the old name "
+                      "goes in adaptnet 0.2.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("adaptnet.study"), name)
+    raise AttributeError(f"module 'adaptnet.recipes' has no attribute {name!r}")

@@ -23,9 +23,9 @@ from adaptnet._io import atomic_path
 from adaptnet.dynamic import EarlyExit, calibrate_exits
 from adaptnet.errors import DynamicError
 from adaptnet.recipes._compare import compare
-from adaptnet.recipes._measure import time_together
 from adaptnet.recipes._prepare import load_run
 from adaptnet.report import markdown_table
+from adaptnet.study import time_together
 from adaptnet.train import evaluate
 
 RECIPE = "mnist1d-early-exit"
