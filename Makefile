@@ -28,7 +28,8 @@ test: lint
 	$(PY) -m pytest -q
 
 # The loop while editing (under 2 minutes on 2 cores): everything but the tests marked
-# slow (subprocesses, torchrun, kills, fuzzing, CLI trainings, benchmark smoke runs).
+# slow (subprocesses, torchrun, kills, fuzzing, CLI and full recipe trainings,
+# torch.compile/export/ONNX graph builds, benchmark smoke runs).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

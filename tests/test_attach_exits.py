@@ -128,6 +128,7 @@ def test_temperatures_are_fitted_per_exit_and_steer_the_decisions():
         ee.set_temperatures([1.0, -2.0])
 
 
+@pytest.mark.slow
 def test_the_all_exits_graph_exports_to_onnx(tmp_path):
     import onnxruntime
 

@@ -84,6 +84,7 @@ def test_route_topk_without_other_passes_the_rest_through():
     assert out.flatten().tolist() == [0.0, 10.0, 2.0, 30.0, 4.0]
 
 
+@pytest.mark.slow
 def test_route_topk_compiles_whole_and_matches_eager():
     block, other = nn.Linear(D, 2), nn.Linear(D, 2)
 
@@ -156,6 +157,7 @@ def test_early_exit_capacity_follows_the_rule_and_the_loop(capacity, B):
         torch.testing.assert_close(zero if a is None else a, zero if b is None else b)
 
 
+@pytest.mark.slow
 def test_early_exit_capacity_compiles_whole_and_exports():
     net = exits(0.5)
     x = torch.randn(16, D)
@@ -224,6 +226,7 @@ def test_adaptive_depth_capacity_lets_the_least_halted_go_on():
     assert p[r.steps == 2].max() <= p[r.steps == 1].min()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["threshold", "act", "pondernet"])
 def test_adaptive_depth_capacity_compiles_whole_and_exports(policy):
     model = depth(policy, 0.5)
@@ -257,6 +260,7 @@ def test_moe_capacity_equals_the_same_capacity_factor(n):
         torch.testing.assert_close(zero if u is None else u, zero if v is None else v)
 
 
+@pytest.mark.slow
 def test_moe_capacity_compiles_whole_and_exports():
     model = moe(capacity=0.5).eval()
     x = torch.randn(24, D)
@@ -269,6 +273,7 @@ def test_moe_capacity_compiles_whole_and_exports():
 # ---------------------------------------------------------------- ONNX
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None or
                     importlib.util.find_spec("onnxruntime") is None,
                     reason="the dev extra installs onnxscript and onnxruntime")
@@ -298,6 +303,7 @@ def test_the_capacity_count_is_exact_integer_arithmetic():
     assert [capacity_rows(0.3, n) for n in range(5)] == [0, 1, 1, 1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None or
                     importlib.util.find_spec("onnxruntime") is None,
                     reason="the dev extra installs onnxscript and onnxruntime")

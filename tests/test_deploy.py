@@ -58,6 +58,7 @@ def test_tracing_a_dynamic_model_is_refused(name):
     model(x)  # eager still works
 
 
+@pytest.mark.slow
 def test_scripting_a_per_sample_model_stops_at_compile_time():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -182,6 +182,7 @@ def test_act_aux_loss_trains_the_halting_unit():
     torch.testing.assert_close(r.aux_loss, r.ponder.mean())
 
 
+@pytest.mark.slow
 def test_eager_parity_under_torch_compile():
     model = make("act", max_steps=4)
     x = torch.randn(6, D)

@@ -201,6 +201,7 @@ def test_bad_arguments_are_dynamic_errors(build, match):
         build()
 
 
+@pytest.mark.slow
 def test_eager_parity_under_torch_compile():
     model = make("max_prob", 0.4).eval()
     x = torch.randn(9, D)

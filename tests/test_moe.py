@@ -136,6 +136,7 @@ def test_empty_input_and_no_grad():
         assert not moe(torch.randn(4, D)).output.requires_grad
 
 
+@pytest.mark.slow
 def test_eager_parity_under_torch_compile():
     moe = make(4, 2)
     x = torch.randn(10, D)

@@ -262,6 +262,7 @@ def test_variables_kept_across_paths_and_deleted():
     assert_matches_loop(f, [], torch.randn(10, 2))
 
 
+@pytest.mark.slow
 def test_eager_parity_under_torch_compile():
     model = Textbook()
     x = torch.randn(16, 10)

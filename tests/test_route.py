@@ -144,6 +144,7 @@ def test_batch_of_one_and_all_on_one_path_skip_the_gather():
     assert out is x  # every sample on one path: the path's output, untouched
 
 
+@pytest.mark.slow
 def test_eager_parity_under_torch_compile():
     model = Paths()
     fns = [model.path(k) for k in range(3)]

@@ -15,6 +15,8 @@ from adaptnet import MoE, count_macs
 from adaptnet.data import FASHION_MNIST_DIR
 from adaptnet.recipes import load_recipe, load_run, train_recipe
 
+pytestmark = pytest.mark.slow  # each test trains a shipped recipe to the end
+
 
 def trained(name: str, tmp_path, overrides=(), limit=None):
     recipe_name, recipe = load_recipe(name, list(overrides))

@@ -140,6 +140,7 @@ def test_transposed_view_tracks_in_place_updates():
     assert model.decoder.weight[3, 0] == 42.0
 
 
+@pytest.mark.slow
 def test_tie_under_torch_compile_matches_eager():
     model = tied_ae()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

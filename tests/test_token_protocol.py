@@ -281,6 +281,7 @@ def test_count_macs_refuses_a_bad_token_count():
 
 # ------------------------------------------------------------------ deployment
 
+@pytest.mark.slow
 def test_capacity_mode_mixture_of_depths_compiles_whole_and_exports():
     """The training path (top-k, static shapes): fullgraph compile and torch.export."""
     torch.manual_seed(0)
@@ -295,6 +296,7 @@ def test_capacity_mode_mixture_of_depths_compiles_whole_and_exports():
     assert int(want.depth.sum()) == 3 * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv", ["cache", "share"])
 def test_capacity_mode_mixture_of_recursions_compiles_whole_and_exports(kv):
     torch.manual_seed(0)
@@ -308,6 +310,7 @@ def test_capacity_mode_mixture_of_recursions_compiles_whole_and_exports(kv):
     torch.testing.assert_close(program.module()(x).hidden, want.hidden)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_picks_the_same_tokens():
     """Decoding routes by host reads (one per decision): torch.compile without fullgraph
     breaks the graph there and gives the same tokens."""
