@@ -81,17 +81,17 @@ class Summary:
         # is frozen: a column that would repeat another, or stay empty, is left out
         shared, frozen = bool(self.groups) or self.per_use != self.unique, self.frozen > 0
 
-        def cells(name: str, type_: str, per_use: int, unique: int, trainable: int,
-                  frozen_: int, shares: str) -> tuple[str, ...]:
-            return (name, type_, *([f"{per_use:,}"] if shared else []), f"{unique:,}",
-                    f"{trainable:,}", *([f"{frozen_:,}"] if frozen else []),
-                    *([shares] if shared else []))
+        def cells(name: str, type_: str, per_use: str, unique: str, trainable: str,
+                  frozen_: str, shares: str) -> tuple[str, ...]:
+            return (name, type_, *([per_use] if shared else []), unique, trainable,
+                    *([frozen_] if frozen else []), *([shares] if shared else []))
 
-        header = ("module", "type", *(("per use",) if shared else ()), "unique", "trainable",
-                  *(("frozen",) if frozen else ()), *(("shares",) if shared else ()))
-        rows = [cells(r.name or "(root)", r.type, r.per_use, r.unique, r.trainable, r.frozen,
-                      "\n".join(r.shared)) for r in self.rows]
-        total = cells("total", "", self.per_use, self.unique, self.trainable, self.frozen, "")
+        header = cells("module", "type", "per use", "unique", "trainable", "frozen", "shares")
+        rows = [cells(r.name or "(root)", r.type, f"{r.per_use:,}", f"{r.unique:,}",
+                      f"{r.trainable:,}", f"{r.frozen:,}", "\n".join(r.shared))
+                for r in self.rows]
+        total = cells("total", "", f"{self.per_use:,}", f"{self.unique:,}",
+                      f"{self.trainable:,}", f"{self.frozen:,}", "")
         out = table(f"{self.model}: parameters", header, [*rows, total],
                     numbers=range(2, len(header) - int(shared)), words=range(len(header)))
         if len(out.rows) > 1:
