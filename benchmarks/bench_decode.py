@@ -47,8 +47,8 @@ from adaptnet.dynamic import MixtureOfDepths, MixtureOfRecursions, TokenEarlyExi
 from adaptnet.models import decoder
 
 PROMPT, NEW, CONTEXT = 16, 64, 128
-VARIANTS = {"vanilla": {}, "MoD": {"mod_capacity": 0.125, "mod_every": 2},
-            "MoR": {"layers": 2, "recursions": 2}, "exit": {"exit_threshold": 0.5}}
+VARIANTS = {"vanilla": {}, "MoD": {"capacity": 0.125, "every": 2},
+            "MoR": {"layers": 2, "recursions": 2}, "exit": {"threshold": 0.5}}
 RATES = {"MoD": 0.125, "MoR": 0.5}  # share of tokens that run a routed block / step 2
 EXIT_DEPTH = 2.5  # blocks per token the exit threshold aims at
 
@@ -95,7 +95,7 @@ def forced(model: torch.nn.Module, prompt: torch.Tensor, feed: torch.Tensor) -> 
         cache = model.new_cache(prompt.shape[0])
         ids, step = prompt, prompt
         for i in range(feed.shape[1]):
-            nxt = model(step, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(step, cache=cache).output[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
             step = feed[:, i:i + 1]
         return ids

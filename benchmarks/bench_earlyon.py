@@ -67,7 +67,7 @@ def build(seed: int) -> tuple[nn.Module, EarlyExitWrapper, adaptnet.EarlyExit]:
     peer = EarlyExitWrapper(copy.deepcopy(plain), copy.deepcopy(heads), lambda f: f, config,
                             input_shape=(1, 1, 28, 28))
     ours = attach_exits(plain, list(STAGES), example=torch.zeros(2, 1, 28, 28),
-                        heads=[heads[p.name] for p in points], thresholds=THRESHOLDS,
+                        heads=[heads[p.name] for p in points], threshold=THRESHOLDS,
                         weights=WEIGHTS)
     return plain, peer, ours
 
@@ -105,7 +105,7 @@ def run(limit: int | None, epochs: int, rounds: int) -> dict:
     with torch.no_grad():
         base = torch.cat([plain(c) for c in x.split(256)]).argmax(-1)
         result = [ours(c) for c in x.split(256)]
-        ours_pred = torch.cat([r.logits for r in result]).argmax(-1)
+        ours_pred = torch.cat([r.output for r in result]).argmax(-1)
         ours_exit = torch.cat([r.exit_index for r in result])
         peer_pred, peer_exit = batch1(peer, x)
         batched = {}

@@ -98,7 +98,7 @@ def early_exit_variants(B: int) -> tuple[dict, dict]:
     with torch.no_grad():
         r = net(x)
         o, i = hand()
-    torch.testing.assert_close(r.logits, o)
+    torch.testing.assert_close(r.output, o)
     assert torch.equal(r.exit_index, i)
     shares = (torch.bincount(r.exit_index, minlength=4).double() / B).tolist()
     return {"EarlyExit": lambda: net(x), "hand": hand}, {"threshold": threshold,
@@ -132,7 +132,7 @@ def compiled_variants(B: int) -> dict:
     compiled_exit = torch.compile(capacity, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled_topk(x), topk(x))
-        torch.testing.assert_close(compiled_exit(xe).logits, r.logits)
+        torch.testing.assert_close(compiled_exit(xe).output, r.output)
     return {"mlp": {"branch (eager exact)": lambda: adaptnet.branch(pred, a, b, x),
                     "route_topk (compiled capacity)": lambda: compiled_topk(x)},
             "early exit": {"EarlyExit (eager exact)": lambda: exact(xe),

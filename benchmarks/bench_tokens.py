@@ -84,9 +84,9 @@ BATCH = 32
 BUDGET, POINTS, CHECKPOINT = 8000, 8, 500  # vanilla steps; validation points per run
 OPTIM = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "clip_grad_norm": 1.0,
          "scheduler": "CosineAnnealingLR", "eta_min": 2e-4, "warmup_steps": 100}
-VARIANTS = {"vanilla": {}, "MoD": {"mod_capacity": 0.125, "mod_every": 2},
+VARIANTS = {"vanilla": {}, "MoD": {"capacity": 0.125, "every": 2},
             "MoR": {"layers": 2, "recursions": 2, "router": "expert"},
-            "early exit": {"exit_threshold": EXIT}}
+            "early exit": {"threshold": EXIT}}
 
 
 def build(name: str, vocab: int, seed: int, width: int) -> torch.nn.Module:
@@ -142,7 +142,7 @@ def routing_perplexity(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tenso
         total = 0.0
         with torch.no_grad():
             for i in range(0, len(xv), 256):
-                logits = model(xv[i:i + 256]).logits
+                logits = model(xv[i:i + 256]).output
                 total += float(torch.nn.functional.cross_entropy(
                     logits.flatten(0, 1), yv[i:i + 256].flatten(), reduction="sum"))
         ppl[mode] = math.exp(total / yv.numel())
@@ -275,8 +275,8 @@ def measure(models: dict[str, torch.nn.Module], xb: torch.Tensor, yb: torch.Tens
     def loss(model: torch.nn.Module):
         def step() -> torch.Tensor:
             out = model.train()(xb)
-            value = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), yb.flatten())
-            return value if out.aux is None else value + out.aux
+            value = torch.nn.functional.cross_entropy(out.output.flatten(0, 1), yb.flatten())
+            return value if out.aux_loss is None else value + out.aux_loss
         return step
 
     params = [p for m in models.values() for p in m.parameters()]

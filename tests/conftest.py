@@ -121,8 +121,8 @@ def stepwise(model: nn.Module, ids: torch.Tensor, prompt: int) -> tuple[object, 
     tokens in one call, then one token per call (what ``generate`` does)."""
     with torch.no_grad():
         cache = model.eval().new_cache(ids.shape[0])
-        logits = [model(ids[:, :prompt], cache=cache).logits]
-        logits += [model(ids[:, i:i + 1], cache=cache).logits for i in range(prompt, ids.shape[1])]
+        logits = [model(ids[:, :prompt], cache=cache).output]
+        logits += [model(ids[:, i:i + 1], cache=cache).output for i in range(prompt, ids.shape[1])]
     return cache, torch.cat(logits, 1)
 
 

@@ -28,10 +28,10 @@ def images(n: int = 12) -> torch.Tensor:
 
 def test_without_early_exits_it_is_the_backbone_and_shares_its_modules():
     net, x = resnet(), images()
-    ee = attach_exits(net, CUTS, example=x, thresholds=1.0).eval()
+    ee = attach_exits(net, CUTS, example=x, threshold=1.0).eval()
     with torch.no_grad():
         out = ee(x)
-        assert torch.equal(out.prediction, net(x)) and (out.exit_index == 3).all()
+        assert torch.equal(out.output, net(x)) and (out.exit_index == 3).all()
     assert ee.stages[1].layer2 is net.layer2 and ee.stages[3].fc is net.fc  # no copy
     heads = 64 * 5 + 5 + 128 * 5 + 5 + 256 * 5 + 5
     assert adaptnet.summary(ee).unique == adaptnet.summary(net).unique + heads
@@ -52,7 +52,7 @@ def test_each_sample_leaves_where_the_per_sample_loop_says():
                 if j == len(ee.stages) - 1 or logits.softmax(-1).amax() >= ee.thresholds[j]:
                     break
             assert int(out.exit_index[i]) == j
-            torch.testing.assert_close(out.prediction[i], logits[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.output[i], logits[0], rtol=1e-5, atol=1e-5)
     assert 0 < int((out.exit_index == 0).sum()) < len(x)
 
 
@@ -77,9 +77,9 @@ def test_two_stage_training_trains_the_exits_alone():
 def test_mobilenet_v3_gets_exits_too():
     net = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
     x = torch.rand(2, 3, 64, 64)
-    ee = attach_exits(net, ["features.3", "features.8"], example=x, thresholds=1.0).eval()
+    ee = attach_exits(net, ["features.3", "features.8"], example=x, threshold=1.0).eval()
     with torch.no_grad():
-        assert torch.equal(ee(x).prediction, net(x))
+        assert torch.equal(ee(x).output, net(x))
 
 
 @pytest.mark.parametrize(("at", "message"), [
@@ -211,9 +211,9 @@ def test_a_vision_transformer_with_a_root_level_class_token_gets_exits():
                                                num_heads=2, hidden_dim=32, mlp_dim=64,
                                                num_classes=10).eval()
     x = torch.randn(3, 3, 32, 32)
-    net = attach_exits(vit, ["encoder.layers.encoder_layer_1"], example=x, thresholds=1.0)
+    net = attach_exits(vit, ["encoder.layers.encoder_layer_1"], example=x, threshold=1.0)
     with torch.no_grad():
-        torch.testing.assert_close(net.eval()(x).logits, vit(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net.eval()(x).output, vit(x), rtol=1e-5, atol=1e-5)
     params = {id(p) for p in net.parameters()}
     assert id(vit.class_token) in params and id(vit.encoder.pos_embedding) in params
     out = net.train()(x)

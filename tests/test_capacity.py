@@ -39,11 +39,11 @@ def depth(policy: str, capacity: float, steps: int = 4, seed: int = 0) -> adaptn
                                   capacity=capacity).eval()
 
 
-def moe(capacity: float | None = None, factor: float | None = None) -> adaptnet.MoE:
+def moe(factor: float | None = None, fixed: bool = False) -> adaptnet.MoE:
     torch.manual_seed(0)
     return adaptnet.MoE([nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, D))
-                         for _ in range(4)], nn.Linear(D, 4), k=2, capacity=capacity,
-                        capacity_factor=factor)
+                         for _ in range(4)], nn.Linear(D, 4), k=2, capacity_factor=factor,
+                        fixed_slots=fixed)
 
 
 def active_counts(B: int, capacity: float, decisions: int) -> list[int]:
@@ -148,9 +148,9 @@ def test_early_exit_capacity_follows_the_rule_and_the_loop(capacity, B):
         if went_on.any() and (~went_on).any():
             assert conf[went_on].max() <= conf[~went_on].min()
     ref = exit_oracle(net, x, r.exit_index)
-    torch.testing.assert_close(r.logits, ref)
+    torch.testing.assert_close(r.output, ref)
     params = [x, *net.parameters()]
-    g = torch.autograd.grad(r.logits.sum(), params, allow_unused=True)
+    g = torch.autograd.grad(r.output.sum(), params, allow_unused=True)
     g_ref = torch.autograd.grad(ref.sum(), params, allow_unused=True)
     for p, a, b in zip(params, g, g_ref, strict=True):  # a head whose logits were all
         zero = torch.zeros_like(p)                      # overwritten gets zeros, not None
@@ -165,12 +165,12 @@ def test_early_exit_capacity_compiles_whole_and_exports():
     compiled = torch.compile(net, fullgraph=True)
     mixed = torch.randn(16, D) * torch.linspace(0.1, 3, 16)[:, None]  # easy and hard rows
     r, rc = net(mixed), compiled(mixed)
-    torch.testing.assert_close(rc.logits, r.logits)
+    torch.testing.assert_close(rc.output, r.output)
     assert torch.equal(rc.exit_index, r.exit_index)
     assert len(set(r.exit_index.tolist())) == 3  # the batch really is mixed
     program = torch.export.export(net, (x,))
     re = program.module()(mixed)
-    torch.testing.assert_close(re.logits, r.logits)
+    torch.testing.assert_close(re.output, r.output)
     assert torch.equal(re.exit_index, r.exit_index)
 
 
@@ -245,9 +245,9 @@ def test_adaptive_depth_capacity_compiles_whole_and_exports(policy):
 
 
 @pytest.mark.parametrize("n", [1, 7, 32])
-def test_moe_capacity_equals_the_same_capacity_factor(n):
+def test_moe_fixed_slots_equal_the_same_capacity_factor(n):
     x = torch.randn(n, D, requires_grad=True)
-    static, exact = moe(capacity=0.25), moe(factor=0.5)  # 0.25 * E / k = 0.5
+    static, exact = moe(0.5, fixed=True), moe(0.5)
     a, b = static(x), exact(x)
     torch.testing.assert_close(a.output, b.output)
     assert torch.equal(a.dropped, b.dropped)
@@ -261,8 +261,8 @@ def test_moe_capacity_equals_the_same_capacity_factor(n):
 
 
 @pytest.mark.slow
-def test_moe_capacity_compiles_whole_and_exports():
-    model = moe(capacity=0.5).eval()
+def test_moe_fixed_slots_compile_whole_and_export():
+    model = moe(1.0, fixed=True).eval()
     x = torch.randn(24, D)
     assert dynamo.explain(model)(x).graph_break_count == 0
     r = model(x)
@@ -278,7 +278,8 @@ def test_moe_capacity_compiles_whole_and_exports():
                     importlib.util.find_spec("onnxruntime") is None,
                     reason="the dev extra installs onnxscript and onnxruntime")
 @pytest.mark.parametrize("build", [lambda: exits(0.5), lambda: depth("act", 0.5),
-                                   lambda: moe(capacity=0.5).eval()], ids=["exit", "act", "moe"])
+                                   lambda: moe(1.0, fixed=True).eval()],
+                         ids=["exit", "act", "moe"])
 def test_capacity_models_export_to_onnx_and_run_in_onnxruntime(build, tmp_path):
     import onnxruntime
 
@@ -289,7 +290,7 @@ def test_capacity_models_export_to_onnx_and_run_in_onnxruntime(build, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
     mixed = torch.randn(16, D) * torch.linspace(0.1, 3, 16)[:, None]
     got = session.run(None, {session.get_inputs()[0].name: mixed.numpy()})
-    torch.testing.assert_close(torch.from_numpy(got[0]), model(mixed).prediction.detach(),
+    torch.testing.assert_close(torch.from_numpy(got[0]), model(mixed).output.detach(),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -330,7 +331,7 @@ def test_a_dynamic_batch_equals_eager_at_every_size_in_onnx_and_export(tmp_path)
         want = model(x)
         logits, index = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:2]
         assert torch.equal(torch.from_numpy(index), want.exit_index), n
-        torch.testing.assert_close(torch.from_numpy(logits), want.logits.detach())
+        torch.testing.assert_close(torch.from_numpy(logits), want.output.detach())
         try:
             got = program(x)
         except (AssertionError, RuntimeError):
@@ -349,14 +350,13 @@ def test_a_dynamic_batch_equals_eager_at_every_size_in_onnx_and_export(tmp_path)
     (lambda: exits(0.0), r"capacity must be a fraction in \(0, 1\]"),
     (lambda: exits(1.5), "got 1.5"),
     (lambda: exits(True), "got True"),
-    (lambda: adaptnet.EarlyExit([nn.Identity()] * 2, [nn.Linear(D, 2)] * 2, thresholds=0.8,
-                                capacity=0.5), "thresholds=0.8 cannot be honoured"),
+    (lambda: adaptnet.EarlyExit([nn.Identity()] * 2, [nn.Linear(D, 2)] * 2, threshold=0.8,
+                                capacity=0.5), "threshold=0.8 cannot be honoured"),
     (lambda: exits(0.5).set_thresholds(0.9), "capacity mode"),
     (lambda: adaptnet.calibrate_exits(exits(0.5), torch.randn(4, D), torch.zeros(4).long(),
                                       target_accuracy=0.5), "capacity mode"),
     (lambda: depth("act", -0.1), "capacity must be"),
-    (lambda: moe(capacity=2), "capacity must be"),
-    (lambda: moe(capacity=0.5, factor=1.25), "capacity_factor=1.25 cannot be honoured"),
+    (lambda: moe(fixed=True), "fixed_slots=True runs every expert on exactly its slots"),
 ])
 def test_capacity_bad_input_is_a_typed_error(build, match):
     with pytest.raises(DynamicError, match=match):
@@ -387,8 +387,8 @@ def test_exact_mode_breaks_only_at_its_data_dependent_decisions(name):
         allowed = 3
     torch._dynamo.reset()
     counters.clear()
-    torch.testing.assert_close(torch.compile(f)(x).prediction if name != "branch" else
-                               torch.compile(f)(x), f(x).prediction if name != "branch" else f(x))
+    torch.testing.assert_close(torch.compile(f)(x).output if name != "branch" else
+                               torch.compile(f)(x), f(x).output if name != "branch" else f(x))
     breaks = counters["graph_break"]
     # Only nonzero breaks the graph: no bookkeeping (the ledger is a plain global).
     assert breaks and all("nonzero" in reason for reason in breaks)

@@ -33,7 +33,7 @@ def branch_model() -> nn.Module:
 
 def exit_model() -> nn.Module:
     stages = [nn.Linear(4, 4), nn.Linear(4, 4)]
-    return adaptnet.EarlyExit(stages, [nn.Linear(4, 3), nn.Linear(4, 3)], thresholds=[0.5])
+    return adaptnet.EarlyExit(stages, [nn.Linear(4, 3), nn.Linear(4, 3)], threshold=[0.5])
 
 
 def depth_model() -> nn.Module:

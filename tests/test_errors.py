@@ -157,7 +157,7 @@ def test_torn_last_line_in_metrics_jsonl_resumes(tmp_path):
 
 def _early_exit():
     return adaptnet.EarlyExit([nn.Linear(4, 4), nn.Linear(4, 4)],
-                              [nn.Linear(4, 3), nn.Linear(4, 3)], thresholds=[0.5]).eval()
+                              [nn.Linear(4, 3), nn.Linear(4, 3)], threshold=[0.5]).eval()
 
 
 def _depth():

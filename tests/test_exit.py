@@ -16,32 +16,32 @@ from adaptnet.errors import DynamicError
 D, C = 6, 4
 
 
-def make(criterion="max_prob", thresholds=0.5, n=3) -> EarlyExit:
+def make(rule="max_prob", threshold=0.5, n=3) -> EarlyExit:
     stages = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(n)]
     heads = [nn.Linear(D, C) for _ in range(n)]
-    return EarlyExit(stages, heads, criterion=criterion, thresholds=thresholds)
+    return EarlyExit(stages, heads, rule=rule, threshold=threshold)
 
 
 def per_sample(model, x):
     rs = [model(x[i:i + 1]) for i in range(x.shape[0])]
-    return torch.cat([r.logits for r in rs]), torch.cat([r.exit_index for r in rs])
+    return torch.cat([r.output for r in rs]), torch.cat([r.exit_index for r in rs])
 
 
 @settings(max_examples=50, deadline=None)
-@given(B=st.integers(1, 10), criterion=st.sampled_from(["max_prob", "entropy"]),
+@given(B=st.integers(1, 10), rule=st.sampled_from(["max_prob", "entropy"]),
        seed=st.integers(0, 2**16))
-def test_evaluation_equals_per_sample_loop(B, criterion, seed):
+def test_evaluation_equals_per_sample_loop(B, rule, seed):
     torch.manual_seed(seed)
-    thr = 0.4 if criterion == "max_prob" else 1.2
-    model = make(criterion, thr).double().eval()
+    thr = 0.4 if rule == "max_prob" else 1.2
+    model = make(rule, thr).double().eval()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     r = model(x)
     logits, index = per_sample(model, x)
-    torch.testing.assert_close(r.logits, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.output, logits, rtol=1e-12, atol=1e-12)
     assert torch.equal(r.exit_index, index)
     w = torch.randn(B, C, dtype=torch.float64)
     wrt = [x, *model.parameters()]
-    g1 = torch.autograd.grad((r.logits * w).sum(), wrt, materialize_grads=True)
+    g1 = torch.autograd.grad((r.output * w).sum(), wrt, materialize_grads=True)
     g2 = torch.autograd.grad((logits * w).sum(), wrt, materialize_grads=True)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -58,7 +58,7 @@ def test_exit_decisions_follow_the_criterion():
             p = torch.softmax(z[i], -1)
             if j == len(exits) - 1 or -(p * p.log()).sum() <= 1.0:
                 assert r.exit_index[i] == j
-                torch.testing.assert_close(r.logits[i], z[i])
+                torch.testing.assert_close(r.output[i], z[i])
                 break
 
 
@@ -100,19 +100,19 @@ def test_a_nan_in_a_stage_an_exited_sample_never_runs_does_not_leak():
         def forward(self, h):
             return torch.stack([(h[:, 0] > 0).float() * 50 + h[:, 1], torch.zeros(len(h))], 1)
 
-    model = EarlyExit([nn.Identity(), Boom()], [Confident(), nn.Linear(D, 2)], thresholds=0.9)
+    model = EarlyExit([nn.Identity(), Boom()], [Confident(), nn.Linear(D, 2)], threshold=0.9)
     x = torch.randn(6, D).abs().requires_grad_()
     r = model.eval()(x)
-    r.logits.sum().backward()
+    r.output.sum().backward()
     assert r.exit_index.tolist() == [0] * 6
-    assert torch.isfinite(r.logits).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(r.output).all() and torch.isfinite(x.grad).all()
 
 
 def test_batch_of_one_and_empty_batch():
     model = make().eval()
-    assert model(torch.randn(1, D)).logits.shape == (1, C)
+    assert model(torch.randn(1, D)).output.shape == (1, C)
     empty = model(torch.zeros(0, D))
-    assert empty.logits.shape == (0, C) and empty.exit_index.shape == (0,)
+    assert empty.output.shape == (0, C) and empty.exit_index.shape == (0,)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -146,7 +146,7 @@ def test_calibration_meets_its_target_and_matches_a_measured_run(target):
     model.eval()
     with adaptnet.count_macs() as m:
         r = model(x)
-    assert (r.logits.argmax(-1) == y).float().mean().item() == pytest.approx(cal.accuracy)
+    assert (r.output.argmax(-1) == y).float().mean().item() == pytest.approx(cal.accuracy)
     assert m.total / len(x) == pytest.approx(cal.mean_macs)
     fractions = torch.bincount(r.exit_index, minlength=3).double() / len(x)
     assert tuple(fractions.tolist()) == pytest.approx(cal.exit_fractions)
@@ -187,10 +187,10 @@ def test_calibration_errors():
         (lambda: EarlyExit([nn.Identity()], [nn.Identity(), nn.Identity()]),
          r"need one head per stage, got 1 stage\(s\) and 2 head\(s\)"),
         (lambda: EarlyExit([], []), "need one head per stage, got 0"),
-        (lambda: make(criterion="margin"), "criterion must be one of"),
-        (lambda: make(thresholds=0.0), r"max_prob thresholds must lie in \(0, 1\], got \[0.0, "),
-        (lambda: make("entropy", thresholds=-1), r"entropy thresholds must lie in \[0, inf\)"),
-        (lambda: make(thresholds=[0.5, 0.5, 0.5]),
+        (lambda: make(rule="margin"), "rule must be one of"),
+        (lambda: make(threshold=0.0), r"max_prob thresholds must lie in \(0, 1\], got \[0.0, "),
+        (lambda: make("entropy", threshold=-1), r"entropy thresholds must lie in \[0, inf\)"),
+        (lambda: make(threshold=[0.5, 0.5, 0.5]),
          r"thresholds needs one value or 2 \(one per early exit\), got 3"),
         (lambda: EarlyExit([nn.Identity()] * 2, [nn.Identity()] * 2, weights=[1.0]),
          r"weights needs one value per exit \(2\), got 1"),
@@ -207,5 +207,5 @@ def test_eager_parity_under_torch_compile():
     x = torch.randn(9, D)
     compiled = torch.compile(model, backend="aot_eager")  # exit decisions break the graph
     a, b = compiled(x), model(x)
-    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.output, b.output)
     assert torch.equal(a.exit_index, b.exit_index)

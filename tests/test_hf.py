@@ -129,9 +129,9 @@ def test_at_full_capacity_the_adapted_model_is_the_model(family, kind):
     ids, mask = padded()
     with torch.no_grad():
         out = lm(ids[:1])  # no padding: the model's plain forward
-        torch.testing.assert_close(out.logits, model(ids[:1]).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.output, model(ids[:1]).logits, rtol=1e-5, atol=1e-5)
         out = lm(ids, mask=mask)
-    torch.testing.assert_close(out.logits[mask], base_logits(model, ids, mask)[mask],
+    torch.testing.assert_close(out.output[mask], base_logits(model, ids, mask)[mask],
                                rtol=1e-5, atol=1e-5)
     assert torch.equal(out.depth, mask.long() * L)  # nothing skipped, nothing left early
     want = model.generate(ids, attention_mask=mask.long(), max_new_tokens=12,
@@ -200,9 +200,9 @@ def test_cached_equals_recompute_and_batched_equals_alone(family, kind):
     assert_adapted(kind, out.depth, full)
     cache = lm.new_cache(3)  # the logits step by step equal the whole sequence's
     with torch.no_grad():
-        steps = [lm(got[:, :9], mask=mask, cache=cache).logits]
-        steps += [lm(got[:, i:i + 1], cache=cache).logits for i in range(9, got.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1)[full], out.logits[full], rtol=1e-4,
+        steps = [lm(got[:, :9], mask=mask, cache=cache).output]
+        steps += [lm(got[:, i:i + 1], cache=cache).output for i in range(9, got.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1)[full], out.output[full], rtol=1e-4,
                                atol=1e-4)
 
 
@@ -333,10 +333,10 @@ def test_the_adapted_model_equals_the_per_token_loop(family, kind):
     want, depths = loop(lm, ids, mask)
     assert out.depth[mask].tolist() == depths
     assert_adapted(kind, out.depth, mask)
-    torch.testing.assert_close(out.logits[mask], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.output[mask], want, rtol=1e-4, atol=1e-4)
     weights = torch.linspace(-1, 1, want.numel()).view_as(want)
     params = [p for p in lm.parameters() if p.requires_grad]
-    got = torch.autograd.grad((out.logits[mask] * weights).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((out.output[mask] * weights).sum(), params, allow_unused=True)
     ref = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
     reached = 0
     for g, r in zip(got, ref, strict=True):
@@ -366,13 +366,13 @@ def test_adapters_load_onto_a_fresh_copy_of_the_base_with_identical_outputs(tmp_
     again = ahf.load(build("llama"), path).eval()
     ids, mask = padded()
     with torch.no_grad():
-        assert torch.equal(again(ids, mask=mask).logits, lm(ids, mask=mask).logits)
+        assert torch.equal(again(ids, mask=mask).output, lm(ids, mask=mask).output)
     assert again.spec == lm.spec
     if not lm.adapter_state():
         return  # the confidence rule adds no weights
     fresh = CONSTRUCTS[kind](build("llama")).eval()
     with torch.no_grad():
-        assert not torch.equal(fresh(ids, mask=mask).logits, lm(ids, mask=mask).logits)
+        assert not torch.equal(fresh(ids, mask=mask).output, lm(ids, mask=mask).output)
 
 
 def test_adapters_from_another_base_or_damaged_files_are_refused(tmp_path):
@@ -433,11 +433,11 @@ def test_routers_train_with_the_base_frozen():
     opt = torch.optim.Adam([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, V, (4, 12))
     out = lm(ids)
-    assert out.aux is not None
+    assert out.aux_loss is not None
     assert int(out.depth.min()) < int(out.depth.max())  # top-k: half the tokens skip
     loss = out.task_loss(ids[:, 1:], lambda z, y: torch.nn.functional.cross_entropy(
         z[:, :-1].flatten(0, 1), y.flatten()))
-    (loss + out.aux).backward()
+    (loss + out.aux_loss).backward()
     opt.step()
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     moved = [k for k, v in lm.adapter_state().items() if not torch.equal(v, adapters[k])]
@@ -454,7 +454,7 @@ def test_calibration_reaches_the_agreement_asked_for():
     assert lm.blocks[0].threshold == found.threshold == lm.spec["threshold"]
     want = base_logits(model, ids, mask).argmax(-1)
     with torch.no_grad():
-        got = lm(ids, mask=mask).logits.argmax(-1)
+        got = lm(ids, mask=mask).output.argmax(-1)
     assert float((got == want)[mask].float().mean()) == pytest.approx(found.agreement)
 
 
@@ -501,7 +501,7 @@ def test_sliding_windows_are_refused_beyond_the_window():
         ahf.wrap(model)
     lm = ahf.wrap(model, context=16)  # within the window the two agree
     ids = torch.randint(1, V, (2, 16))
-    torch.testing.assert_close(lm(ids).logits, base_logits(model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lm(ids).output, base_logits(model, ids), rtol=1e-5, atol=1e-5)
     qwen = build("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
     with pytest.raises(ModelError, match="sliding window of 8"):
         ahf.wrap(qwen)

@@ -143,7 +143,7 @@ def test_per_sample_follows_adaptive_depth_and_nesting():
 def test_per_sample_for_early_exit_and_moe():
     torch.manual_seed(1)
     net = adaptnet.EarlyExit([nn.Linear(6, 6), nn.Linear(6, 6)], [nn.Linear(6, 3)] * 2,
-                             thresholds=0.45).eval()
+                             threshold=0.45).eval()
     x = torch.randn(12, 6)
     with adaptnet.count_macs(batch_size=12) as m:
         r = net(x)

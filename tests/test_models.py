@@ -22,14 +22,14 @@ INPUTS = {
     "resnet18": (3, 32, 32), "sdn_resnet": (1, 28, 28),
 }
 ARGS = {"lstm_lm": {"vocab_size": 50, "embed_size": 8, "hidden": 8},
-        "decoder": {"vocab_size": 50, "d_model": 8, "heads": 2, "mod_capacity": 0.5}}
+        "decoder": {"vocab_size": 50, "d_model": 8, "heads": 2, "capacity": 0.5}}
 
 
 def _pred(out):
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, adaptnet.dynamic.ExitResult | M.DecoderResult):
-        return out.logits
+        return out.output
     return out.output
 
 
@@ -99,7 +99,7 @@ def test_early_exit_cnn_sharing_and_plain_twin():
     conv = 32 * 32 * 3 + 32
     assert adaptnet.summary(M.early_exit_cnn()).unique - \
         adaptnet.summary(shared).unique == 2 * conv
-    assert M.early_exit_cnn(dims=2)(torch.randn(2, 1, 28, 28)).logits.shape == (2, 10)
+    assert M.early_exit_cnn(dims=2)(torch.randn(2, 1, 28, 28)).output.shape == (2, 10)
 
 
 def test_ties_survive_training_and_save_load(tmp_path):
@@ -148,7 +148,7 @@ def test_sdn_resnet_with_no_early_exit_taken_is_the_plain_network():
     x = torch.randn(4, 1, 28, 28)
     out = net(x)
     assert (out.exit_index == 8).all()
-    torch.testing.assert_close(out.logits, plain(x))
+    torch.testing.assert_close(out.output, plain(x))
 
 
 def test_count_macs_through_a_transposed_tie_without_grad():

@@ -71,7 +71,7 @@ class MyResult:
     penalty: torch.Tensor
 
     @property
-    def prediction(self):
+    def output(self):
         return self.scores
 
     @property
@@ -125,6 +125,27 @@ def test_a_result_outside_the_protocol_is_a_config_error(tmp_path):
                      config={"epochs": 1, "loss": "cross_entropy", "run_dir": str(tmp_path)})
 
 
+def test_a_result_of_the_old_protocol_is_told_the_new_name(tmp_path):
+    @dataclass
+    class Old:  # adaptnet 0.1's protocol: `prediction`
+        prediction: torch.Tensor
+        aux_loss: None = None
+
+        def task_loss(self, target, loss_fn, per_sample=None):
+            return loss_fn(self.prediction, target)
+
+        def statistics(self):
+            return {}
+
+    class Net(nn.Linear):
+        def forward(self, x):
+            return Old(super().forward(x))
+
+    with pytest.raises(ConfigError, match="called `output` `prediction`: rename it"):
+        adaptnet.fit(Net(5, 3), (torch.randn(8, 5), torch.zeros(8).long()),
+                     config={"epochs": 1, "loss": "cross_entropy", "run_dir": str(tmp_path)})
+
+
 def test_shipped_results_implement_the_protocol():
     ee = adaptnet.EarlyExit([nn.Linear(4, 4)] * 2, [nn.Linear(4, 2)] * 2)
     depth = adaptnet.AdaptiveDepth(nn.Linear(4, 4), adaptnet.dynamic.ACTHalting(nn.Linear(4, 1)), 3)
@@ -132,7 +153,7 @@ def test_shipped_results_implement_the_protocol():
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     for r in (ee(x), ee.eval()(x), depth(x), moe(x)):
         assert isinstance(r, adaptnet.dynamic.DynamicResult)
-        assert r.prediction.shape[0] == 6 and r.statistics()
+        assert r.output.shape[0] == 6 and r.statistics()
     train = ee.train()(x)
     torch.testing.assert_close(train.task_loss(y, F.cross_entropy), train.joint_loss(y))
 

@@ -20,14 +20,14 @@ from conftest import spread_routes, stepwise
 V = 23
 KINDS = {  # the construct, at 3-6 blocks of depth
     "vanilla": {"layers": 3},
-    "mod": {"layers": 4, "mod_capacity": 0.5, "mod_every": 2},
-    "mod-every-block": {"layers": 3, "mod_capacity": 0.5, "mod_every": 1},
+    "mod": {"layers": 4, "capacity": 0.5, "every": 2},
+    "mod-every-block": {"layers": 3, "capacity": 0.5, "every": 1},
     "mor-expert-cache": {"layers": 2, "recursions": 3},
     "mor-expert-share": {"layers": 2, "recursions": 3, "kv": "share", "share": "sequence"},
     "mor-token-cache": {"layers": 2, "recursions": 3, "router": "token"},
     "mor-token-share": {"layers": 3, "recursions": 2, "router": "token", "kv": "share"},
-    "exit-confidence": {"layers": 5, "exit_threshold": 0.9},
-    "exit-learned": {"layers": 4, "exit_threshold": 0.5, "exit_rule": "learned"},
+    "exit-confidence": {"layers": 5, "threshold": 0.9},
+    "exit-learned": {"layers": 4, "threshold": 0.5, "rule": "learned"},
 }
 
 
@@ -68,7 +68,7 @@ def test_sixty_cached_tokens_equal_full_recompute(kind, batch, device):
     _, logits = stepwise(model, ids, 4)
     with torch.no_grad():
         full = model(ids)
-    torch.testing.assert_close(logits, full.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, full.output, rtol=1e-4, atol=1e-4)
     assert_adaptive(kind, full.depth)
 
 
@@ -93,7 +93,7 @@ def test_per_token_exit_decodes_as_recompute_after_no_token_goes_on():
     decoded differently from position 34 on, its blocks holding [40, 40, 34] keys."""
     torch.manual_seed(0)
     model = build("decoder", vocab_size=64, d_model=16, heads=2, context=64, layers=3,
-                  exit_threshold=0.15)
+                  threshold=0.15)
     torch.nn.init.normal_(model.embed.weight, std=0.2)
     prompt = torch.randint(0, 64, (1, 3))
     cached = adaptnet.generate(model, prompt, 60)

@@ -82,8 +82,8 @@ def user_decoder(kind: str, seed: int = 0) -> Decoder:
     else:
         blocks = [PlainBlock() for _ in range(4)]
     rule = {"exit-confidence": "confidence", "exit-learned": "learned"}.get(kind)
-    model = Decoder(V, D, blocks, CONTEXT, exit_threshold=None if rule is None else
-                    (0.9 if rule == "confidence" else 0.5), exit_rule=rule or "confidence")
+    model = Decoder(V, D, blocks, CONTEXT, threshold=None if rule is None else
+                    (0.9 if rule == "confidence" else 0.5), rule=rule or "confidence")
     return spread_routes(model, embed_std=0.5).eval()
 
 
@@ -116,15 +116,15 @@ def test_a_user_block_trains_and_padding_is_invisible(kind, training):
         ids[i, 7 - len(row):], mask[i, 7 - len(row):] = row, True
     out = model(ids, mask=mask)
     params = list(model.parameters())
-    got = torch.autograd.grad(out.logits[mask].sum(), params, allow_unused=True)
+    got = torch.autograd.grad(out.output[mask].sum(), params, allow_unused=True)
     total = 0
     for i, row in enumerate(rows):
         alone = model(row[None])
-        torch.testing.assert_close(out.logits[i, mask[i]], alone.logits[0], rtol=1e-5,
+        torch.testing.assert_close(out.output[i, mask[i]], alone.output[0], rtol=1e-5,
                                    atol=1e-5)
         # a row's mean depth counts its real tokens only: as if it ran alone
         assert out.statistics()["steps"][i] == alone.statistics()["steps"][0]
-        total = total + alone.logits[0].sum()
+        total = total + alone.output[0].sum()
     want = torch.autograd.grad(total, params, allow_unused=True, retain_graph=True)
     for g, w in zip(got, want, strict=True):
         assert (g is None) == (w is None)
@@ -153,7 +153,7 @@ def test_mixture_of_depths_on_a_user_block_equals_the_block_on_each_token_alone(
             done = mod.block(sub, Span.of(sub, picked[None, :j + 1]))[0, -1]
             w = torch.sigmoid(mod.router(x[b, i]))
             want[b, i] = x[b, i] + w * (done - x[b, i])
-    torch.testing.assert_close(res.hidden, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.output, want, rtol=1e-5, atol=1e-5)
 
 
 class NoRemember(nn.Module):
@@ -248,7 +248,7 @@ def test_count_macs_charges_recursions_and_exits_per_token():
     want = [router + sum(12 * D * D + 2 * counts[r] * D for r in range(int(s))) for s in steps]
     torch.testing.assert_close(macs.per_token[0], torch.tensor(want, dtype=torch.float64))
 
-    model = decoder(vocab_size=V, d_model=D, heads=H, context=8, layers=3, exit_threshold=0.5)
+    model = decoder(vocab_size=V, d_model=D, heads=H, context=8, layers=3, threshold=0.5)
     nn.init.normal_(model.embed.weight, std=0.5)
     model.eval()
     cache = model.new_cache(2)
@@ -289,10 +289,10 @@ def test_capacity_mode_mixture_of_depths_compiles_whole_and_exports():
     x = torch.randn(3, 8, D)
     want = mod(x)
     got = torch.compile(mod, fullgraph=True)(x)
-    torch.testing.assert_close(got.hidden, want.hidden)
+    torch.testing.assert_close(got.output, want.output)
     torch.testing.assert_close(got.aux_loss, want.aux_loss)
     program = torch.export.export(mod, (x,))
-    torch.testing.assert_close(program.module()(x).hidden, want.hidden)
+    torch.testing.assert_close(program.module()(x).output, want.output)
     assert int(want.depth.sum()) == 3 * 2
 
 
@@ -304,10 +304,10 @@ def test_capacity_mode_mixture_of_recursions_compiles_whole_and_exports(kv):
     x = torch.randn(2, 6, D)
     want = mor(x)
     got = torch.compile(mor, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(got.hidden, want.hidden)
+    torch.testing.assert_close(got.output, want.output)
     torch.testing.assert_close(got.aux_loss, want.aux_loss)
     program = torch.export.export(mor, (x,))
-    torch.testing.assert_close(program.module()(x).hidden, want.hidden)
+    torch.testing.assert_close(program.module()(x).output, want.output)
 
 
 @pytest.mark.slow
@@ -315,8 +315,8 @@ def test_compiled_decoding_picks_the_same_tokens():
     """Decoding routes by host reads (one per decision): torch.compile without fullgraph
     breaks the graph there and gives the same tokens."""
     torch.manual_seed(0)
-    model = decoder(vocab_size=V, d_model=D, heads=H, context=24, layers=2, mod_capacity=0.5,
-                    mod_every=1)
+    model = decoder(vocab_size=V, d_model=D, heads=H, context=24, layers=2, capacity=0.5,
+                    every=1)
     nn.init.normal_(model.embed.weight, std=0.5)
     prompt = torch.randint(0, V, (2, 3))
     assert torch.equal(adaptnet.generate(torch.compile(model), prompt, 6),
@@ -366,7 +366,7 @@ def test_token_ids_outside_the_vocabulary_and_bad_blocks_are_typed_errors():
         MixtureOfDepths(CausalBlock(D, H), 0.5, D)(torch.randn(4, D))
 
 
-@pytest.mark.parametrize("kind", [{}, {"mod_capacity": 0.5}, {"exit_threshold": 0.5},
+@pytest.mark.parametrize("kind", [{}, {"capacity": 0.5}, {"threshold": 0.5},
                                   {"recursions": 2}], ids=["vanilla", "mod", "exit", "mor"])
 def test_generate_on_a_batch_of_zero_gives_zero_rows(kind):
     model = decoder(vocab_size=V, d_model=D, heads=H, context=8, layers=2, **kind)
@@ -405,7 +405,7 @@ def test_the_documented_block_runs_as_written():
     namespace: dict = {}
     exec(compile(code, "docs/dynamic.md", "exec"), namespace)
     result = namespace["result"]
-    assert result.hidden.shape == (2, 16, 32) and result.depth.sum(1).tolist() == [4, 4]
+    assert result.output.shape == (2, 16, 32) and result.depth.sum(1).tolist() == [4, 4]
     block = namespace["MyBlock"]()
     model = Decoder(V, 32, [block, MixtureOfDepths(namespace["MyBlock"](), 0.5, 32)], 64)
     prompt = torch.randint(0, V, (2, 3))

@@ -113,7 +113,7 @@ def test_mixture_of_depths_top_k_equals_the_token_loop(device, size, capacity):
     x = torch.randn(b, t, D, device=device, requires_grad=True)
     positions = torch.arange(t, device=device).expand(b, t)
     res = mod(x)
-    out = res.hidden
+    out = res.output
     keep = top_k(mod, x)
     assert torch.equal(res.selected, keep)
     assert int(keep.sum(1).min()) == math.ceil(capacity * t)  # capacity 0.01: one token
@@ -135,7 +135,7 @@ def test_capacity_one_is_the_dense_block_scaled_by_the_router():
     x = torch.randn(3, 7, D)
     dense = mod.block(x)  # plain causal attention over every token
     weight = torch.sigmoid(mod.router(x))
-    torch.testing.assert_close(mod(x).hidden, x + weight * (dense - x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mod(x).output, x + weight * (dense - x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -158,11 +158,11 @@ def test_a_straight_through_weight_gives_the_block_output_and_trains_the_router(
     keep = res.selected
     assert 0 < int(keep.sum()) < keep.numel()  # some tokens skipped, some ran
     done = token_loop(mod.block, x, torch.arange(8).expand(2, 8), keep)
-    torch.testing.assert_close(res.hidden[keep], done[keep], rtol=1e-5, atol=1e-6)
-    assert torch.equal(res.hidden[~keep], x[~keep])
+    torch.testing.assert_close(res.output[keep], done[keep], rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.output[~keep], x[~keep])
     w = torch.sigmoid(mod.router(x))
     want = torch.where(keep[..., None], x + (w - w.detach() + 1) * (done - x), x)
-    for g, ref in zip(grads(res.hidden, *mod.router.parameters()),
+    for g, ref in zip(grads(res.output, *mod.router.parameters()),
                       grads(want, *mod.router.parameters()), strict=True):
         close_grads(g, ref)
         assert g.abs().sum() > 0
@@ -176,10 +176,10 @@ def test_capacity_one_runs_every_token_in_evaluation_whatever_the_predictor_says
     x = torch.randn(3, 7, D)
     res = mod(x)
     assert bool(res.selected.all())
-    torch.testing.assert_close(res.hidden, mod.block(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.output, mod.block(x), rtol=1e-5, atol=1e-6)
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, :3] = False
-    res = mod(x, Span.of(x, valid=mask))
+    res = mod(x, Span.of(x, mask=mask))
     assert torch.equal(res.selected, mask)
 
 
@@ -202,7 +202,7 @@ def test_the_causal_rule_equals_the_token_loop(device, size, rule):
     x = torch.randn(b, t, D, device=device, requires_grad=True)
     positions = torch.arange(t, device=device).expand(b, t)
     res = mod(x)
-    out = res.hidden
+    out = res.output
     keep = mod.predictor(x).squeeze(-1) > 0
     assert torch.equal(res.selected, keep)
     want = mod_loop(mod, x, positions, keep)
@@ -303,7 +303,7 @@ def test_mixture_of_recursions_equals_the_token_loop(device, size, router, train
         torch.nn.init.normal_(mor.depth_router.weight, std=2.0)
     x = torch.randn(b, t, D, device=device, requires_grad=True)
     res = mor(x)
-    out = res.hidden
+    out = res.output
     want, depth = mor_loop(mor, x)
     assert torch.equal(res.depth, depth * len(mor.blocks))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -388,7 +388,7 @@ def test_generate_with_recursion_caches_equals_full_recompute(router, share, kv)
     cache, logits = stepwise(model, cached, 4)
     with torch.no_grad():
         full = model(cached)
-    torch.testing.assert_close(logits, full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, full.output, rtol=1e-5, atol=1e-5)
     depth = full.layers[0].depth // len(mor.blocks)
     assert len(set(depth.flatten().tolist())) > 1, "every token took the same depth"
     held = [int(c.held().sum()) for c in cache.layers[0]]
@@ -459,7 +459,7 @@ def test_per_token_early_exit_equals_the_token_loop(device, size, threshold, rul
     b, t, seed = size
     torch.manual_seed(seed)
     model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=16,
-                    exit_threshold=threshold, exit_rule=rule).eval()
+                    threshold=threshold, rule=rule).eval()
     torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
     if rule == "learned":
         learned_exits(model)
@@ -470,7 +470,7 @@ def test_per_token_early_exit_equals_the_token_loop(device, size, threshold, rul
     assert torch.equal(out.depth, depth)
     if size == (3, 9, 0):
         assert set(depth.flatten().tolist()) == {1, 2, 3}
-    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.output, want, rtol=1e-5, atol=1e-5)
     # The extremes hold for the confidence rule (a top probability lies in [1/V, 1) here);
     # a learned classifier's sigmoid saturates to exactly 0 or 1 in float32, and the oracle
     # loop then leaves where the model does.
@@ -479,9 +479,9 @@ def test_per_token_early_exit_equals_the_token_loop(device, size, threshold, rul
     if threshold == 1.0 and rule == "confidence":
         assert bool((depth == 3).all())
         dense = model.train()(ids)
-        torch.testing.assert_close(out.logits, dense.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.output, dense.output, rtol=1e-5, atol=1e-5)
     params = list(model.parameters())
-    got = torch.autograd.grad((model.eval()(ids).logits * 1.5).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((model.eval()(ids).output * 1.5).sum(), params, allow_unused=True)
     ref = torch.autograd.grad((want * 1.5).sum(), params, allow_unused=True)
     for g, w in zip(got, ref, strict=True):
         if g is None or w is None:
@@ -495,7 +495,7 @@ def test_per_token_early_exit_equals_the_token_loop(device, size, threshold, rul
 def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, layers=3, heads=H, context=24,
-                    exit_threshold=0.7 if rule == "confidence" else 0.5, exit_rule=rule)
+                    threshold=0.7 if rule == "confidence" else 0.5, rule=rule)
     torch.nn.init.normal_(model.embed.weight)  # confident enough to leave at every block
     if rule == "learned":
         learned_exits(model)
@@ -505,7 +505,7 @@ def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
     _, logits = stepwise(model, cached, 3)
     with torch.no_grad():
         full = model(cached)
-    torch.testing.assert_close(logits, full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, full.output, rtol=1e-5, atol=1e-5)
     assert set(full.depth.flatten().tolist()) == {1, 2, 3}, "tokens should leave at every block"
     out = model.train()(cached)  # training: every exit, a joint loss over them
     assert len(out.exit_logits) == 3 and bool((out.depth == 3).all())
@@ -531,16 +531,16 @@ def test_per_token_exits_decode_with_propagated_keys_as_full_recompute(rule):
 def test_bad_exit_settings_name_the_argument():
     with pytest.raises(DynamicError, match=r"threshold is the confidence to leave at, in "
                        r"\(0, 1\], or math.inf for never; got 0"):
-        decoder(exit_threshold=0)
+        decoder(threshold=0)
     with pytest.raises(DynamicError, match=r"math.inf for never; got 1.5"):
-        decoder(exit_threshold=1.5)
+        decoder(threshold=1.5)
     with pytest.raises(DynamicError, match=r"rule must be 'confidence' \(top softmax "
                        r"probability\) or 'learned' \(a classifier per exit\), got 'meta'"):
-        decoder(exit_threshold=0.5, exit_rule="meta")
+        decoder(threshold=0.5, rule="meta")
     with pytest.raises(DynamicError, match=r"rule='learned' needs d_model"):
         TokenEarlyExit([CausalBlock(D, H)], lambda h: h, 0.5, "learned")
-    with pytest.raises(ModelError, match=r"exit_rule='learned' goes with exit_threshold"):
-        decoder(exit_rule="learned")
+    with pytest.raises(ModelError, match=r"rule='learned' goes with threshold"):
+        decoder(rule="learned")
     block = CausalBlock(D, H)
     x = torch.randn(1, 2, D)
     with pytest.raises(DynamicError, match=r"a read up to slot 2 of a cache filled to 0; "
@@ -548,13 +548,13 @@ def test_bad_exit_settings_name_the_argument():
         block(x, Span.of(x).reading(), block.new_cache(1, 4))
 
 
-@pytest.mark.parametrize("mod_capacity", [None, 0.5])
-def test_generate_with_the_cache_equals_full_recompute_at_batch_three(mod_capacity):
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_generate_with_the_cache_equals_full_recompute_at_batch_three(capacity):
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, layers=4, heads=H, context=24,
-                    mod_capacity=mod_capacity)
+                    capacity=capacity)
     torch.nn.init.normal_(model.embed.weight)  # varied tokens, so rows route differently
-    if mod_capacity is not None:  # a predictor that selects some tokens and skips others
+    if capacity is not None:  # a predictor that selects some tokens and skips others
         for block in model.blocks[1::2]:
             torch.nn.init.normal_(block.predictor[2].weight, std=3.0)
             torch.nn.init.zeros_(block.predictor[2].bias)
@@ -566,12 +566,12 @@ def test_generate_with_the_cache_equals_full_recompute_at_batch_three(mod_capaci
     with torch.no_grad():
         model.eval()
         cache = model.new_cache(3)
-        step = model(cached[:, :10], cache=cache).logits
-        ref = model(cached[:, :11]).logits
-        nxt = model(cached[:, 10:11], cache=cache).logits
+        step = model(cached[:, :10], cache=cache).output
+        ref = model(cached[:, :11]).output
+        nxt = model(cached[:, 10:11], cache=cache).output
     torch.testing.assert_close(step, ref[:, :10], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nxt[:, 0], ref[:, 10], rtol=1e-5, atol=1e-5)
-    if mod_capacity is not None:
+    if capacity is not None:
         keys = [c.held().tolist() for c in cache.layers[1::2]]
         assert any(len(set(row)) > 1 for row in keys), "no two rows kept different tokens"
         assert all(0 < sum(row) < 3 * 11 for row in keys)  # some tokens skipped, some not
@@ -580,7 +580,7 @@ def test_generate_with_the_cache_equals_full_recompute_at_batch_three(mod_capaci
 def test_a_decoder_trains_with_fit_and_reports_depth_per_token():
     torch.manual_seed(0)
     model = decoder(vocab_size=11, d_model=D, layers=2, heads=H, context=16,
-                    mod_capacity=0.25, mod_every=2)
+                    capacity=0.25, every=2)
     ids = torch.randint(0, 11, (32, 9))
     result = adaptnet.fit(model, (ids[:, :-1], ids[:, 1:]), loss="cross_entropy",
                           epochs=2, batch_size=8, metrics=("loss", "steps"))
@@ -632,12 +632,12 @@ def test_rope_is_a_rotation_and_relative():
 
 KINDS = {
     "vanilla": {},
-    "mod": {"mod_capacity": 0.5},
+    "mod": {"capacity": 0.5},
     "mor-expert": {"layers": 2, "recursions": 3},
     "mor-token-kv-share": {"layers": 2, "recursions": 2, "router": "token", "kv": "share"},
     "mor-sequence-kv-share": {"layers": 2, "recursions": 2, "share": "sequence", "kv": "share"},
-    "exit": {"layers": 3, "exit_threshold": 0.6},
-    "exit-learned": {"layers": 3, "exit_threshold": 0.5, "exit_rule": "learned"},
+    "exit": {"layers": 3, "threshold": 0.6},
+    "exit-learned": {"layers": 3, "threshold": 0.5, "rule": "learned"},
 }
 
 
@@ -664,16 +664,16 @@ def test_padding_is_invisible_outputs_and_gradients_equal_each_row_alone(kind, t
     out = model(ids, mask=mask)
     weights = torch.randn(*ids.shape, 11)
     params = list(model.parameters())
-    got = torch.autograd.grad((out.logits * weights)[mask].sum(), params, allow_unused=True)
+    got = torch.autograd.grad((out.output * weights)[mask].sum(), params, allow_unused=True)
     total = 0
     for i, row in enumerate(rows):
         if not len(row):
             continue
         alone = model(row[None])
-        torch.testing.assert_close(out.logits[i, mask[i]], alone.logits[0], rtol=1e-5,
+        torch.testing.assert_close(out.output[i, mask[i]], alone.output[0], rtol=1e-5,
                                    atol=1e-5)
         assert torch.equal(out.depth[i, mask[i]], alone.depth[0])
-        total = total + (alone.logits[0] * weights[i, mask[i]]).sum()
+        total = total + (alone.output[0] * weights[i, mask[i]]).sum()
     assert bool((out.depth[~mask] == 0).all())
     if not training and kind != "vanilla":
         assert len(set(out.depth[mask].tolist())) > 1, "every token took the same depth"

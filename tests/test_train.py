@@ -108,7 +108,7 @@ def test_auxiliary_losses_and_dynamic_metrics():
     assert 1 <= result.history[-1]["train/steps"] <= 4
     assert not torch.equal(act.halting.head.bias, before)  # the ponder cost trained the halting
     exits = adaptnet.EarlyExit([nn.Linear(8, 8), nn.Linear(8, 8)],
-                               [nn.Linear(8, 3), nn.Linear(8, 3)], thresholds=0.5)
+                               [nn.Linear(8, 3), nn.Linear(8, 3)], threshold=0.5)
     result = adaptnet.fit(exits, (x, y), val=(x, y), loss="cross_entropy", lr=0.1, epochs=2,
                           metrics=("loss", "accuracy", "exits", "macs"))
     shares = result.history[-1]["val/exits"]

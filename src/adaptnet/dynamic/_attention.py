@@ -49,7 +49,7 @@ class Span:
         index: ``(b, n)`` each token's place in the model call, so its slot is
             ``start + index``; None: ``0 .. n-1`` in every row. Tokens with an
             index are packed: a row's real tokens come first, in causal order.
-        valid: ``(b, n)`` bool, the real tokens; None: all are. Padding writes no
+        mask: ``(b, n)`` bool, the real tokens; None: all are. Padding writes no
             key and no token attends to it; its output is discarded.
         write: False: attend to what the cache holds without adding keys
             (Mixture-of-Recursions' KV sharing, propagated keys).
@@ -62,19 +62,19 @@ class Span:
     end: int
     rows: torch.Tensor | None = None
     index: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     write: bool = True
     _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, x: torch.Tensor, positions: torch.Tensor | None = None,
-           valid: torch.Tensor | None = None) -> Span:
+           mask: torch.Tensor | None = None) -> Span:
         """Whole sequences ``x`` ``(B, T, ...)`` at slots ``0 .. T-1``; positions
         default to ``0 .. T-1``."""
         b, t = x.shape[:2]
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
-        return cls(positions, 0, t, valid=valid)
+        return cls(positions, 0, t, mask=mask)
 
     def pack(self, tokens: Tokens) -> Span:
         """The span of an active set of this span's tokens (gathered by ``tokens``)."""
@@ -83,14 +83,14 @@ class Span:
         rows = tokens.rows if self.rows is None else \
             self.rows if tokens.rows is None else self.rows.index_select(0, tokens.rows)
         index = tokens.index if self.index is None else tokens.gather(self.index)
-        valid = tokens.real if tokens.index is not None else \
-            None if self.valid is None else tokens.gather(self.valid)
+        mask = tokens.real if tokens.index is not None else \
+            None if self.mask is None else tokens.gather(self.mask)
         memo = {}
         if index is None:  # whole rows keep their slots and their rows of the tables
             memo = {key: value if key == "slots" else
                     tuple(table.index_select(0, tokens.rows) for table in value)
                     for key, value in self._memo.items()}
-        return Span(tokens.gather(self.positions), self.start, self.end, rows, index, valid,
+        return Span(tokens.gather(self.positions), self.start, self.end, rows, index, mask,
                     self.write, memo)
 
     def once(self, key: object, make: Callable[[], Any]) -> Any:
@@ -106,12 +106,12 @@ class Span:
         to (the valid ones at or before it; padding queries: anything, their output is
         discarded), or None where that is plainly causal (no padding, or real tokens
         packed first)."""
-        if self.valid is None or self.index is not None:
+        if self.mask is None or self.index is not None:
             return None
-        n = self.valid.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.valid.device).tril() & \
-            self.valid[:, None, :]
-        return (mask | ~self.valid[:, :, None])[:, None]
+        n = self.mask.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.mask.device).tril() & \
+            self.mask[:, None, :]
+        return (mask | ~self.mask[:, :, None])[:, None]
 
     def reading(self) -> Span:
         """This span, attending to the cache without writing to it (its tables shared)."""
@@ -165,7 +165,7 @@ class KVCache:
     Attributes:
         keys, values: ``(B, H, S + 1, dh)`` for ``S = length`` slots (the last one
             takes the writes of padding entries and is never read).
-        valid: ``(B, S + 1)`` bool, the slots that hold a key (read only while
+        filled: ``(B, S + 1)`` bool, the slots that hold a key (read only while
             :attr:`dense` is False).
         dense: every slot below :attr:`end` of every row holds a key (no token
             skipped the layer, no padding): attention needs no mask. A write that
@@ -181,14 +181,14 @@ class KVCache:
         # One spare slot past the end, never read: padding entries of a packed write go there.
         self.keys = torch.zeros(batch, heads, length + 1, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
+        self.filled = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
         self.dense, self.end = True, 0
 
     def held(self) -> torch.Tensor:
         """``(B,)`` keys each row holds: rows differ when their tokens skipped differently."""
         if self.dense:
-            return torch.full((self.batch,), self.end, dtype=torch.long, device=self.valid.device)
-        return self.valid[:, :self.end].sum(1)
+            return torch.full((self.batch,), self.end, dtype=torch.long, device=self.filled.device)
+        return self.filled[:, :self.end].sum(1)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
         """Store keys and values ``(b, H, n, dh)`` of the tokens of ``span`` at their slots."""
@@ -206,21 +206,21 @@ class KVCache:
         if span.start > self.end:  # calls that skipped this layer left their slots empty
             self._sparse()
         if span.rows is None and span.index is None:  # every row, consecutive slots
-            if span.valid is not None or not self.dense:
+            if span.mask is not None or not self.dense:
                 self._sparse()
-                self.valid[:, span.start:span.start + n] = True if span.valid is None else \
-                    span.valid
+                self.filled[:, span.start:span.start + n] = True if span.mask is None else \
+                    span.mask
         elif span.index is None:  # whole rows, consecutive slots: a decoding step's
             self._sparse()
             at = slice(span.start, span.start + n)
-            if span.valid is None:
-                self.valid[:, at].index_fill_(0, span.rows, True)
+            if span.mask is None:
+                self.filled[:, at].index_fill_(0, span.rows, True)
             else:
-                self.valid[:, at].index_copy_(0, span.rows, span.valid)
+                self.filled[:, at].index_copy_(0, span.rows, span.mask)
         else:
             self._sparse()
             r, s = self._places(span)
-            self.valid[r, s] = True
+            self.filled[r, s] = True
         self.end = max(self.end, span.end)
 
     def store(self, k: torch.Tensor, v: torch.Tensor, span: Span) -> None:
@@ -245,8 +245,8 @@ class KVCache:
             b = span.positions.shape[0]
             rows = torch.arange(b, device=self.keys.device) if span.rows is None else span.rows
             s = span.slots()
-            if span.valid is not None:  # padding points at other tokens: write it nowhere
-                s = torch.where(span.valid, s, self.length)
+            if span.mask is not None:  # padding points at other tokens: write it nowhere
+                s = torch.where(span.mask, s, self.length)
             span._memo["places"] = (rows[:, None], s)
         return span._memo["places"]
 
@@ -265,18 +265,18 @@ class KVCache:
         """``(b|1, 1, n|1, S)`` bool, the slots each token of ``span`` attends to (its row's
         keys at slots up to its own; padding queries: anything, their output is
         discarded); None: every slot read (one token per row, a dense cache)."""
-        mask = None if self.dense else self.valid.narrow(1, 0, span.end)
+        mask = None if self.dense else self.filled.narrow(1, 0, span.end)
         if mask is not None and span.rows is not None:
             mask = mask.index_select(0, span.rows)
         if mask is not None:
             mask = mask[:, None, None, :]  # (b, 1, 1, S)
         if span.end - span.start > 1:  # several slots in this call: causal among them
             slots = span.slots()
-            causal = torch.arange(span.end, device=self.valid.device) <= slots[..., None]
+            causal = torch.arange(span.end, device=self.filled.device) <= slots[..., None]
             causal = causal[:, None] if causal.dim() == 3 else causal  # (b|1, 1, n, S)
             mask = causal if mask is None else mask & causal
-        if span.valid is not None and mask is not None:  # padding queries: anything finite
-            mask = mask | ~span.valid[:, None, :, None]
+        if span.mask is not None and mask is not None:  # padding queries: anything finite
+            mask = mask | ~span.mask[:, None, :, None]
         return mask
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -301,7 +301,7 @@ class KVCache:
     def _sparse(self) -> None:
         """From now on read the slots' validity (every slot written so far holds a key)."""
         if self.dense:
-            self.valid[:, :self.end] = True
+            self.filled[:, :self.end] = True
             self.dense = False
 
 

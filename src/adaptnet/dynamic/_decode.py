@@ -94,7 +94,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, *,
             for _ in range(max_new_tokens):
                 masked = {} if mask is None else {"mask": mask}
                 out = model(step, cache=cache, **masked) if use_cache else model(ids, **masked)
-                logits = out.prediction if isinstance(out, DynamicResult) else out
+                logits = out.output if isinstance(out, DynamicResult) else out
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
                 if use_cache:  # the cache continues each row's positions

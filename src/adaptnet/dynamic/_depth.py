@@ -28,6 +28,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from adaptnet._renamed import renamed_attribute
 from adaptnet.dynamic._guards import check_batched, refuse_tracing
 from adaptnet.dynamic._ledger import charged
 from adaptnet.dynamic._partition import (
@@ -139,9 +140,7 @@ class DepthResult:
         mask = self.halting > 0  # keep 0 * NaN from unexecuted steps out of the sum
         return torch.where(mask, self.halting * per_step_loss, 0.0).sum(1).mean()
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.output
+    prediction = renamed_attribute("dynamic.DepthResult", "prediction", "output")
 
     def task_loss(self, target: torch.Tensor, loss_fn: LossFn,
                   per_sample: LossFn | None = None) -> torch.Tensor:

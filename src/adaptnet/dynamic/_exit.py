@@ -1,7 +1,7 @@
 """Early exit (BranchyNet: Teerapittayanon et al. 2016): leave at the first confident head.
 
 In training every exit runs on every sample, for a weighted joint loss. In
-evaluation each sample leaves at the first exit whose criterion is met, and
+evaluation each sample leaves at the first exit whose rule is met, and
 later stages run only on the samples still active (the batch is filtered, as
 in adaptive depth). :func:`calibrate_exits` picks the threshold for a target
 accuracy or a target compute on validation data.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet._renamed import renamed_arguments, renamed_attribute
 from adaptnet.dynamic._guards import check_batched, refuse_tracing
 from adaptnet.dynamic._ledger import charged, count_macs
 from adaptnet.dynamic._partition import (
@@ -35,7 +36,7 @@ from adaptnet.errors import DynamicError
 __all__ = ["AllExits", "Calibration", "EarlyExit", "ExitResult", "calibrate_exits",
            "calibrate_temperatures"]
 
-CRITERIA = ("max_prob", "entropy")
+RULES = ("max_prob", "entropy")
 
 
 @functools.partial(export_as_pytree, static=("weights",))
@@ -44,14 +45,14 @@ class ExitResult:
     """What :class:`EarlyExit` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
-        logits: ``(B, C)`` each sample's prediction: from the exit it took
+        output: ``(B, C)`` each sample's logits: from the exit it took
             (evaluation) or from the last exit (training).
         exit_index: ``(B,)`` int64, the exit each sample took (training: the last).
         exit_logits: training only: every exit's ``(B, C)`` logits, first to last.
         weights: the joint-loss weight of each exit.
     """
 
-    logits: torch.Tensor
+    output: torch.Tensor
     exit_index: torch.Tensor
     exit_logits: tuple[torch.Tensor, ...]
     weights: tuple[float, ...]
@@ -70,9 +71,8 @@ class ExitResult:
         return sum(w * loss_fn(z, target) for w, z in zip(self.weights, self.exit_logits,
                                                           strict=True))
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.logits
+    logits = renamed_attribute("ExitResult", "logits", "output")
+    prediction = renamed_attribute("ExitResult", "prediction", "output")
 
     @property
     def aux_loss(self) -> None:
@@ -80,9 +80,9 @@ class ExitResult:
 
     def task_loss(self, target: torch.Tensor, loss_fn: LossFn = F.cross_entropy,
                   per_sample: LossFn | None = None) -> torch.Tensor:
-        """Training results: :meth:`joint_loss`; evaluation results: ``loss_fn(logits, target)``."""
+        """Training results: :meth:`joint_loss`; evaluation results: ``loss_fn(output, target)``."""
         return self.joint_loss(target, loss_fn) if self.exit_logits else \
-            loss_fn(self.logits, target)
+            loss_fn(self.output, target)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"exit_index": self.exit_index}
@@ -95,65 +95,67 @@ class EarlyExit(nn.Module):
         stages: ``L`` modules applied in sequence.
         heads: ``L`` classifiers; ``heads[i]`` reads the output of ``stages[i]``.
             The last head is the final exit, taken by every remaining sample.
-        criterion: ``"max_prob"`` (leave when the top softmax probability is
+        rule: ``"max_prob"`` (leave when the top softmax probability is
             ``>= threshold``) or ``"entropy"`` (leave when the softmax entropy, in
             nats, is ``<= threshold``).
-        thresholds: exact mode: one value for every early exit, or ``L - 1``
-            values (default 0.9).
+        threshold: exact mode: one value for every early exit, or ``L - 1``
+            values (default 0.9); kept per exit in ``thresholds``.
         weights: joint-loss weight per exit (default 1 each).
-        capacity: ``None`` for exact mode (a sample leaves when its criterion
+        capacity: ``None`` for exact mode (a sample leaves when its rule
             is met). A fraction in (0, 1] selects *capacity mode*: of the ``b``
             rows reaching an early exit, exactly ``ceil(capacity * b)`` go on,
-            the least confident by ``criterion`` (among equal scores, topk's
+            the least confident by ``rule`` (among equal scores, topk's
             choice), and the rest leave there; shapes depend only on ``B``, so the
             whole forward compiles with ``fullgraph=True`` and exports.
             Thresholds do not apply in capacity mode.
 
     Raises:
-        DynamicError: mismatched or empty stages/heads, an unknown criterion, a
+        DynamicError: mismatched or empty stages/heads, an unknown rule, a
             threshold out of range (max_prob: (0, 1]; entropy: >= 0), a wrong
             number of thresholds or weights, a capacity outside (0, 1], or
-            thresholds given together with a capacity.
+            a threshold given together with a capacity.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
         >>> net = adaptnet.EarlyExit([nn.Linear(8, 8), nn.Linear(8, 8)],
-        ...                          [nn.Linear(8, 3), nn.Linear(8, 3)], thresholds=0.9).eval()
+        ...                          [nn.Linear(8, 3), nn.Linear(8, 3)], threshold=0.9).eval()
         >>> net(torch.randn(5, 8)).exit_index.shape
         torch.Size([5])
     """
 
+    criterion = renamed_attribute("EarlyExit", "criterion", "rule")
+
+    @renamed_arguments("EarlyExit", criterion="rule", thresholds="threshold")
     def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module],
-                 criterion: str = "max_prob", thresholds: float | Sequence[float] | None = None,
+                 rule: str = "max_prob", threshold: float | Sequence[float] | None = None,
                  weights: Sequence[float] | None = None, capacity: float | None = None) -> None:
         super().__init__()
         stages, heads = list(stages), list(heads)
         if not stages or len(stages) != len(heads):
             raise DynamicError(f"EarlyExit: need one head per stage, got {len(stages)} stage(s) "
                                f"and {len(heads)} head(s).")
-        if criterion not in CRITERIA:
-            raise DynamicError(f"EarlyExit: criterion must be one of {CRITERIA}, got "
-                               f"{criterion!r}.")
+        if rule not in RULES:
+            raise DynamicError(f"EarlyExit: rule must be one of {RULES}, got {rule!r}.")
         weights = [1.0] * len(heads) if weights is None else [float(w) for w in weights]
         if len(weights) != len(heads):
             raise DynamicError(f"EarlyExit: weights needs one value per exit ({len(heads)}), got "
                                f"{len(weights)}.")
         self.capacity = check_capacity(capacity, "EarlyExit")
-        if self.capacity is not None and thresholds is not None:
+        if self.capacity is not None and threshold is not None:
             raise DynamicError(
                 f"EarlyExit: capacity={capacity!r} exits a fixed share of rows at each exit, so "
-                f"thresholds={thresholds!r} cannot be honoured; give one of the two.")
+                f"threshold={threshold!r} cannot be honoured; give one of the two.")
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
-        self.criterion = criterion
+        self.rule = rule
         self.weights = tuple(weights)
         self.thresholds: tuple[float, ...] = ()
         self.temperatures: tuple[float, ...] = (1.0,) * (len(heads) - 1)
         if self.capacity is None:
-            self.set_thresholds(0.9 if thresholds is None else thresholds)
+            self.set_thresholds(0.9 if threshold is None else threshold)
 
     def set_temperatures(self, temperatures: float | Sequence[float]) -> None:
-        """Set the early exits' temperatures: each exit's criterion reads ``logits / T``.
+        """Set the early exits' temperatures: each exit's rule reads ``logits / T``.
 
         :func:`calibrate_temperatures` fits them on validation data. The
         predictions stay the heads' own logits; only the exit decisions (and
@@ -179,11 +181,11 @@ class EarlyExit(nn.Module):
         if len(values) != n:
             raise DynamicError(f"EarlyExit: thresholds needs one value or {n} (one per early "
                                f"exit), got {len(values)}.")
-        bad = [t for t in values if not (0.0 < t <= 1.0 if self.criterion == "max_prob"
+        bad = [t for t in values if not (0.0 < t <= 1.0 if self.rule == "max_prob"
                                          else t >= 0.0)]
         if bad:
-            allowed = "(0, 1]" if self.criterion == "max_prob" else "[0, inf) nats"
-            raise DynamicError(f"EarlyExit: {self.criterion} thresholds must lie in {allowed}, "
+            allowed = "(0, 1]" if self.rule == "max_prob" else "[0, inf) nats"
+            raise DynamicError(f"EarlyExit: {self.rule} thresholds must lie in {allowed}, "
                                f"got {bad}.")
         self.thresholds = tuple(values)
 
@@ -238,10 +240,10 @@ class EarlyExit(nn.Module):
         t = self.temperatures[i]
         scaled = logits if t == 1.0 else logits / t
         if self.capacity is None:  # the nonzero is written here, not in a helper: one break
-            keep = _goes_on(scaled, self.criterion, self.thresholds[i]).nonzero().squeeze(1)
+            keep = _goes_on(scaled, self.rule, self.thresholds[i]).nonzero().squeeze(1)
             keep = None if keep.shape[0] == h.shape[0] else keep
         else:
-            keep = least(_log_confidence(scaled, self.criterion),
+            keep = least(_log_confidence(scaled, self.rule),
                          capacity_rows(self.capacity, h.shape[0]))
         ids, h = take(ids, keep, h)
         return ids, (h if h.shape[0] else None), logits_out
@@ -266,30 +268,30 @@ class EarlyExit(nn.Module):
         return parts
 
 
-def _goes_on(logits: torch.Tensor, criterion: str, threshold: float) -> torch.Tensor:
-    """``(B,)`` bool: the rows that do *not* meet the exit criterion and go on.
+def _goes_on(logits: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
+    """``(B,)`` bool: the rows that do *not* meet the exit rule and go on.
 
     ``max_prob``: one softmax kernel, one max, one comparison (``logsumexp``
     takes twice as long on CPU), written as the negated test so that no extra
     negation kernel runs.
     """
-    if criterion == "max_prob":
+    if rule == "max_prob":
         return torch.softmax(logits, -1).amax(-1) < threshold
-    return _score(logits, criterion) < -threshold
+    return _score(logits, rule) < -threshold
 
 
-def _log_confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+def _log_confidence(logits: torch.Tensor, rule: str) -> torch.Tensor:
     """Ordered as :func:`_score`; for max_prob the log of the top probability, which keeps
     rows apart where the probability itself rounds to 1.0."""
-    if criterion == "max_prob":
+    if rule == "max_prob":
         return logits.amax(-1) - logits.logsumexp(-1)
-    return _score(logits, criterion)
+    return _score(logits, rule)
 
 
-def _score(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+def _score(logits: torch.Tensor, rule: str) -> torch.Tensor:
     """Higher is more confident: the top probability, or minus the entropy."""
     logp = torch.log_softmax(logits, dim=-1)
-    if criterion == "max_prob":
+    if rule == "max_prob":
         return logp.max(-1).values.exp()
     return (logp.exp() * logp).sum(-1)  # -entropy
 
@@ -391,7 +393,7 @@ def _calibrate(model: EarlyExit, x: torch.Tensor, y: torch.Tensor,
     parts = model._part_macs(x[:1])
     costs = torch.tensor(list(itertools.accumulate(s + h for s, h in parts)), dtype=torch.float64)
     full = sum(s for s, _ in parts) + parts[-1][1]  # every stage, only the last head
-    scores = torch.stack([_score(z / t, model.criterion)
+    scores = torch.stack([_score(z / t, model.rule)
                           for z, t in zip(exits[:-1], model.temperatures, strict=True)])
     correct = torch.stack([z.argmax(-1) == y for z in exits]).to(torch.float64)  # (L, B)
     grid = [float("inf")]  # inf: nobody exits early
@@ -424,7 +426,7 @@ def _calibrate(model: EarlyExit, x: torch.Tensor, y: torch.Tensor,
             + "."
         )
     s, acc, macs, index = best
-    threshold = _threshold_from_score(s, model.criterion)
+    threshold = _threshold_from_score(s, model.rule)
     model.set_thresholds(threshold)
     fractions = torch.bincount(index, minlength=len(exits)).double() / max(len(index), 1)
     return Calibration(threshold, acc, macs, full, tuple(fractions.tolist()))
@@ -498,7 +500,7 @@ class AllExits(nn.Module):
         return tuple(self.model.all_exits(x))
 
 
-def _threshold_from_score(score: float, criterion: str) -> float:
+def _threshold_from_score(score: float, rule: str) -> float:
     if score == float("inf"):  # never exit early: the strictest threshold
-        return 1.0 if criterion == "max_prob" else 0.0
-    return min(max(score, 1e-12), 1.0) if criterion == "max_prob" else max(-score, 0.0)
+        return 1.0 if rule == "max_prob" else 0.0
+    return min(max(score, 1e-12), 1.0) if rule == "max_prob" else max(-score, 0.0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adaptnet._renamed import renamed_attribute, warn_renamed
 from adaptnet.dynamic._ledger import charged, current_ledger
 from adaptnet.dynamic._partition import capacity_rows, check_capacity
 from adaptnet.dynamic._result import LossFn, export_as_pytree
@@ -34,7 +35,7 @@ class MoEResult:
         output: ``(..., d_out)`` the gate-weighted sum of each token's experts.
         experts: ``(..., k)`` int64, the experts each token was routed to, best first.
         gates: ``(..., k)`` their weights (softmax over the top-k logits).
-        dropped: ``(..., k)`` bool, assignments dropped by the capacity limit.
+        dropped: ``(..., k)`` bool, assignments dropped by the slot limit.
         load: ``(E,)`` int64, assignments each expert received (before dropping).
         aux_loss: scalar load-balancing loss, ``balance_weight * E * sum_e f_e * P_e``
             (Fedus et al. 2021, Switch Transformer): ``f_e`` the fraction of
@@ -48,9 +49,7 @@ class MoEResult:
     load: torch.Tensor
     aux_loss: torch.Tensor
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.output
+    prediction = renamed_attribute("dynamic.MoEResult", "prediction", "output")
 
     def task_loss(self, target: torch.Tensor, loss_fn: LossFn,
                   per_sample: LossFn | None = None) -> torch.Tensor:
@@ -68,28 +67,27 @@ class MoE(nn.Module):
             same output width.
         router: maps ``(n, d_in)`` to ``(n, E)`` logits.
         k: experts per token, ``1 <= k <= E``.
-        capacity_factor: ``None`` for no limit; else each expert takes at most
-            ``ceil(capacity_factor * n * k / E)`` assignments per call, and the
-            overflow policy drops the assignments with the *lowest gates* for
-            that expert (ties: later tokens first). A dropped assignment adds
-            nothing to its token's output (the remaining gates are not
-            renormalised), so keep a residual connection around the MoE.
+        capacity_factor: each expert's *slots* per call, in the units of
+            Switch Transformer (Fedus et al. 2022): an expert takes at most
+            ``ceil(capacity_factor * n * k / E)`` of the ``n * k`` assignments of
+            ``n`` tokens, and the overflow policy drops the assignments with the
+            *lowest gates* for that expert (ties: later tokens first). A dropped
+            assignment adds nothing to its token's output (the remaining gates
+            are not renormalised), so keep a residual connection around the MoE.
+            ``None``: no limit.
         balance_weight: weight of the load-balancing loss in ``aux_loss``.
-        capacity: ``None`` for exact dispatch. A fraction in (0, 1] selects
-            *capacity mode*: every expert runs on exactly ``ceil(capacity * n)``
-            slots per call (``n`` tokens), filled with its assignments by
-            descending gate as ``capacity_factor`` does (overflow dropped; among
-            equal gates, topk's choice) and padded with zero-weight rows, so shapes
-            depend only on ``n``: the forward compiles with ``fullgraph=True``
-            and exports. It gives the same result as
-            ``capacity_factor = capacity * E / k``, and costs ``E * ceil(capacity * n)``
-            expert rows however the router splits the tokens.
+        fixed_slots: every expert runs on exactly its slots, the assignments
+            above padded with zero-weight rows (among equal gates, topk's
+            choice), so shapes depend only on ``n``: the forward compiles with
+            ``fullgraph=True`` and exports. The same result as without it, at a
+            cost of ``E * ceil(capacity_factor * n * k / E)`` expert rows
+            however the router splits the tokens. Needs a ``capacity_factor``.
 
     Raises:
         DynamicError: no experts, ``k`` out of range, a non-positive
-            ``capacity_factor``, a capacity outside (0, 1], both a capacity and a
-            capacity_factor, or a negative ``balance_weight``; at call time, a
-            router of the wrong width or experts of different output widths.
+            ``capacity_factor``, ``fixed_slots`` without one, or a negative
+            ``balance_weight``; at call time, a router of the wrong width or
+            experts of different output widths.
 
     Example:
         >>> import torch, torch.nn as nn, adaptnet
@@ -101,9 +99,11 @@ class MoE(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], router: nn.Module, k: int = 2,
                  capacity_factor: float | None = None, balance_weight: float = 0.01,
-                 capacity: float | None = None) -> None:
+                 fixed_slots: bool = False, **old: float | None) -> None:
         super().__init__()
         experts = list(experts)
+        if old:  # adaptnet 0.1's capacity=c: every expert on ceil(c * n) slots
+            capacity_factor, fixed_slots = _old_capacity(old, capacity_factor, experts, k)
         if not experts:
             raise DynamicError("MoE: experts is empty; give at least one expert module.")
         if not isinstance(k, int) or not 1 <= k <= len(experts):
@@ -115,16 +115,15 @@ class MoE(nn.Module):
         if not 0 <= float(balance_weight) < math.inf:
             raise DynamicError(f"MoE: balance_weight must be finite and >= 0, got "
                                f"{balance_weight!r}.")
-        self.capacity = check_capacity(capacity, "MoE")
-        if self.capacity is not None and capacity_factor is not None:
-            raise DynamicError(f"MoE: capacity={capacity!r} fixes every expert's slots, so "
-                               f"capacity_factor={capacity_factor!r} cannot be honoured as well; "
-                               "give one of the two (capacity = capacity_factor * k / E).")
+        if fixed_slots and capacity_factor is None:
+            raise DynamicError("MoE: fixed_slots=True runs every expert on exactly its slots, "
+                               "which capacity_factor sets; give one, e.g. capacity_factor=1.25.")
         self.experts = nn.ModuleList(experts)
         self.router = router
         self.k = k
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.balance_weight = float(balance_weight)
+        self.fixed_slots = bool(fixed_slots)
 
     def forward(self, x: torch.Tensor) -> MoEResult:  # (..., d_in) -> MoEResult
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -147,7 +146,7 @@ class MoE(nn.Module):
         load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
         tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
-        if self.capacity is not None:
+        if self.fixed_slots:
             output, dropped = self._static_dispatch(tokens, flat_expert, flat_gate, flat_token,
                                                     load, tokens_per_row)
             return self._result(output, lead, logits, top, gates, dropped, load)
@@ -187,9 +186,11 @@ class MoE(nn.Module):
     def _static_dispatch(self, tokens: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
                          token: torch.Tensor, load: torch.Tensor, tokens_per_row: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Capacity mode: every expert on exactly ``C`` slots; (output, dropped)."""
+        """Fixed slots: every expert on exactly ``C`` slots; (output, dropped)."""
         n, E, A = tokens.shape[0], len(self.experts), expert.numel()
-        C = min(capacity_rows(self.capacity, n), A)
+        # C = ceil(capacity_factor * n * k / E), counted in integers (so that export and ONNX
+        # agree with eager); an expert holds at most n assignments, so the share stops at 1
+        C = min(capacity_rows(min(self.capacity_factor * self.k / E, 1.0), n), A)
         # Each expert's C best assignments by gate: one topk over an (E, A) table in which
         # the assignments of other experts score -1 (gates lie in (0, 1]).
         mine = expert[None, :] == torch.arange(E, device=tokens.device)[:, None]
@@ -221,6 +222,24 @@ class MoE(nn.Module):
             aux = probs.new_zeros(())
         return MoEResult(output.reshape(*lead, *output.shape[1:]), top.reshape(*lead, k),
                          gates.reshape(*lead, k), dropped.reshape(*lead, k), load, aux)
+
+
+def _old_capacity(old: dict, capacity_factor: float | None, experts: list, k: int
+                  ) -> tuple[float, bool]:
+    """adaptnet 0.1's ``MoE(capacity=c)`` as ``capacity_factor = c * E / k`` with fixed slots."""
+    if set(old) != {"capacity"}:
+        raise TypeError(f"MoE() got unexpected keyword argument(s) {sorted(old)}.")
+    capacity = check_capacity(old["capacity"], "MoE")
+    if capacity is None:
+        return capacity_factor, False
+    if capacity_factor is not None:
+        raise DynamicError(f"MoE: capacity={capacity!r} fixes every expert's slots, so "
+                           f"capacity_factor={capacity_factor!r} cannot be honoured as well; "
+                           "give capacity_factor (with fixed_slots=True) only.")
+    factor = capacity * len(experts) / k
+    warn_renamed(f"MoE(capacity={capacity!r})",
+                 f"MoE(capacity_factor={factor!r}, fixed_slots=True)", stacklevel=4)
+    return factor, True
 
 
 def _within_capacity(expert: torch.Tensor, gate: torch.Tensor, E: int, capacity: int

@@ -113,7 +113,7 @@ class MixtureOfRecursions(nn.Module):
     def forward(self, x: torch.Tensor, span: Span | None = None,
                 cache: list[KVCache] | None = None) -> TokenResult:
         """``x`` ``(B, T, d)`` at ``span`` (default: whole sequences at positions ``0..T-1``);
-        padding (``span.valid`` False) is never processed, attended to or counted."""
+        padding (``span.mask`` False) is never processed, attended to or counted."""
         span = begin("MixtureOfRecursions", x, span, cache, self.training)
         b, t, _ = x.shape
         top_k = self.training and self.router_kind == "expert"
@@ -123,8 +123,8 @@ class MixtureOfRecursions(nn.Module):
         if self.kv == "share":
             first = cache if cache is not None else self.new_cache(b, span.end)
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
-        going: Tokens | None = Tokens() if span.valid is None else pack(span.valid)
-        still, aux, weight = span.valid, None, None
+        going: Tokens | None = Tokens() if span.mask is None else pack(span.mask)
+        still, aux, weight = span.mask, None, None
         if self.router_kind == "token":  # every depth chosen up front, from the input state
             weight, chosen = torch.softmax(self.depth_router(x), dim=-1).max(-1)
         for r in range(self.recursions):
@@ -133,10 +133,10 @@ class MixtureOfRecursions(nn.Module):
             if top_k:  # the top tokens of those still going, hierarchically
                 weight = torch.sigmoid(self.routers[r](x).squeeze(-1))
                 going = top_tokens(weight, token_quota((self.recursions - r) / self.recursions,
-                                                       t, span.valid), still)
+                                                       t, span.mask), still)
                 still = going.mask(b, t, x.device)
                 if r:
-                    loss = bce(self.predictors[r - 1](x.detach()).squeeze(-1), still, span.valid)
+                    loss = bce(self.predictors[r - 1](x.detach()).squeeze(-1), still, span.mask)
                     aux = loss if aux is None else aux + loss
             elif r and self.router_kind == "token":
                 going = going.narrow(going.gather(chosen) >= r)

@@ -14,14 +14,15 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @runtime_checkable
 class DynamicResult(Protocol):
-    """A dynamic module's output: its prediction, its losses and per-sample statistics.
+    """A dynamic module's output: its output tensor, its losses and per-sample statistics.
 
-    ``ExitResult``, ``DepthResult`` and ``MoEResult`` implement it, and so may a
-    user's own result type; ``fit`` and ``evaluate`` read nothing else.
+    Every adaptnet result implements it (``ExitResult``, ``DepthResult``,
+    ``MoEResult``, ``TokenResult``, ``TokenExits``, ``DecoderResult``), and so may
+    a user's own result type; ``fit`` and ``evaluate`` read nothing else.
     """
 
     @property
-    def prediction(self) -> torch.Tensor:
+    def output(self) -> torch.Tensor:
         """``(B, ...)`` what the task loss and metrics compare with the targets."""
         ...
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet._renamed import renamed_attribute
 from adaptnet.dynamic._attention import Span
 from adaptnet.errors import ConfigError
 
@@ -49,8 +50,8 @@ class DecoderResult:
     """What a :class:`TokenModel` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
-        logits: ``(B, T, V)`` next-token logits.
-        aux: training: the causal predictors' loss (Mixture-of-Depths/Recursions, summed
+        output: ``(B, T, V)`` next-token logits.
+        aux_loss: training: the causal predictors' loss (Mixture-of-Depths/Recursions, summed
             over blocks) or the learned exit classifiers'.
         exit_logits: training with per-token exits: every exit's logits.
         layers: the result of each per-token construct among the blocks, in order
@@ -59,8 +60,8 @@ class DecoderResult:
         mask: ``(B, T)`` the real tokens, as given to the model (None: all).
     """
 
-    logits: torch.Tensor
-    aux: torch.Tensor | None
+    output: torch.Tensor
+    aux_loss: torch.Tensor | None
     exit_logits: tuple[torch.Tensor, ...] = ()
     layers: tuple = ()
     blocks: int = 0
@@ -70,28 +71,24 @@ class DecoderResult:
     def depth(self) -> torch.Tensor:
         """``(B, T)`` int64, the blocks each token went through (0 at padding); built when
         first read (a decoding step does not pay for it)."""
-        shape = self.logits.shape[:2]
-        depth = torch.full(shape, self.blocks, dtype=torch.long, device=self.logits.device) \
+        shape = self.output.shape[:2]
+        depth = torch.full(shape, self.blocks, dtype=torch.long, device=self.output.device) \
             if self.mask is None else self.mask.long() * self.blocks
         for layer in self.layers:
             depth = depth + layer.depth
         return depth
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.logits
-
-    @property
-    def aux_loss(self) -> torch.Tensor | None:
-        return self.aux
+    logits = renamed_attribute("dynamic.DecoderResult", "logits", "output")
+    aux = renamed_attribute("dynamic.DecoderResult", "aux", "aux_loss")
+    prediction = renamed_attribute("dynamic.DecoderResult", "prediction", "output")
 
     def task_loss(self, target: torch.Tensor, loss_fn=None, per_sample=None) -> torch.Tensor:
-        """The loss of the logits (default: token cross-entropy); with exits, the mean over
+        """The loss of the output logits (default: token cross-entropy); with exits, the mean over
         every exit's (equal weights)."""
         loss_fn = loss_fn or _token_cross_entropy
         if self.exit_logits:
             return sum(loss_fn(z, target) for z in self.exit_logits) / len(self.exit_logits)
-        return loss_fn(self.logits, target)
+        return loss_fn(self.output, target)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """``steps``: ``(B,)`` float, the blocks a sample's real tokens went through on
@@ -164,18 +161,18 @@ class TokenModel(nn.Module):
             cache.seen += t
             if mask is not None or cache.next is not None:
                 cache.next = first + (t if mask is None else mask.sum(1))
-        span = Span(positions, start, start + t, valid=mask)
+        span = Span(positions, start, start + t, mask=mask)
         h = self._embed(ids, positions)
         layers, plain, aux = [], 0, None
         for i, block in enumerate(self.blocks):
             out = block(h, span, None if cache is None else cache.layers[i])
             if self.exits:  # the exits read the logits out themselves
-                return DecoderResult(out.logits, out.aux_loss, out.exit_logits, (out,),
+                return DecoderResult(out.output, out.aux_loss, out.exit_logits, (out,),
                                      mask=mask)
             if isinstance(out, torch.Tensor):
                 h, plain = out, plain + 1
                 continue
-            h = out.prediction
+            h = out.output
             layers.append(out)
             if out.aux_loss is not None:
                 aux = out.aux_loss if aux is None else aux + out.aux_loss

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet._renamed import renamed_attribute
 from adaptnet.dynamic._attention import KVCache, Span, check_block
 from adaptnet.dynamic._guards import refuse_tracing
 from adaptnet.dynamic._ledger import charged_tokens
@@ -27,28 +28,27 @@ class TokenExits:
     """What :class:`TokenEarlyExit` returns (a :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
-        logits: ``(B, T, V)`` each token's prediction, from the exit it took
+        output: ``(B, T, V)`` each token's logits, from the exit it took
             (training: from the last block); zero at padding.
         depth: ``(B, T)`` int64, blocks each token went through (0 at padding).
         exit_logits: training only: every exit's logits, first block to last.
         aux_loss: training with ``rule="learned"``: the exit classifiers' loss.
     """
 
-    logits: torch.Tensor
+    output: torch.Tensor
     depth: torch.Tensor
     exit_logits: tuple[torch.Tensor, ...] = ()
     aux_loss: torch.Tensor | None = None
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.logits
+    logits = renamed_attribute("dynamic.TokenExits", "logits", "output")
+    prediction = renamed_attribute("dynamic.TokenExits", "prediction", "output")
 
     def task_loss(self, target: torch.Tensor, loss_fn: LossFn = F.cross_entropy,
                   per_sample: LossFn | None = None) -> torch.Tensor:
-        """Training: the mean of every exit's ``loss_fn`` (equal weights); else the logits'."""
+        """Training: the mean of every exit's ``loss_fn`` (equal weights); else the output's."""
         if self.exit_logits:
             return sum(loss_fn(z, target) for z in self.exit_logits) / len(self.exit_logits)
-        return loss_fn(self.logits, target)
+        return loss_fn(self.output, target)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"depth": self.depth}
@@ -141,7 +141,7 @@ class TokenEarlyExit(nn.Module):
         if self.training:
             return self._train(x, span)
         refuse_tracing("TokenEarlyExit in eval mode")
-        everyone = Tokens() if span.valid is None else pack(span.valid)  # the real tokens
+        everyone = Tokens() if span.mask is None else pack(span.mask)  # the real tokens
         active, left = everyone, False
         depth = torch.zeros(b, t, dtype=torch.long, device=x.device)
         logits, last = None, len(self.blocks) - 1
@@ -222,11 +222,11 @@ class TokenEarlyExit(nn.Module):
             states.append(x)
             exits.append(self._head(x))
         depth = torch.full(x.shape[:2], len(self.blocks), dtype=torch.long, device=x.device)
-        if span.valid is not None:
-            depth = depth * span.valid
+        if span.mask is not None:
+            depth = depth * span.mask
         aux = None
         if self.rule == "learned":  # does exit i already say what the last block says?
             final = exits[-1].detach().argmax(-1)
-            aux = sum(bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, span.valid)
+            aux = sum(bce(c(h.detach()).squeeze(-1), z.detach().argmax(-1) == final, span.mask)
                       for c, h, z in zip(self.classifiers, states, exits, strict=False))
         return TokenExits(exits[-1], depth, tuple(exits), aux)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet._renamed import renamed_attribute
 from adaptnet.dynamic._attention import KVCache, Span, check_block
 from adaptnet.dynamic._guards import check_tokens, refuse_tracing
 from adaptnet.dynamic._ledger import charged_tokens
@@ -32,20 +33,19 @@ class TokenResult:
     :class:`~adaptnet.dynamic.DynamicResult`).
 
     Attributes:
-        hidden: ``(B, T, d)`` the new token states.
+        output: ``(B, T, d)`` the new token states.
         depth: ``(B, T)`` int64, the blocks each token went through (Mixture-of-Depths:
             0 or 1; Mixture-of-Recursions: its recursion steps times the stack's blocks).
         aux_loss: training with expert-choice routing: the causal predictors' binary
             cross-entropy against top-k membership; None otherwise.
     """
 
-    hidden: torch.Tensor
+    output: torch.Tensor
     depth: torch.Tensor
     aux_loss: torch.Tensor | None = None
 
-    @property
-    def prediction(self) -> torch.Tensor:
-        return self.hidden
+    hidden = renamed_attribute("dynamic.TokenResult", "hidden", "output")
+    prediction = renamed_attribute("dynamic.TokenResult", "prediction", "output")
 
     @property
     def selected(self) -> torch.Tensor:
@@ -54,7 +54,7 @@ class TokenResult:
 
     def task_loss(self, target: torch.Tensor, loss_fn: LossFn,
                   per_sample: LossFn | None = None) -> torch.Tensor:
-        return loss_fn(self.hidden, target)
+        return loss_fn(self.output, target)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"depth": self.depth}
@@ -85,11 +85,11 @@ def top_tokens(scores: torch.Tensor, k: int | torch.Tensor, active: torch.Tensor
     return Tokens(None, key % t, key < t)
 
 
-def bce(guess: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def bce(guess: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Binary cross-entropy of the logits ``guess`` at the real tokens (mean)."""
-    if valid is None:
+    if mask is None:
         return F.binary_cross_entropy_with_logits(guess, target.to(guess.dtype))
-    w = valid.to(guess.dtype)
+    w = mask.to(guess.dtype)
     loss = F.binary_cross_entropy_with_logits(guess, target.to(guess.dtype), weight=w,
                                               reduction="sum")
     return loss / w.sum().clamp(min=1)
@@ -206,21 +206,21 @@ class MixtureOfDepths(nn.Module):
         b, t, _ = x.shape
         if self.training:
             weight = torch.sigmoid(self.router(x).squeeze(-1))  # (B, T)
-            tokens = top_tokens(weight, token_quota(self.capacity, t, span.valid), span.valid)
+            tokens = top_tokens(weight, token_quota(self.capacity, t, span.mask), span.mask)
             out = routed(tokens, x, weight, self.router, self.block, span, None,
                          straight=self.straight)
             selected = tokens.mask(b, t, x.device)
-            aux = bce(self.predictor(x.detach()).squeeze(-1), selected, span.valid)
+            aux = bce(self.predictor(x.detach()).squeeze(-1), selected, span.mask)
             return TokenResult(out, selected.long(), aux)
         refuse_tracing("MixtureOfDepths in eval mode")
         if self.capacity == 1:  # every token is in the top-k
             selected = torch.ones(b, t, dtype=torch.bool, device=x.device) \
-                if span.valid is None else span.valid
-            tokens = Tokens() if span.valid is None else pack(span.valid)
+                if span.mask is None else span.mask
+            tokens = Tokens() if span.mask is None else pack(span.mask)
         else:
             selected = self.predictor(x).squeeze(-1) > 0  # (B, T): each token on its own
-            if span.valid is not None:
-                selected = selected & span.valid
+            if span.mask is not None:
+                selected = selected & span.mask
             tokens = pack(selected)
         out = x if tokens is None else routed(tokens, x, None, self.router, self.block, span,
                                               cache, straight=self.straight)

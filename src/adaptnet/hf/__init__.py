@@ -12,7 +12,7 @@ Example:
     >>> model = LlamaForCausalLM(config).eval()
     >>> lm = adaptnet.hf.mixture_of_depths(model, capacity=1.0)  # the model itself
     >>> ids = torch.randint(0, 50, (2, 6))
-    >>> torch.allclose(lm(ids).logits, model(ids).logits, atol=1e-5)
+    >>> torch.allclose(lm(ids).output, model(ids).logits, atol=1e-5)
     True
 """
 

@@ -60,10 +60,10 @@ class AdaptedLM(TokenModel):
     """
 
     def __init__(self, model: nn.Module, found: Parts, blocks: list[nn.Module], spec: dict,
-                 context: int | None, exit_rule: str | None = None) -> None:
+                 context: int | None, rule: str | None = None) -> None:
         super().__init__()
         self.base, self._parts, self.spec = model, found, spec
-        self.vocab_size, self.exits = found.embed.num_embeddings, exit_rule is not None
+        self.vocab_size, self.exits = found.embed.num_embeddings, rule is not None
         self.context = _context(context, found.context)
         if found.window is not None and self.context > found.window:
             raise ModelError(f"adaptnet.hf: this {found.family} model's layers attend within a "
@@ -71,7 +71,7 @@ class AdaptedLM(TokenModel):
                              f"causal attention; give context <= {found.window} (the two agree "
                              "there), or build the model with sliding_window=None.")
         if self.exits:  # one stack whose every exit is the model's own readout
-            blocks = [TokenEarlyExit(blocks, self.readout, spec["threshold"], exit_rule,
+            blocks = [TokenEarlyExit(blocks, self.readout, spec["threshold"], rule,
                                      found.d_model)]
         self.blocks = nn.ModuleList(blocks)
         ours = {id(p) for p in model.parameters()}
@@ -228,7 +228,7 @@ def early_exit(model: nn.Module, threshold: float, *, rule: str = "confidence",
                           f"got {rule!r}.")
     return AdaptedLM(model, found, [HFLayer(layer, found) for layer in found.layers],
                      {"kind": "exit", "threshold": float(threshold), "rule": rule}, context,
-                     exit_rule=rule)
+                     rule=rule)
 
 
 INITS = ("mean", "first")
@@ -392,7 +392,7 @@ def calibrate_exit(lm: AdaptedLM, ids: torch.Tensor, agreement: float, *,
         def measure(threshold: float) -> tuple[float, float]:
             exits.threshold = threshold
             out = lm(ids, mask=mask)
-            same = (out.logits.argmax(-1) == want)[real].float().mean()
+            same = (out.output.argmax(-1) == want)[real].float().mean()
             return float(same), float(out.depth[real].float().mean())
 
         low, high = 0.0, 1.0

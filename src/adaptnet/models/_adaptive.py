@@ -93,7 +93,7 @@ def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
             share(net, [str(i) for i in range(1, stages + 1)])
         return net
     model = EarlyExitCNN(stem, EarlyExit(blocks, heads, weights=exit_weights,
-                                         thresholds=None if capacity else threshold,
+                                         threshold=None if capacity else threshold,
                                          capacity=capacity))
     if share_stages and stages > 1:
         share(model, "exits.stages")
@@ -157,7 +157,7 @@ def sdn_resnet(in_channels: int = 1, num_classes: int = 10, widths: tuple[int, .
     n = len(layers)
     return EarlyExitCNN(stem, EarlyExit(layers, [*heads, final],
                                         weights=[(i + 1) / n for i in range(n)],
-                                        thresholds=None if capacity else threshold,
+                                        threshold=None if capacity else threshold,
                                         capacity=capacity))
 
 

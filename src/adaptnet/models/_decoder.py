@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaptnet._renamed import renamed_arguments
 from adaptnet.dynamic import (
     CausalBlock,
     DecoderCache,
@@ -24,19 +25,20 @@ class Decoder(TokenModel):
     """Token embedding, causal blocks (some may be per-token constructs), tied output head.
 
     A :class:`~adaptnet.dynamic.TokenModel`: each block is called as
-    ``block(h, span, cache)``; with ``exit_threshold`` the one block is a
+    ``block(h, span, cache)``; with ``threshold`` the one block is a
     :class:`~adaptnet.dynamic.TokenEarlyExit` whose exits read the logits out.
     """
 
+    @renamed_arguments("models.Decoder", exit_threshold="threshold", exit_rule="rule")
     def __init__(self, vocab_size: int, d_model: int, blocks: list[nn.Module],
-                 context: int, exit_threshold: float | None = None,
-                 exit_rule: str = "confidence") -> None:
+                 context: int, threshold: float | None = None,
+                 rule: str = "confidence") -> None:
         super().__init__()
-        self.context, self.exits = context, exit_threshold is not None
+        self.context, self.exits = context, threshold is not None
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model)
         if self.exits:  # one stack whose every exit is this model's readout
-            blocks = [TokenEarlyExit(blocks, self.readout, exit_threshold, exit_rule, d_model)]
+            blocks = [TokenEarlyExit(blocks, self.readout, threshold, rule, d_model)]
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -52,44 +54,46 @@ class Decoder(TokenModel):
         return self.embed(ids)
 
 
+@renamed_arguments("models.decoder", mod_capacity="capacity", mod_every="every",
+                   exit_threshold="threshold", exit_rule="rule")
 def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: int = 4,
-            context: int = 256, mod_capacity: float | None = None, mod_every: int = 2,
+            context: int = 256, capacity: float | None = None, every: int = 2,
             recursions: int | None = None, router: str = "expert", share: str = "cycle",
-            kv: str = "cache", exit_threshold: float | None = None,
-            exit_rule: str = "confidence") -> Decoder:
-    """A decoder-only language model; ``mod_capacity`` makes every ``mod_every``-th block MoD.
+            kv: str = "cache", threshold: float | None = None,
+            rule: str = "confidence") -> Decoder:
+    """A decoder-only language model; with ``capacity``, every ``every``-th block is MoD.
 
     Pre-norm causal blocks with rotary positions, the output head tied to the
-    embedding. With ``mod_capacity`` (e.g. 0.125, the Mixture-of-Depths
-    paper's), blocks ``mod_every - 1``, ``2 * mod_every - 1``, ... process that
+    embedding. With ``capacity`` (e.g. 0.125, the Mixture-of-Depths
+    paper's), blocks ``every - 1``, ``2 * every - 1``, ... process that
     fraction of each sequence's tokens in training (top-k by a router) and the
     tokens their causal predictor picks in evaluation and decoding. With
     ``recursions`` the ``layers`` blocks are one shared stack applied up to
     that many times per token (Mixture-of-Recursions, ``router`` ``"expert"``
     or ``"token"``; ``share`` ``"cycle"`` or ``"sequence"``, ``kv`` ``"cache"``
     or ``"share"``: see :class:`~adaptnet.dynamic.MixtureOfRecursions`). With
-    ``exit_threshold`` each token leaves after the first block where the
-    shared readout is that confident (per-token early exit; ``exit_rule``
+    ``threshold`` each token leaves after the first block where the
+    shared readout is that confident (per-token early exit; ``rule``
     ``"confidence"`` or ``"learned"``: see :class:`~adaptnet.dynamic.TokenEarlyExit`).
     """
-    if layers < 1 or mod_every < 1:
-        raise ModelError(f"decoder: layers and mod_every must be >= 1, got layers={layers}, "
-                         f"mod_every={mod_every}.")
-    if exit_threshold is not None and (recursions is not None or mod_capacity is not None):
-        raise ModelError("decoder: exit_threshold (per-token early exit) goes with plain "
-                         "blocks; leave out mod_capacity and recursions.")
+    if layers < 1 or every < 1:
+        raise ModelError(f"decoder: layers and every must be >= 1, got layers={layers}, "
+                         f"every={every}.")
+    if threshold is not None and (recursions is not None or capacity is not None):
+        raise ModelError("decoder: threshold (per-token early exit) goes with plain "
+                         "blocks; leave out capacity and recursions.")
     if recursions is None and (share, kv) != ("cycle", "cache"):
         raise ModelError(f"decoder: share={share!r} and kv={kv!r} choose how recursions reuse "
                          "the stack; give recursions too, or leave them out.")
-    if exit_threshold is None and exit_rule != "confidence":
-        raise ModelError(f"decoder: exit_rule={exit_rule!r} goes with exit_threshold; give "
-                         "both, or leave exit_rule out.")
-    if exit_threshold is not None:
+    if threshold is None and rule != "confidence":
+        raise ModelError(f"decoder: rule={rule!r} goes with threshold; give "
+                         "both, or leave rule out.")
+    if threshold is not None:
         return Decoder(vocab_size, d_model, [CausalBlock(d_model, heads) for _ in range(layers)],
-                       context, exit_threshold, exit_rule)
+                       context, threshold, rule)
     if recursions is not None:
-        if mod_capacity is not None:
-            raise ModelError("decoder: give mod_capacity (Mixture-of-Depths) or recursions "
+        if capacity is not None:
+            raise ModelError("decoder: give capacity (Mixture-of-Depths) or recursions "
                              "(Mixture-of-Recursions), not both.")
         stack = [CausalBlock(d_model, heads) for _ in range(layers)]
         return Decoder(vocab_size, d_model, [MixtureOfRecursions(stack, recursions, d_model,
@@ -98,7 +102,7 @@ def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: in
     blocks: list[nn.Module] = []
     for i in range(layers):
         block = CausalBlock(d_model, heads)
-        if mod_capacity is not None and i % mod_every == mod_every - 1:
-            block = MixtureOfDepths(block, mod_capacity, d_model)
+        if capacity is not None and i % every == every - 1:
+            block = MixtureOfDepths(block, capacity, d_model)
         blocks.append(block)
     return Decoder(vocab_size, d_model, blocks, context)

@@ -83,15 +83,18 @@ def unpack(out: Any, y: torch.Tensor, fn: LossFn, training: bool
 
     A tensor is the prediction; anything else must implement ``DynamicResult``.
     Training uses the result's own ``task_loss`` (BranchyNet's joint loss,
-    PonderNet's expected loss); evaluation compares ``prediction`` alone.
+    PonderNet's expected loss); evaluation compares ``output`` alone.
     """
     if isinstance(out, torch.Tensor):
         return loss(fn, out, y), None, out, out
     if not isinstance(out, DynamicResult):
+        # the probe is on the user's object: a result written for the protocol's old name
+        old = " (adaptnet 0.1 called `output` `prediction`: rename it)" \
+            if hasattr(out, "prediction") else ""
         raise ConfigError(f"fit(): the model returned {type(out).__name__}; it must return a "
-                          "tensor or a DynamicResult (prediction, aux_loss, task_loss, "
-                          "statistics), as adaptnet's dynamic modules do.")
-    pred = out.prediction
+                          "tensor or a DynamicResult (output, aux_loss, task_loss, "
+                          f"statistics), as adaptnet's dynamic modules do{old}.")
+    pred = out.output
     if not training:
         return loss(fn, pred, y), None, pred, out
     aux = out.aux_loss

@@ -17,15 +17,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 
+from adaptnet._renamed import renamed_arguments
 from adaptnet.dynamic import EarlyExit
 from adaptnet.errors import ModelError
 
 __all__ = ["attach_exits"]
 
 
+@renamed_arguments("transfer.attach_exits", thresholds="threshold")
 def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tensor,
                  heads: Sequence[nn.Module] | None = None,
-                 thresholds: float | Sequence[float] | None = None,
+                 threshold: float | Sequence[float] | None = None,
                  weights: Sequence[float] | None = None) -> EarlyExit:
     """An early-exit network made of ``backbone``, with an exit after each module in ``at``.
 
@@ -39,7 +41,7 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
         heads: one classifier per path in ``at``; default: global average
             pooling, flatten and ``nn.Linear(channels, classes)``, ``classes``
             read from the backbone's output on ``example``.
-        thresholds, weights: as :class:`adaptnet.EarlyExit` takes them.
+        threshold, weights: as :class:`adaptnet.EarlyExit` takes them.
 
     Returns:
         An :class:`adaptnet.EarlyExit`; ``stages`` hold the backbone's modules
@@ -60,8 +62,8 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
         ...                          nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
         ...                          nn.Linear(8, 3))
         >>> net = attach_exits(backbone, ["1", "3"], example=torch.randn(2, 1, 16),
-        ...                    thresholds=0.9)
-        >>> len(net.heads), net(torch.randn(5, 1, 16)).prediction.shape
+        ...                    threshold=0.9)
+        >>> len(net.heads), net(torch.randn(5, 1, 16)).output.shape
         (3, torch.Size([5, 3]))
     """
     at = [at] if isinstance(at, str) else list(at) if isinstance(at, list | tuple) else at
@@ -90,7 +92,7 @@ def attach_exits(backbone: nn.Module, at: Sequence[str], *, example: torch.Tenso
     features = _features(stages, example, at)
     if heads is None:
         heads = _default_heads(features)
-    return EarlyExit(stages, [*heads, nn.Identity()], thresholds=thresholds, weights=weights)
+    return EarlyExit(stages, [*heads, nn.Identity()], threshold=threshold, weights=weights)
 
 
 def _features(stages: list[nn.Module], example: object, at: list[str]) -> list[torch.Tensor]:
