@@ -238,7 +238,7 @@ def test_a_zoo_model_on_regression_csv_gets_one_output_and_trains(tmp_path):
     (tmp_path / "r.yaml").write_text(__import__("yaml").safe_dump(recipe))
     name, parsed = load_recipe(tmp_path / "r.yaml")
     result = train_recipe(name, parsed, tmp_path / "run")
-    assert result.values["metric"][0] == "loss"
+    assert result.results.metric[0] == "loss"
     with pytest.raises(RecipeError, match=r"model.hidden: must be a positive "
                        r"int \(a size or count\) up to 2\*\*31, got -3"):
         load_recipe(tmp_path / "r.yaml", ["model.hidden=-3"])

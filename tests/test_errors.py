@@ -231,7 +231,7 @@ API = {
     "count_macs batch_size str": (lambda: adaptnet.count_macs(batch_size="x").__enter__(),
                                   "batch_size must be the number of input rows"),
     "load_backbone(3)": (lambda: adaptnet.transfer.load_backbone(3),
-                         "source must be a module, a run directory"),
+                         "source must be a module or a torchvision name"),
 }
 
 

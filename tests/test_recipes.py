@@ -66,13 +66,13 @@ def test_run_dir_evaluates_to_the_same_numbers_and_is_not_overwritten(tmp_path):
     name, recipe = load_recipe("digits-moe", QUICK)
     res = train_recipe(name, recipe, tmp_path / "run", limit=64)
     again = evaluate_run(tmp_path / "run")
-    assert again["accuracy"] == res.values["test"]["accuracy"]
+    assert again["accuracy"] == res.results.test["accuracy"]
     data, model, loaded = load_run(tmp_path / "run")  # the trained weights, the same recipe
     assert (loaded.model.name, loaded.train) == (recipe.model.name, recipe.train)
     assert data.sizes() == prepare(recipe, 64)[0].sizes()
     saved = safetensors.torch.load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert again["loss"] == pytest.approx(res.values["test"]["loss"], rel=1e-6)
+    assert again["loss"] == pytest.approx(res.results.test["loss"], rel=1e-6)
     before = (tmp_path / "run" / "model.safetensors").read_bytes()
     with pytest.raises(RunDirError, match="already holds a run; continue it with --resume"):
         train_recipe(name, recipe, tmp_path / "run", limit=64)

@@ -108,3 +108,17 @@ def test_a_span_names_its_real_tokens_mask_as_the_models_do():
     span = Span.of(x, mask=mask)
     assert span.mask is mask
     assert span.call_mask()[0, 0, 2, 0].item() is False  # a real query never reads padding
+
+
+def test_a_run_result_carries_typed_results_and_its_old_dict_with_a_warning(tmp_path):
+    from adaptnet._rundir import RunResults
+    from adaptnet.recipes import RunResult
+
+    results = RunResults(recipe="r", model="mlp", dataset="digits", samples={"test": 4},
+                         train_seconds=1.0, epochs=1, history=[], test={"loss": 0.5},
+                         params={"unique": 1, "per_use": 1, "trainable": 1},
+                         infer_ms_per_1k=1.0, counts={}, metric=("loss", 0.5))
+    run = RunResult(tmp_path, results)
+    with renamed(r"recipes\.RunResult\.values", r"recipes\.RunResult\.results"):
+        assert run.values == {**results.model_dump(exclude_none=True)} and \
+            run.values["test"] == {"loss": 0.5}

@@ -22,9 +22,8 @@ from typer.testing import CliRunner
 import adaptnet
 from adaptnet.cli import app
 from adaptnet.errors import ResumeError, RunDirError
-from adaptnet.recipes import load_run
+from adaptnet.recipes import load_model, load_run
 from adaptnet.train import _loop
-from adaptnet.transfer import load_backbone
 from conftest import mlp
 from conftest import regression_xy as data
 
@@ -136,7 +135,7 @@ def test_a_state_with_impossible_counts_is_a_damaged_checkpoint(tmp_path, key, v
 
 # ------------------------------------------------- 7. the final weights are checksummed
 
-def test_damaged_final_weights_are_refused_by_eval_load_run_and_load_backbone(tmp_path):
+def test_damaged_final_weights_are_refused_by_eval_load_run_and_load_model(tmp_path):
     run = tmp_path / "run"
     assert runner.invoke(app, [*TRAIN, "--run-dir", str(run)]).exit_code == 0
     results = json.loads((run / "results.json").read_text())
@@ -148,7 +147,7 @@ def test_damaged_final_weights_are_refused_by_eval_load_run_and_load_backbone(tm
     result = runner.invoke(app, ["eval", str(run)])
     assert result.exit_code == 2, result.output
     assert "does not match the checksum results.json records" in " ".join(result.output.split())
-    for load in (lambda: load_run(run), lambda: load_backbone(run)):
+    for load in (lambda: load_run(run), lambda: load_model(run)):
         with pytest.raises(RunDirError, match=r"does not match the checksum"):
             load()
 

@@ -116,8 +116,8 @@ def test_fallback_checkpoint_survives_until_the_run_passes_it(tmp_path):
 
 HOLD = """
 import sys, time
-from adaptnet._io import locked_dir
-with locked_dir(sys.argv[1]):
+from adaptnet._rundir import locked
+with locked(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
 """
@@ -146,9 +146,9 @@ def test_a_second_process_gets_a_clear_error_and_the_first_is_untouched(tmp_path
 
 @pytest.mark.slow
 def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
-    from adaptnet._io import locked_dir
+    from adaptnet._rundir import locked
 
-    with locked_dir(tmp_path), locked_dir(tmp_path / "."):
+    with locked(tmp_path), locked(tmp_path / "."):
         assert (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", HOLD.replace("60", "0"), str(tmp_path)],
@@ -242,3 +242,66 @@ def test_a_manifest_whose_share_claim_fails_is_skipped_on_resume(tmp_path):
         result = adaptnet.fit(net(), (x, y), epochs=2, batch_size=25, run_dir=tmp_path,
                               resume=True)
     assert result.resumed_from.name == "step-000000004"
+
+
+def test_only_the_run_directory_module_names_its_files():
+    """Every file of a run directory is named once, in adaptnet._rundir (docstrings aside)."""
+    import ast
+
+    from adaptnet import _rundir
+
+    names = {getattr(_rundir, k) for k in ("CONFIG", "WEIGHTS", "RESULTS", "SUMMARY", "METRICS",
+                                            "TENSORBOARD", "REPORT", "PLOTS", "CHECKPOINTS",
+                                            "CHECKPOINT_STATE", "CHECKPOINT_MANIFEST", "LOCK")}
+    assert len(names) == 12
+    src = Path(adaptnet.__file__).parent
+    found = []
+    for path in src.rglob("*.py"):
+        if path.name == "_rundir.py":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = {id(n.body[0].value) for n in ast.walk(tree)  # docstrings
+                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef)
+                and n.body and isinstance(n.body[0], ast.Expr)}
+        skip |= {id(c) for n in ast.walk(tree) if isinstance(n, ast.Assign)  # __all__
+                 and any(getattr(t, "id", None) == "__all__" for t in n.targets)
+                 for c in ast.walk(n.value)}
+        found += [f"{path.relative_to(src).as_posix()} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in names and id(n) not in skip]
+    # torch.hub's cache has a checkpoints folder too: not a run directory
+    assert found == ["transfer/_load.py 'checkpoints'"], found
+
+
+def test_results_and_checkpoint_manifests_are_typed_records_and_damage_is_named(tmp_path):
+    from adaptnet import _rundir
+    from adaptnet.errors import CheckpointCorruptError
+
+    results = _rundir.RunResults(
+        recipe="r", model="mlp", dataset="digits", samples={"train": 8, "test": 4},
+        train_seconds=1.5, epochs=1, history=[{"epoch": 1, "train/loss": 0.5}],
+        test={"loss": 0.4, "accuracy": 0.75}, params={"unique": 9, "per_use": 9, "trainable": 9},
+        infer_ms_per_1k=2.0, counts={}, metric=("accuracy", 0.75), weights_sha256="0" * 64)
+    _rundir.write_results(tmp_path, results)
+    assert _rundir.read_results(tmp_path) == results
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["metric"] == ["accuracy", 0.75] and "decode" not in raw  # the format of 0.1
+    for change, where in (({"epochs": "many"}, "epochs"), ({"metric": 3}, "metric"),
+                          ({"surprise": 1}, "surprise")):
+        (tmp_path / "results.json").write_text(json.dumps({**raw, **change}))
+        with pytest.raises(adaptnet.errors.RunDirError, match=rf"is not what a run records "
+                                                              rf"\({where}"):
+            _rundir.read_results(tmp_path)
+    del raw["test"]
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    with pytest.raises(adaptnet.errors.RunDirError, match=r"\(test: Field required\)"):
+        _rundir.read_results(tmp_path)
+
+    assert _rundir.read_manifest(tmp_path) is None  # an older adaptnet's checkpoint
+    manifest = _rundir.CheckpointManifest(7, {"state.pt": "a" * 64})
+    _rundir.write_manifest(tmp_path, manifest)
+    assert _rundir.read_manifest(tmp_path) == manifest
+    for bad in ('{"step": "7", "sha256": {}}', '{"step": 7}', "[]", "{", '{"step": 7, '
+                '"sha256": {"state.pt": 1}}'):
+        (tmp_path / "checkpoint.json").write_text(bad)
+        with pytest.raises(CheckpointCorruptError, match=r"checkpoint\.json is malformed"):
+            _rundir.read_manifest(tmp_path)

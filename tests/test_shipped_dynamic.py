@@ -22,7 +22,7 @@ def trained(name: str, tmp_path, overrides=(), limit=None):
     recipe_name, recipe = load_recipe(name, list(overrides))
     run = train_recipe(recipe_name, recipe, tmp_path / "run", limit=limit)
     data, model, _ = load_run(run.run_dir)
-    return run.values, data.test.tensors[0], model.eval()
+    return run.results.model_dump(), data.test.tensors[0], model.eval()
 
 
 def test_branch_network_takes_both_paths_after_full_training(tmp_path):

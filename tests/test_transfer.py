@@ -24,7 +24,7 @@ from adaptnet.errors import (
     SelectionError,
 )
 from adaptnet.models import build
-from adaptnet.recipes import evaluate_run, load_recipe, prepare, train_recipe
+from adaptnet.recipes import evaluate_run, load_model, load_recipe, prepare, train_recipe
 from adaptnet.train import TrainConfig
 from adaptnet.train._optim import build_optimizer
 from adaptnet.transfer import (
@@ -388,23 +388,27 @@ def test_param_groups_can_hold_frozen_tensors_for_a_schedule():
 def _fake_run(tmp_path: Path, model: nn.Module, spec: dict) -> Path:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": spec}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"recipe": "r", "data": {"name": "digits"},
+                                                     "model": spec}))
     adaptnet.save(model, run / "model.safetensors")
     return run
 
 
-def test_load_backbone_from_a_run_a_module_and_files(tmp_path):
+def test_a_run_s_model_comes_from_recipes_and_a_module_s_weights_from_a_file(tmp_path):
     torch.manual_seed(0)
     trained = build("mlp", in_features=6, num_classes=4, hidden=5)
     run = _fake_run(tmp_path, trained, {"name": "mlp", "in_features": 6, "num_classes": 4,
                                         "hidden": 5})
     x = torch.randn(3, 6)
     for loaded in (
-        load_backbone(run),
+        load_model(run),
         load_backbone(build("mlp", in_features=6, num_classes=4, hidden=5),
                       weights=run / "model.safetensors"),
     ):
         assert torch.equal(loaded(x), trained.eval()(x)) and not loaded.training
+    with pytest.raises(ModelError, match=r"is a directory; for the model an `adaptnet train` "
+                                         r"run trained, use adaptnet.recipes.load_model\("):
+        load_backbone(run)
     torch.save(trained.state_dict(), tmp_path / "sd.pt")
     fresh = build("mlp", in_features=6, num_classes=4, hidden=5)
     assert torch.equal(load_backbone(fresh, weights=tmp_path / "sd.pt")(x), trained(x))
@@ -425,10 +429,11 @@ def test_load_backbone_with_mismatched_keys_lists_them(tmp_path):
 
 def test_load_backbone_errors_name_the_fix(tmp_path):
     with pytest.raises(RunDirError, match=r"no config.yaml"):
-        load_backbone(tmp_path)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "mlp"}}))
+        load_model(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "digits"},
+                                                          "model": {"name": "mlp"}}))
     with pytest.raises(RunDirError, match=r"no model.safetensors"):
-        load_backbone(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(ModelError, match="is a weights file; it needs its architecture"):
         load_backbone(tmp_path / "w.safetensors")
     np.save(tmp_path / "junk.npy", np.zeros(3))
@@ -548,16 +553,16 @@ def test_transfer_recipe_keeps_the_backbone_and_adapts_the_images(image_recipes)
     name, recipe = load_recipe(target)
     res = train_recipe(name, recipe, root / "runs" / "frozen")
     [backbone] = (root / "runs" / "backbones").iterdir()
-    assert res.values["backbone"] == str(backbone.resolve())
-    pretrained = load_backbone(backbone).state_dict()
+    assert res.results.backbone == str(backbone.resolve())
+    pretrained = load_model(backbone).state_dict()
     tuned = adaptnet.load(prepare(load_recipe(target)[1])[1],
                           res.run_dir / "model.safetensors").state_dict()
     for key, value in pretrained.items():
         same = torch.equal(tuned["model." + key], value)
         assert same == (not key.startswith("11.")), key  # all but the new head, bit for bit
     assert tuned["model.11.weight"].shape == (3, 84)
-    assert res.values["params"]["trainable"] == 84 * 3 + 3
-    assert evaluate_run(res.run_dir)["accuracy"] == res.values["test"]["accuracy"]
+    assert res.results.params["trainable"] == 84 * 3 + 3
+    assert evaluate_run(res.run_dir)["accuracy"] == res.results.test["accuracy"]
     config = yaml.safe_load((res.run_dir / "config.yaml").read_text())
     assert config["model"]["in_channels"] == 1 and config["model"]["num_classes"] == 3
 

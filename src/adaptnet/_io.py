@@ -1,4 +1,4 @@
-"""Crash-safe file writing, run-directory locks, and bounded echoes of user input."""
+"""Crash-safe file writing, checksums, and bounded echoes of user input."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from adaptnet.errors import RunDirError, RunLockedError
+from adaptnet.errors import RunDirError
 
 
 @contextlib.contextmanager
@@ -94,63 +94,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-_HELD: dict[str, list] = {}  # real path -> [lock file descriptor, holders in this process]
-
-
-@contextlib.contextmanager
-def locked_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive OS lock (``flock``) on directory ``path`` (created if missing).
-
-    The lock lives on ``path/.lock``, which records the holder's process id. It
-    is re-entrant within one process (a recipe run holds it, and ``fit`` inside
-    takes it again) and released by the OS when the process dies, so a killed
-    run never leaves a stale lock.
-
-    Raises:
-        RunDirError: ``path`` is a file, cannot be created or written, or holds
-            a symbolic link (:func:`refuse_links`).
-        RunLockedError: another process holds the lock.
-    """
-    import fcntl  # POSIX only, like the rest of the run-directory format
-
-    path = Path(path)
-    key = os.path.realpath(path)
-    held = _HELD.get(key)
-    if held is None and path.is_dir():
-        refuse_links(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if held is None:  # a link made since the check is not followed either
-            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        raise RunDirError(f"cannot use {str(path)!r} as a run directory: {e.strerror or e} "
-                          f"({type(e).__name__}). Give a directory you can write to."
-                          ) from None
-    if held is not None:
-        held[1] += 1
-        try:
-            yield path
-        finally:
-            held[1] -= 1
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLockedError(f"{path} is in use: another process (pid {owner}) is training "
-                             "into it. Wait for it to finish, or give another run directory."
-                             ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD[key] = [fd, 1]
-    try:
-        yield path
-    finally:
-        del _HELD[key]
-        os.close(fd)  # releases the lock
 
 
 _REPR = reprlib.Repr()

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from adaptnet._rundir import REPORT, RunResults
 from adaptnet._table import show, table
 from adaptnet.errors import AdaptnetError, RunDirError
 
@@ -81,28 +82,28 @@ def train(recipe: Annotated[str, typer.Argument(help="A recipe file or a shipped
         result = train_recipe(name, parsed, run_dir or _default_run_dir(name), resume=resume,
                               limit=limit, trust_code=trust_code,
                               resume_unverified=resume_unverified, extend=extend)
-    _print_results(result.values)
-    if "backbone" in result.values:
-        out.print(f"pretrained backbone: {result.values['backbone']}")
-    out.print(f"run directory: {result.run_dir}\nreport: {result.run_dir / 'report.md'}")
+    _print_results(result.results)
+    if result.results.backbone is not None:
+        out.print(f"pretrained backbone: {result.results.backbone}")
+    out.print(f"run directory: {result.run_dir}\nreport: {result.run_dir / REPORT}")
 
 
-def _print_results(values: dict) -> None:
+def _print_results(results: RunResults) -> None:
     rows = []
-    for key, value in values["test"].items():
+    for key, value in results.test.items():
         if isinstance(value, dict):
             value = " ".join(f"{k}:{v:.0%}" for k, v in value.items())
         rows.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
-    rows += [("unique params", f"{values['params']['unique']:,}"),
-             ("trainable params", f"{values['params']['trainable']:,}"),
-             ("train seconds", f"{values['train_seconds']:.1f}")]
-    if "decode" in values:  # a Hugging Face model's greedy decoding, against its base
-        d = values["decode"]
+    rows += [("unique params", f"{results.params['unique']:,}"),
+             ("trainable params", f"{results.params['trainable']:,}"),
+             ("train seconds", f"{results.train_seconds:.1f}")]
+    if results.decode is not None:  # a Hugging Face model's greedy decoding, against its base
+        d = results.decode
         rows += [("decode tokens/s", f"{d['tokens_per_s']:.0f}"),
                  ("base model tokens/s", f"{d['base_tokens_per_s']:.0f}"),
                  ("agreement with base", f"{d['agreement']:.1%}"),
                  ("layers per token", f"{d['layers_per_token']:.2f} of {d['layers']}")]
-    show(out, table(f"{values['recipe']}: test", ("measure", "value"), rows, numbers=[1]))
+    show(out, table(f"{results.recipe}: test", ("measure", "value"), rows, numbers=[1]))
 
 
 def _say_user_code(recipe, trust_code: bool) -> None:

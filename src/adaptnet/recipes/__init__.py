@@ -3,11 +3,18 @@
 import importlib
 import warnings
 
+from adaptnet._rundir import RunResults
 from adaptnet.recipes._build import code_notices
 from adaptnet.recipes._compare import compare, variants
 from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
-from adaptnet.recipes._prepare import RunRecipe, load_run, prepare, read_run_config
+from adaptnet.recipes._prepare import (
+    RunRecipe,
+    load_model,
+    load_run,
+    prepare,
+    read_run_config,
+)
 from adaptnet.recipes._run import RunResult, evaluate_run, pretrain, train_recipe
 from adaptnet.recipes._schema import (
     Recipe,
@@ -21,10 +28,12 @@ __all__ = [
     "Recipe",
     "RunRecipe",
     "RunResult",
+    "RunResults",
     "code_notices",
     "compare",
     "evaluate_run",
     "flagship",
+    "load_model",
     "load_recipe",
     "load_run",
     "parse_overrides",

@@ -59,17 +59,18 @@ def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list
     for i, (label, v, name, recipe) in enumerate(checked):
         res = train_recipe(name, recipe, out / run_name(i, label), limit=limit,
                            trust_code=trust_code)
-        metric, value = res.values["metric"]
+        r = res.results
+        metric, value = r.metric
         rows.append({"variant": label, "overrides": v, "run_dir": str(res.run_dir),
-                     "unique_params": res.values["params"]["unique"],
-                     "trainable_params": res.values["params"]["trainable"],
-                     "per_use_params": res.values["params"]["per_use"],
+                     "unique_params": r.params["unique"],
+                     "trainable_params": r.params["trainable"],
+                     "per_use_params": r.params["per_use"],
                      "metric": metric, "value": value,
-                     "macs": res.values["test"].get("macs"),
-                     "infer_ms_per_1k": res.values["infer_ms_per_1k"],
-                     "train_seconds": res.values["train_seconds"]})
-        if "decode" in res.values:  # a Hugging Face model's decoding against its base
-            rows[-1] |= {k: res.values["decode"][k] for k in
+                     "macs": r.test.get("macs"),
+                     "infer_ms_per_1k": r.infer_ms_per_1k,
+                     "train_seconds": r.train_seconds})
+        if r.decode is not None:  # a Hugging Face model's decoding against its base
+            rows[-1] |= {k: r.decode[k] for k in
                          ("tokens_per_s", "agreement", "layers_per_token")}
         trained[label] = res.run_dir
     if len(rows) > 1:  # time the variants side by side, in the same rounds

@@ -59,7 +59,7 @@ def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
                                *_backbone_spec(spec, limit), data)
         torch.manual_seed(recipe.seed)
         if spec is not None and spec.mode != "scratch" and pretrained is not None:
-            model = _trained_model(pretrained).train()
+            model = load_model(pretrained).train()
             replace_head(model, args["num_classes"])
         else:
             _check_size(recipe, args)
@@ -210,13 +210,35 @@ def read_run_config(run: str | Path) -> RunRecipe:
     return RunRecipe(config.recipe, config.limit, recipe)
 
 
-def _trained_model(run: Path) -> nn.Module:
-    """A finished run's model and weights, built from the arguments its config.yaml stores
-    (no dataset is loaded: the data-derived arguments are stored resolved)."""
-    name, _, recipe = read_run_config(run)
-    model = build_model(recipe.model, recipe.args("model"))
-    apply_sharing(model, recipe)
-    return sharing.load(model, _rundir.weights(run, name))
+def load_model(run_dir: str | Path, *, trust_code: bool = False) -> nn.Module:
+    """The model a finished run trained, with its weights, in eval mode: the one way from
+    a run directory to a model (``transfer`` takes modules and files; a recipe's
+    ``transfer.backbone`` run comes through here).
+
+    Built from the arguments its ``config.yaml`` stores, so no dataset is loaded
+    (a transfer run, whose model was adapted to its data, is rebuilt as
+    :func:`load_run` does). ``trust_code``: as :func:`load_run`'s.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a finished run (no ``config.yaml``, no
+            weights, or weights that do not match their checksum).
+        RecipeError: the run's model is the user's code and ``trust_code`` is False.
+
+    Example:
+        >>> import tempfile, adaptnet
+        >>> from adaptnet.recipes import load_model, load_recipe, train_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64).run_dir
+        >>> load_model(run)[-1]
+        Linear(in_features=100, out_features=10, bias=True)
+    """
+    config = read_run_config(run_dir)
+    if config.recipe.transfer is not None:
+        return load_run(run_dir, config, trust_code=trust_code)[1].eval()
+    with trusting(code_of(config.recipe) if trust_code else ()):
+        model = build_model(config.recipe.model, config.recipe.args("model"))
+    apply_sharing(model, config.recipe)
+    return sharing.load(model, _rundir.weights(run_dir, config.name)).eval()
 
 
 def load_run(run_dir: str | Path, config: RunRecipe | None = None, *,

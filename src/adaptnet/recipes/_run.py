@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from adaptnet import _rundir, sharing
-from adaptnet._io import locked_dir, sha256_file, shown
+from adaptnet._io import sha256_file, shown
+from adaptnet._renamed import warn_renamed
 from adaptnet.data import DataSplits
 from adaptnet.errors import RecipeError, ResumeError, RunDirError
 from adaptnet.recipes._build import code_of
@@ -34,10 +35,17 @@ __all__ = ["RunResult", "evaluate_run", "pretrain", "train_config", "train_recip
 
 @dataclass
 class RunResult:
-    """What :func:`train_recipe` measured (also written to ``results.json``)."""
+    """A trained run: its directory and what :func:`train_recipe` measured (its
+    ``results.json``)."""
 
     run_dir: Path
-    values: dict[str, Any]
+    results: _rundir.RunResults
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Deprecated: ``results`` as the dict adaptnet 0.1 returned."""
+        warn_renamed("recipes.RunResult.values", "recipes.RunResult.results", stacklevel=3)
+        return self.results.model_dump(exclude_none=True)
 
 
 def train_config(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool,
@@ -100,7 +108,7 @@ def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | 
     resolved["model"] = {**recipe.model.model_dump(include={"name", "builder"},
                                                    exclude_none=True), **args}
     config = _rundir.RunConfig(name, limit, resolved)
-    with locked_dir(run_dir):
+    with _rundir.locked(run_dir):
         if (run_dir / _rundir.CONFIG).exists():
             if not resume:
                 raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, "
@@ -114,17 +122,16 @@ def _train(name: str, recipe: Recipe, run_dir: Path, resume: bool, limit: int | 
                       epoch_start=schedule).history
         train_s = time.perf_counter() - start
         sharing.save(model, run_dir / _rundir.WEIGHTS)
-        values = measure(model, data, cfg)
-        if backbone is not None:
-            values["backbone"] = str(backbone)
-        values |= {"recipe": name, "model": recipe.model.label, "dataset": data.name,
-                   "samples": data.sizes(), "train_seconds": train_s,
-                   "epochs": len(history), "history": history,
-                   _rundir.WEIGHTS_SHA256: sha256_file(run_dir / _rundir.WEIGHTS)}
-        _rundir.write_json(run_dir / _rundir.RESULTS, values)
+        results = _rundir.RunResults(
+            **measure(model, data, cfg), recipe=name, model=recipe.model.label,
+            dataset=data.name, samples=data.sizes(), train_seconds=train_s,
+            epochs=len(history), history=history,
+            weights_sha256=sha256_file(run_dir / _rundir.WEIGHTS),
+            backbone=None if backbone is None else str(backbone))
+        _rundir.write_results(run_dir, results)
         _rundir.write_json(run_dir / _rundir.SUMMARY, sharing.summary(model).to_dict())
         write_report(run_dir)
-    return RunResult(run_dir, values)
+    return RunResult(run_dir, results)
 
 
 def pretrain(spec: TransferSpec, runs: Path, limit: int | None) -> Path:

@@ -31,37 +31,37 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
 def write_report(run_dir: str | Path) -> Path:
     """Render ``report.md`` and its PNGs from the files in ``run_dir``; return the report's path."""
     run = Path(run_dir)
-    results = _rundir.read_json(run, _rundir.RESULTS)
+    results = _rundir.read_results(run)
     summary = _rundir.read_json(run, _rundir.SUMMARY)
     stored = _rundir.read_config(run)
     config = {"recipe": stored.recipe, "limit": stored.limit, **stored.body}
     plots = run / _rundir.PLOTS
-    lines = [f"# Run `{results['recipe']}`", "", config.get("description") or "", "",
-             f"Model `{results['model']}` on `{results['dataset']}` "
-             f"({', '.join(f'{k} {v:,}' for k, v in results['samples'].items())} samples); "
-             f"{results['epochs']} epochs in {results['train_seconds']:.1f} s.", "",
+    lines = [f"# Run `{results.recipe}`", "", config.get("description") or "", "",
+             f"Model `{results.model}` on `{results.dataset}` "
+             f"({', '.join(f'{k} {v:,}' for k, v in results.samples.items())} samples); "
+             f"{results.epochs} epochs in {results.train_seconds:.1f} s.", "",
              "## Test results", "", "| measure | value |", "|---|---|"]
-    for key, value in results["test"].items():
+    for key, value in results.test.items():
         if isinstance(value, dict):
             value = ", ".join(f"exit {k}: {v:.1%}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:,.4g}" if key != "accuracy" else f"{value:.2%}"
         lines.append(f"| {key} | {value} |")
-    p = results["params"]
+    p = results.params
     lines += [f"| unique parameters | {p['unique']:,} |",
               f"| parameters per use | {p['per_use']:,} |",
               f"| inference, ms per 1k samples (batched, median of 15) | "
-              f"{results['infer_ms_per_1k']:.2f} |", ""]
-    if results["history"]:
-        curves(results["history"], plots / "curves.png")
+              f"{results.infer_ms_per_1k:.2f} |", ""]
+    if results.history:
+        curves(results.history, plots / "curves.png")
         lines += ["## Learning curves", "", "![learning curves](plots/curves.png)", ""]
-        if "exit_index" in results["counts"]:
+        if "exit_index" in results.counts:
             lines += ["The training loss is BranchyNet's joint loss, summed over the exits; the "
                       "validation loss is that of the exit each sample took.", ""]
     for attr, label, unit in (("exit_index", "exit taken", "sample"),
                               ("steps", "steps executed", "sample"),
                               ("depth", "blocks run", "token")):
-        counts = results["counts"].get(attr)
+        counts = results.counts.get(attr)
         if counts:
             first = 1 if attr == "steps" else 0
             histogram(counts[first:], plots / f"{attr}.png", xlabel=label, first=first)

@@ -28,7 +28,6 @@ unless the caller asks to resume unverified.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -77,10 +76,8 @@ def write_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str
         save(model, tmp / _rundir.WEIGHTS)
         with atomic_path(tmp / _rundir.CHECKPOINT_STATE) as path:
             torch.save(state, path)
-        record = {"format": 2, "step": step,
-                  "sha256": {name: sha256_file(tmp / name) for name in FILES}}
-        with atomic_path(tmp / MANIFEST) as path:
-            path.write_text(json.dumps(record, indent=1) + "\n")
+        _rundir.write_manifest(tmp, _rundir.CheckpointManifest(
+            step, {name: sha256_file(tmp / name) for name in FILES}))
         if final.exists():  # the same step again, after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -204,17 +201,13 @@ def _verified_state(path: Path, unverified: bool) -> dict[str, Any]:
     absent = [name for name in FILES if not (path / name).is_file()]
     if absent:
         raise CheckpointCorruptError(f"incomplete: no {', '.join(absent)}")
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        try:
-            record = json.loads(manifest.read_text(encoding="utf-8"))
-            sums, recorded = record["sha256"], record["step"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointCorruptError(f"{MANIFEST} is malformed ({e})") from None
-        if recorded != step:
-            raise CheckpointCorruptError(f"{MANIFEST} records step {recorded!r}, not {step}")
+    manifest = _rundir.read_manifest(path)
+    if manifest is not None:
+        if manifest.step != step:
+            raise CheckpointCorruptError(f"{MANIFEST} records step {manifest.step!r}, not "
+                                         f"{step}")
         for name in FILES:
-            if not isinstance(sums, dict) or sha256_file(path / name) != sums.get(name):
+            if sha256_file(path / name) != manifest.sha256.get(name):
                 raise CheckpointCorruptError(f"{name} does not match its checksum (damaged, "
                                              "or copied from another checkpoint)")
     elif not unverified:  # written before checksums existed: its files cannot be verified

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptnet import _rundir
-from adaptnet._io import locked_dir
 from adaptnet.errors import ConfigError, NonFiniteError, ResumeError, RunDirError
 from adaptnet.sharing import param_groups, save
 from adaptnet.train._checkpoint import (
@@ -179,7 +178,7 @@ class _Trainer:
                         "tensors or the Dataset and let fit() split each batch.")
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-        lock = locked_dir(cfg.run_dir) if cfg.run_dir is not None and self.rank == 0 else \
+        lock = _rundir.locked(cfg.run_dir) if cfg.run_dir is not None and self.rank == 0 else \
             contextlib.nullcontext()
         try:
             with lock:  # one process writes a run directory at a time

@@ -2,7 +2,7 @@
 
 The textbook recipe, done with adaptnet::
 
-    model = load_backbone("runs/fashion-pretrain")   # or an nn.Module, or "resnet18"
+    model = load_backbone("resnet18")   # or a module with weights=file; runs: recipes.load_model
     replace_head(model, num_classes=5)
     freeze_blocks(model, trainable=1)               # everything but the new head
     print(adaptnet.summary(model))                  # trainable vs frozen, per module

@@ -1,4 +1,5 @@
-"""Pretrained backbones: from adaptnet runs and files, torchvision, or any module."""
+"""Pretrained backbones: any module with a weights file, or torchvision (run directories are
+``adaptnet.recipes.load_model``'s: transfer takes modules and files)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from adaptnet import _rundir, sharing
-from adaptnet.errors import (
-    AdaptnetError,
-    CheckpointCorruptError,
-    CheckpointNotFoundError,
-    ModelError,
-    RunDirError,
-)
-from adaptnet.models import build
+from adaptnet import sharing
+from adaptnet.errors import CheckpointCorruptError, CheckpointNotFoundError, ModelError
 
-__all__ = ["load_backbone", "load_weights", "run_model_spec"]
+__all__ = ["load_backbone", "load_weights"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -33,8 +27,6 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
 
     Args:
         source: one of
-            - a run directory made by ``adaptnet train`` (the zoo model it
-              names in ``config.yaml``, with its ``model.safetensors``);
             - any ``nn.Module`` (with ``weights``, a file is loaded into it:
               e.g. ``adaptnet.models.build("small_cnn")`` plus a file from
               :func:`adaptnet.save`);
@@ -57,11 +49,11 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
         :func:`freeze_blocks`.
 
     Raises:
-        RunDirError: a directory that is not a finished run.
         CheckpointMismatchError: the weights do not fit the model; every
             missing, unexpected and mis-shaped name is listed.
         CheckpointNotFoundError: no weights file there.
-        ModelError: anything else (unknown name, torchvision not installed,
+        ModelError: a directory (a run: :func:`adaptnet.recipes.load_model`
+            builds its model), or anything else (unknown name, torchvision not installed,
             weights not downloaded and ``download=False``, a failed download).
 
     Example:
@@ -77,42 +69,18 @@ def load_backbone(source: nn.Module | str | os.PathLike, *, weights: Any = None,
             load_weights(source, weights, cast=cast)
         return source.eval()
     if not isinstance(source, str | os.PathLike):
-        raise ModelError(f"load_backbone(): source must be a module, a run directory or a "
-                         f"torchvision name, got {type(source).__name__}.")
+        raise ModelError(f"load_backbone(): source must be a module or a torchvision name, "
+                         f"got {type(source).__name__}.")
     path = Path(source)
-    if path.is_dir():
-        if weights is not None:
-            raise ModelError(f"load_backbone(): {path} is a run directory, which brings its own "
-                             "weights (model.safetensors); weights= is for a module or a "
-                             "torchvision name.")
-        name, args = run_model_spec(path)
-        weights_file = _rundir.weights(path)
-        try:
-            model = build(name, **args)
-        except AdaptnetError as e:
-            raise ModelError(f"load_backbone(): {path}/config.yaml: {e}") from None
-        return sharing.load(model, weights_file).eval()
+    if path.is_dir():  # transfer reads modules and files; runs are the recipes' business
+        raise ModelError(f"load_backbone(): {str(source)!r} is a directory; for the model an "
+                         f"`adaptnet train` run trained, use adaptnet.recipes.load_model("
+                         f"{str(source)!r}) and pass the module.")
     if path.suffix in WEIGHT_SUFFIXES or path.is_file():
         raise ModelError(f"load_backbone(): {str(source)!r} is a weights file; it needs its "
                          "architecture: load_backbone(adaptnet.models.build('<name>', ...), "
                          f"weights={str(source)!r}).")
     return _torchvision(str(source), weights, download, cast).eval()
-
-
-def run_model_spec(run: Path) -> tuple[str, dict[str, Any]]:
-    """``(zoo builder, its arguments)`` of the model a run directory trained.
-
-    Raises:
-        RunDirError: not a run directory, or its model is not the zoo's.
-    """
-    model = _rundir.read_config(run).model
-    if isinstance(model.get("builder"), str):
-        raise RunDirError(f"{run} trained a model of your own ({model['builder']}); load it "
-                          "with adaptnet.recipes.load_run(run), which imports that code.")
-    if not isinstance(model.get("name"), str):
-        raise RunDirError(f"{run / _rundir.CONFIG} names no model (a `model: {{name: ...}}` "
-                          "section).")
-    return model["name"], {k: v for k, v in model.items() if k != "name"}
 
 
 def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = False
