@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "api.md"
 NAMESPACES = ["adaptnet", "adaptnet.sharing", "adaptnet.dynamic", "adaptnet.init",
@@ -86,3 +88,8 @@ def test_the_readme_counts_the_docstring_examples_truly():
     examples = sum(">>>" in (inspect.getdoc(o) or "") for o in seen.values())
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert f"{examples} of the {len(seen)} carry a runnable example" in readme
+    callable_ = [o for o in seen.values() if inspect.isfunction(o) or
+                 (inspect.isclass(o) and issubclass(o, torch.nn.Module))]
+    without = {o.__name__ for o in callable_ if ">>>" not in (inspect.getdoc(o) or "")}
+    assert without == {"shard", "compare", "flagship", "pretrain", "compare_table",
+                       "write_compare"}, without  # the six README names

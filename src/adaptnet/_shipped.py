@@ -16,7 +16,13 @@ RECIPES = Path(__file__).resolve().parent / "recipes" / "shipped"
 
 
 def shipped_recipes() -> dict[str, str]:
-    """Shipped recipe names and their one-line descriptions."""
+    """Shipped recipe names and their one-line descriptions.
+
+    Example:
+        >>> from adaptnet.recipes import shipped_recipes
+        >>> "mnist1d-mlp" in shipped_recipes(), shipped_recipes()["digits-moe"][:40]
+        (True, 'MLP with a top-1 mixture of 4 experts on')
+    """
     out = {}
     for f in sorted(RECIPES.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):

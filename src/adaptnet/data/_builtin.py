@@ -40,6 +40,12 @@ def digits(*, valid: float = 0.1, test: float = 0.2, seed: int = 0, image: bool 
         valid, test: fractions held out (test first, then valid from the rest).
         seed: seeds the split.
         image: inputs ``(1, 8, 8)`` instead of ``(64,)``.
+
+    Example:
+        >>> from adaptnet.data import digits
+        >>> d = digits()
+        >>> d.sizes(), d.input_shape, d.num_classes
+        ({'train': 1294, 'valid': 144, 'test': 359}, (64,), 10)
     """
     bunch = _need("sklearn.datasets", "digits").load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
@@ -79,6 +85,12 @@ def mnist1d(*, valid: float = 0.0, seed: int = 42) -> DataSplits:
         valid: fraction of the 4,000 training signals held out for validation
             (0 keeps the paper's 4,000/1,000 split).
         seed: the generator's seed.
+
+    Example:
+        >>> from adaptnet.data import mnist1d
+        >>> d = mnist1d()
+        >>> d.sizes(), d.input_shape
+        ({'train': 4000, 'valid': 0, 'test': 1000}, (40,))
     """
     x, y, xt, yt = (torch.tensor(a) for a in _mnist1d_arrays(seed))
     train, valid_set = split_off(x.float(), y.long(), valid, seed, "mnist1d(valid=...)")
@@ -131,6 +143,12 @@ def fashion_mnist(*, data_dir: str | os.PathLike | None = None, valid: float = 0
 
     Raises:
         DatasetNotFoundError: the files are not there; the message says how to get them.
+
+    Example:
+        >>> from adaptnet.data import fashion_mnist
+        >>> d = fashion_mnist(classes=[0, 1], train_per_class=50)  # Debian's dataset-fashion-mnist
+        >>> d.sizes()["train"], d.input_shape
+        (100, (1, 28, 28))
     """
     root = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
     arrays = [_idx(_find(root, f"{s}-{k}-idx{d}-ubyte"))
@@ -177,6 +195,12 @@ def parity(*, bits: int = 8, train_size: int = 20_000, test_size: int = 2_000,
     Each input has ``bits`` entries; a random number (1 to ``bits``) of random
     positions are set to +1 or -1, the rest are 0. The target is 1 when the
     number of +1 entries is odd. Binary classification (2 classes).
+
+    Example:
+        >>> from adaptnet.data import parity
+        >>> d = parity(bits=4, train_size=100, test_size=20)
+        >>> d.sizes(), d.num_classes
+        ({'train': 90, 'valid': 10, 'test': 20}, 2)
     """
     if bits < 1 or train_size < 1 or test_size < 1:
         raise DataError(f"parity: bits, train_size and test_size must be >= 1, got {bits}, "
@@ -200,6 +224,12 @@ def regression(*, features: int = 10, train_size: int = 1_000, test_size: int = 
 
     Inputs are standard normal; ``w`` is drawn once from the seed. Fits the
     textbook 10 -> 50 -> 1 network.
+
+    Example:
+        >>> from adaptnet.data import regression
+        >>> d = regression(features=3, train_size=50, test_size=10)
+        >>> d.task, d.loss, d.input_shape
+        ('regression', 'mse', (3,))
     """
     if features < 2:
         raise DataError(f"regression: features must be >= 2, got {features}.")

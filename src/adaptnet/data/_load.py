@@ -90,6 +90,12 @@ def pairs(data: DataSplits, seed: int = 0) -> DataSplits:
     Each split of ``N`` samples becomes ``N`` pairs ``(2, ...)``: sample ``i``
     with a random sample of its class (even ``i``) or of another class (odd
     ``i``); the target is 1 for same-class pairs, else 0.
+
+    Example:
+        >>> from adaptnet.data import digits, pairs
+        >>> d = pairs(digits())  # (x1, x2) stacked, target 1 when both show the same digit
+        >>> d.input_shape, d.num_classes
+        ((2, 64), 2)
     """
     if data.task != "classification":
         raise DataError(f"transform 'pairs' needs a classification dataset; {data.name!r} is "
@@ -117,7 +123,14 @@ def pairs(data: DataSplits, seed: int = 0) -> DataSplits:
 
 
 def autoencode(data: DataSplits) -> DataSplits:
-    """The same inputs, with the input as the target (mean squared error)."""
+    """The same inputs, with the input as the target (mean squared error).
+
+    Example:
+        >>> from adaptnet.data import autoencode, digits
+        >>> d = autoencode(digits())  # the inputs are the targets
+        >>> d.task, d.loss
+        ('autoencode', 'mse')
+    """
 
     def make(split: TensorDataset | None) -> TensorDataset | None:
         return None if split is None else TensorDataset(split.tensors[0], split.tensors[0])

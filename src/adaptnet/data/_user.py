@@ -107,6 +107,16 @@ def csv(path: str | os.PathLike, *, target: str | int = -1, task: str | None = N
         DataError: not UTF-8, no header, unknown target column, ragged or
             non-numeric rows (the message names the line and column), or a target
             whose task is ambiguous.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from adaptnet.data import csv
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "d.csv"
+        >>> rows = [f"{i},{i % 3},{i % 2}" for i in range(40)]
+        >>> _ = path.write_text("\\n".join(["a,b,label", *rows]))
+        >>> d = csv(path, target="label")
+        >>> d.task, d.input_shape, d.num_classes
+        ('classification', (2,), 2)
     """
     p = _exists(path, "csv")
     try:
@@ -162,6 +172,15 @@ def npz(path: str | os.PathLike, *, x: str = "x", y: str = "y", task: str | None
     otherwise ``test`` of the rows are held out. Loaded with
     ``allow_pickle=False``: an archive of object arrays is refused. ``task``
     as in :func:`csv` (inferred when ``None``).
+
+    Example:
+        >>> import tempfile, pathlib, numpy as np
+        >>> from adaptnet.data import npz
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "d.npz"
+        >>> np.savez(path, x=np.random.rand(50, 6).astype("float32"), y=np.arange(50) % 3)
+        >>> d = npz(path)
+        >>> d.task, d.input_shape, d.num_classes
+        ('classification', (6,), 3)
     """
     p = _exists(path, "npz")
     try:
@@ -193,6 +212,20 @@ def image_folder(path: str | os.PathLike, *, size: tuple[int, int] = (28, 28),
     Every image is converted to ``channels`` (1: grayscale, 3: RGB), resized to
     ``size`` (height, width) and scaled to [0, 1]; classes are the sorted
     sub-folder names.
+
+    Example:
+        >>> import tempfile, pathlib, numpy as np
+        >>> from PIL import Image
+        >>> from adaptnet.data import image_folder
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> for label in ("cat", "dog"):
+        ...     (root / label).mkdir()
+        ...     for i in range(10):
+        ...         image = Image.fromarray(np.full((8, 8), 20 * i, np.uint8))
+        ...         image.save(root / label / f"{i}.png")
+        >>> d = image_folder(root, size=(8, 8))
+        >>> d.input_shape, d.num_classes, sum(d.sizes().values())
+        ((1, 8, 8), 2, 20)
     """
     try:
         from PIL import Image

@@ -172,6 +172,12 @@ class KVCache:
             leaves a row's slot empty (a skipped token, padding, a whole call that
             skipped the layer) makes the cache sparse for good.
         end: the slots in use.
+
+    Example:
+        >>> from adaptnet.dynamic import KVCache
+        >>> cache = KVCache(batch=2, length=16, heads=4, head_dim=8)
+        >>> cache.keys.shape  # (batch, heads, slots + 1, head_dim): the extra slot takes padding
+        torch.Size([2, 4, 17, 8])
     """
 
     def __init__(self, batch: int, length: int, heads: int, head_dim: int, *,
@@ -315,6 +321,14 @@ def attend(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, span
     ``span.write`` is False, when they may be None) and each token attends to
     the keys its row holds at slots up to its own. Blocks implementing
     :class:`TokenBlock` call this between their projections and their output.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.dynamic import Span, attend
+        >>> q = k = v = torch.randn(2, 4, 5, 8)  # (batch, heads, tokens, head_dim)
+        >>> out = attend(q, k, v, Span.of(torch.zeros(2, 5)))  # causal, no cache
+        >>> out.shape
+        torch.Size([2, 4, 5, 8])
     """
     if cache is not None:
         return cache.attend(q, k, v, span)

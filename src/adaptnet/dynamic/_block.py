@@ -14,7 +14,17 @@ __all__ = ["CausalBlock", "rope"]
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
     """Rotary position embedding (Su et al. 2021) of ``x`` ``(B, H, T, dh)`` at ``(B, T)``
-    positions: pairs of channels ``(i, i + dh/2)`` rotated by ``position * base**(-2i/dh)``."""
+    positions: pairs of channels ``(i, i + dh/2)`` rotated by ``position * base**(-2i/dh)``.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.dynamic import rope
+        >>> x = torch.randn(1, 2, 3, 8)  # (batch, heads, tokens, head_dim)
+        >>> rope(x, torch.arange(3).expand(1, 3)).shape
+        torch.Size([1, 2, 3, 8])
+        >>> torch.equal(rope(x, torch.zeros(1, 3, dtype=torch.long)), x)  # position 0: unrotated
+        True
+    """
     span = Span(positions, 0, positions.shape[1])
     return rotate(x, *span.rotary(x.shape[-1], x.dtype, base))
 

@@ -174,6 +174,14 @@ class ThresholdHalting(nn.Module):
 
     Raises:
         DynamicError: ``threshold`` outside (0, 1].
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> policy = adaptnet.dynamic.ThresholdHalting(nn.Linear(8, 1), threshold=0.5)
+        >>> depth = adaptnet.AdaptiveDepth(nn.Linear(8, 8), policy, max_steps=3).eval()
+        >>> r = depth(torch.randn(4, 8))
+        >>> r.steps.shape
+        torch.Size([4])
     """
 
     def __init__(self, head: nn.Module, threshold: float = 0.5) -> None:
@@ -217,6 +225,14 @@ class ACTHalting(nn.Module):
 
     Raises:
         DynamicError: ``eps`` outside (0, 1) or a negative ``time_penalty``.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> policy = adaptnet.dynamic.ACTHalting(nn.Linear(8, 1))
+        >>> depth = adaptnet.AdaptiveDepth(nn.Linear(8, 8), policy, max_steps=4)
+        >>> r = depth.eval()(torch.randn(5, 8))
+        >>> r.output.shape, bool((r.steps >= 1).all() and (r.steps <= 4).all())
+        (torch.Size([5, 8]), True)
     """
 
     def __init__(self, head: nn.Module, eps: float = 0.01, time_penalty: float = 0.01) -> None:
@@ -280,6 +296,13 @@ class PonderNetHalting(nn.Module):
 
     Raises:
         DynamicError: ``lambda_p`` or ``eps`` outside (0, 1), or a negative ``beta``.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> policy = adaptnet.dynamic.PonderNetHalting(nn.Linear(8, 1), lambda_p=0.3)
+        >>> r = adaptnet.AdaptiveDepth(nn.Linear(8, 8), policy, max_steps=5)(torch.randn(3, 8))
+        >>> r.halting.shape  # training: each step's halting probability per sample
+        torch.Size([3, 5])
     """
 
     def __init__(self, head: nn.Module, lambda_p: float = 0.2, beta: float = 0.01,

@@ -448,6 +448,14 @@ def calibrate_temperatures(model: EarlyExit, x: torch.Tensor, y: torch.Tensor, *
 
     Raises:
         DynamicError: ``y`` is not one class index per sample of ``x``.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> net = adaptnet.EarlyExit([nn.Linear(8, 8), nn.Linear(8, 8)], [nn.Linear(8, 3)] * 2)
+        >>> temps = adaptnet.dynamic.calibrate_temperatures(net, torch.randn(64, 8),
+        ...                                                 torch.randint(0, 3, (64,)))
+        >>> len(temps), net.temperatures == temps
+        (1, True)
     """
     check_batched(x, "calibrate_temperatures()")
     _check_labels(y, x, "calibrate_temperatures()")

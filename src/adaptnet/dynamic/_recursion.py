@@ -69,6 +69,15 @@ class MixtureOfRecursions(nn.Module):
         DynamicError: a block without the protocol, an unknown router, strategy
             or KV mode, a strategy the stack cannot take (``"all"`` with several
             blocks), ``max_recursions < 1``, bad input, or a cache in training.
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.dynamic import CausalBlock
+        >>> mor = adaptnet.MixtureOfRecursions([CausalBlock(16, 2)], max_recursions=3,
+        ...     d_model=16).eval()
+        >>> r = mor(torch.randn(2, 6, 16))
+        >>> r.output.shape, 1 <= int(r.depth.min()) and int(r.depth.max()) <= 3
+        (torch.Size([2, 6, 16]), True)
     """
 
     def __init__(self, blocks: nn.Module | list[nn.Module], max_recursions: int, d_model: int,

@@ -113,6 +113,14 @@ class TokenModel(nn.Module):
     Subclasses set ``blocks`` (an ``nn.ModuleList``), ``context`` (the longest
     sequence), ``exits`` and ``vocab_size``, and define :meth:`embed_ids` and
     :meth:`readout`. The model implements :class:`~adaptnet.dynamic.CachedModel`.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.dynamic import TokenModel
+        >>> from adaptnet.models import decoder
+        >>> lm = decoder(vocab_size=20, d_model=16, heads=2, layers=2)
+        >>> isinstance(lm, TokenModel), lm(torch.randint(0, 20, (2, 5))).output.shape
+        (True, torch.Size([2, 5, 20]))
     """
 
     blocks: nn.ModuleList

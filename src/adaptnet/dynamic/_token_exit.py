@@ -95,6 +95,16 @@ class TokenEarlyExit(nn.Module):
         DynamicError: a block without the protocol, a threshold outside (0, 1],
             an unknown rule, ``rule="learned"`` without ``d_model``, bad input, or
             a cache in training mode.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> from adaptnet.dynamic import CausalBlock
+        >>> head = nn.Linear(16, 11)  # each exit reads its states out through the model's head
+        >>> tee = adaptnet.TokenEarlyExit([CausalBlock(16, 2) for _ in range(3)], head,
+        ...     threshold=0.5).eval()
+        >>> r = tee(torch.randn(2, 5, 16))
+        >>> r.output.shape, r.depth.shape
+        (torch.Size([2, 5, 11]), torch.Size([2, 5]))
     """
 
     def __init__(self, blocks: list[nn.Module], head: Callable[[torch.Tensor], torch.Tensor],

@@ -44,6 +44,19 @@ class HFLayer(nn.Module):
     Args:
         layer: the model's layer (not copied: the model's own weights).
         parts: its model's :class:`~adaptnet.hf._family.Parts`.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> lm = adaptnet.hf.wrap(model)
+        >>> type(lm.blocks[0]).__name__, lm.blocks[0].layer is model.model.layers[0]
+        ('HFLayer', True)
     """
 
     def __init__(self, layer: nn.Module, parts: Parts) -> None:

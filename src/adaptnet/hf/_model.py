@@ -57,6 +57,19 @@ class AdaptedLM(TokenModel):
     Attributes:
         base: the model, unchanged (its weights are this module's too).
         spec: the construct and its arguments, as saved with the adapters.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> lm = adaptnet.hf.mixture_of_depths(model, capacity=0.5)  # built by the constructors
+        >>> isinstance(lm, adaptnet.hf.AdaptedLM), lm.base is model
+        (True, True)
     """
 
     def __init__(self, model: nn.Module, found: Parts, blocks: list[nn.Module], spec: dict,
@@ -124,7 +137,21 @@ def _context(context: object, longest: int) -> int:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 of the model's family and every tensor of its ``state_dict`` (names, shapes,
-    dtypes, values): adapters saved from one base load only onto the same one."""
+    dtypes, values): adapters saved from one base load only onto the same one.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> a = adaptnet.hf.fingerprint(model)
+        >>> len(a), a == adaptnet.hf.fingerprint(model)
+        (64, True)
+    """
     digest = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for name, t in model.state_dict().items():
         t = t.detach().contiguous().cpu()
@@ -147,6 +174,19 @@ def wrap(model: nn.Module, *, context: int | None = None) -> AdaptedLM:
         ModelError: another family, an attention implementation other than ``sdpa`` or
             ``eager``, sliding-window or non-causal attention.
         ConfigError: a context out of range.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> lm = adaptnet.hf.wrap(model)  # the model's own layers, adaptnet's cache
+        >>> torch.allclose(lm(ids).output, model(ids).logits, atol=1e-5)
+        True
     """
     found = parts(model)
     return AdaptedLM(model, found, [HFLayer(layer, found) for layer in found.layers],
@@ -169,6 +209,22 @@ def mixture_of_depths(model: nn.Module, capacity: float, *, every: int = 2,
     Raises:
         ConfigError: a capacity outside (0, 1], ``every < 1``, a layer index out of
             range or repeated; plus :func:`wrap`'s.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> # layers 1 and 3 routed
+        >>> lm = adaptnet.hf.mixture_of_depths(model, capacity=0.5, every=2)
+        >>> out = lm.train()(ids)
+        >>> # layers 0, 2 and the routed it took
+        >>> out.output.shape, sorted(set(out.depth.flatten().tolist()))
+        (torch.Size([2, 6, 50]), [2, 3, 4])
     """
     found = parts(model)
     n = len(found.layers)
@@ -216,6 +272,21 @@ def early_exit(model: nn.Module, threshold: float, *, rule: str = "confidence",
 
     Raises:
         ConfigError: a threshold outside (0, 1], an unknown rule; plus :func:`wrap`'s.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> # random weights: ~1/50 confident
+        >>> lm = adaptnet.hf.early_exit(model, threshold=0.02).eval()
+        >>> out = lm(ids)
+        >>> out.output.shape, int(out.depth.max())  # every token left after the first of 4 layers
+        (torch.Size([2, 6, 50]), 1)
     """
     found = parts(model)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or \
@@ -253,6 +324,20 @@ def recursive(model: nn.Module, recursions: int, *, router: str = "expert",
         ConfigError: ``recursions`` that does not divide the layers, an unknown init;
             MixtureOfRecursions' errors for ``router``, ``share``, ``kv``; plus
             :func:`wrap`'s.
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> # 4 layers -> 2 shared, applied up to twice
+        >>> lm = adaptnet.hf.recursive(model, recursions=2)
+        >>> lm(ids).output.shape, len(lm.blocks[0].blocks)
+        (torch.Size([2, 6, 50]), 2)
     """
     found = parts(model)
     n = len(found.layers)
@@ -296,6 +381,22 @@ def load(model: nn.Module, path: str | Path, *, context: int | None = None) -> A
         CheckpointCorruptError: not an adaptnet.hf adapter file, or damaged.
         CheckpointMismatchError: saved from another base model (its fingerprint or the
             tensors' shapes differ).
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> import tempfile
+        >>> lm = adaptnet.hf.mixture_of_depths(model, capacity=0.5)
+        >>> path = lm.save_adapters(tempfile.mkdtemp() + "/mod.safetensors")
+        >>> again = adaptnet.hf.load(model, path).eval()
+        >>> torch.equal(again(ids).output, lm.eval()(ids).output)
+        True
     """
     path = Path(path)
     if not path.is_file():
@@ -374,6 +475,20 @@ def calibrate_exit(lm: AdaptedLM, ids: torch.Tensor, agreement: float, *,
 
     Raises:
         ConfigError: ``lm`` without exits, an agreement outside (0, 1].
+
+    Example:
+        >>> import torch, adaptnet.hf
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        ...     max_position_embeddings=64)
+        >>> model = LlamaForCausalLM(config).eval()
+        >>> ids = torch.randint(0, 50, (2, 6))
+        >>> lm = adaptnet.hf.early_exit(model, threshold=0.9)
+        >>> cal = adaptnet.hf.calibrate_exit(lm, ids, agreement=1.0, steps=4)
+        >>> cal.agreement
+        1.0
     """
     if not isinstance(lm, AdaptedLM) or not lm.exits:
         raise ConfigError("calibrate_exit: give the model adaptnet.hf.early_exit made.")

@@ -150,7 +150,15 @@ def initialize(model: nn.Module, rules: Rules, *, seed: int | None = None) -> In
 
 
 def init_report(model: nn.Module) -> InitReport:
-    """Per unique tensor: the scheme :func:`initialize` applied, observed and expected std."""
+    """Per unique tensor: the scheme :func:`initialize` applied, observed and expected std.
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> report = adaptnet.init_report(net)
+        >>> [row.paths for row in report.rows]
+        [('0.weight',), ('0.bias',), ('2.weight',), ('2.bias',)]
+    """
     record = getattr(model, _RECORD, {})
     rows = []
     for group in group_by_tensor(list(iter_slots(model))):

@@ -133,6 +133,11 @@ def parse_scheme(spec: str | Scheme | Mapping[str, Any], where: str = "") -> Sch
     """``"normal(std=0.02)"``, ``"zeros"`` or ``{"name": "normal", "std": 0.02}`` -> Scheme.
 
     Bare words are strings (``nonlinearity=relu`` is ``nonlinearity='relu'``).
+
+    Example:
+        >>> from adaptnet.init import parse_scheme
+        >>> parse_scheme("kaiming_uniform(a=0.1)").name
+        'kaiming_uniform'
     """
     if isinstance(spec, Scheme):
         return spec

@@ -39,7 +39,13 @@ class _Residual(nn.Module):
 
 
 class EarlyExitCNN(nn.Module):
-    """A stem, then ``EarlyExit`` over residual conv stages with a pooled classifier after each."""
+    """A stem, then ``EarlyExit`` over residual conv stages with a pooled classifier after each.
+
+    Example:
+        >>> from adaptnet.models import EarlyExitCNN, early_exit_cnn
+        >>> isinstance(early_exit_cnn(), EarlyExitCNN)  # built by early_exit_cnn()
+        True
+    """
 
     def __init__(self, stem: nn.Module, exits: EarlyExit) -> None:
         super().__init__()
@@ -73,6 +79,14 @@ def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
         exit_weights: joint-loss weight of each exit (default 1 each).
         capacity: :class:`~adaptnet.EarlyExit` capacity mode: the share of rows
             that go on at each exit (``threshold`` then does not apply).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import early_exit_cnn
+        >>> net = early_exit_cnn(num_classes=3, channels=8).eval()  # 1-D signals (B, L)
+        >>> r = net(torch.randn(4, 40))
+        >>> r.output.shape, r.exit_index.shape
+        (torch.Size([4, 3]), torch.Size([4]))
     """
     if dims not in (1, 2):
         raise ModelError(f"early_exit_cnn: dims must be 1 (signals) or 2 (images), got {dims}.")
@@ -137,6 +151,13 @@ def sdn_resnet(in_channels: int = 1, num_classes: int = 10, widths: tuple[int, .
         exits: ``False`` builds the same network without internal classifiers
             (a plain ``nn.Sequential``): the static baseline.
         capacity: :class:`~adaptnet.EarlyExit` capacity mode instead of ``threshold``.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import sdn_resnet
+        >>> net = sdn_resnet(num_classes=10, widths=(8, 16), blocks=1).eval()
+        >>> net(torch.randn(2, 1, 28, 28)).exit_index.shape
+        torch.Size([2])
     """
     if not widths or blocks < 1 or min(widths) < 1 or pool < 1:
         raise ModelError(f"sdn_resnet: widths must be positive channel counts and blocks and "
@@ -186,7 +207,13 @@ class _Hidden(nn.Module):
 
 
 class PonderGRU(nn.Module):
-    """A GRU cell applied to one input until it halts (PonderNet or ACT); a classifier on ``h``."""
+    """A GRU cell applied to one input until it halts (PonderNet or ACT); a classifier on ``h``.
+
+    Example:
+        >>> from adaptnet.models import PonderGRU, pondernet_gru
+        >>> isinstance(pondernet_gru(), PonderGRU)  # built by pondernet_gru()
+        True
+    """
 
     def __init__(self, bits: int, hidden: int, num_classes: int, max_steps: int,
                  halting: nn.Module, capacity: float | None = None) -> None:
@@ -210,6 +237,13 @@ def pondernet_gru(bits: int = 8, hidden: int = 64, num_classes: int = 2, max_ste
         halting: ``"pondernet"`` (geometric prior ``lambda_p``, KL weight ``beta``),
             ``"act"`` (Graves 2016, ``time_penalty``), or ``"none"``: every sample
             runs all ``max_steps`` (the full-depth baseline).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import pondernet_gru
+        >>> r = pondernet_gru(bits=8, hidden=16, max_steps=5).eval()(torch.randn(4, 8))
+        >>> r.output.shape, bool((r.steps <= 5).all())
+        (torch.Size([4, 2]), True)
     """
     head = _Hidden(bits, hidden, 1)
     capacity = None
@@ -243,7 +277,15 @@ class _Readout(nn.Module):
 def moe_mlp(in_features: int = 64, num_classes: int = 10, hidden: int = 64, experts: int = 4,
             k: int = 1, expert_hidden: int = 128, capacity_factor: float | None = None,
             balance_weight: float = 0.01) -> nn.Module:
-    """An MLP whose middle layer is a top-``k`` mixture of ``experts`` two-layer MLPs (residual)."""
+    """An MLP whose middle layer is a top-``k`` mixture of ``experts`` two-layer MLPs (residual).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import moe_mlp
+        >>> r = moe_mlp(in_features=16, num_classes=3, experts=4, k=2)(torch.randn(5, 16))
+        >>> r.output.shape, r.experts.shape
+        (torch.Size([5, 3]), torch.Size([5, 2]))
+    """
     stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
     body = MoE([nn.Sequential(nn.Linear(hidden, expert_hidden), nn.ReLU(),
                               nn.Linear(expert_hidden, hidden)) for _ in range(experts)],
@@ -259,6 +301,14 @@ def adaptive_depth_mlp(in_features: int = 64, num_classes: int = 10, hidden: int
 
     ``halting="none"`` runs every sample for all ``max_steps`` (the full-depth
     baseline: the same weight-tied residual MLP without halting).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import adaptive_depth_mlp
+        >>> net = adaptive_depth_mlp(in_features=16, num_classes=3, max_steps=4).eval()
+        >>> r = net(torch.randn(5, 16))
+        >>> r.output.shape, r.steps.shape
+        (torch.Size([5, 3]), torch.Size([5]))
     """
     if halting not in ("act", "none"):
         raise ModelError(f"adaptive_depth_mlp: halting must be 'act' or 'none', got "

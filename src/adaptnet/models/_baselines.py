@@ -11,13 +11,26 @@ __all__ = ["cnn1d", "gru_classifier", "logreg", "mlp"]
 
 
 def logreg(in_features: int = 40, num_classes: int = 10) -> nn.Linear:
-    """Logistic regression: one ``Linear`` layer (cross-entropy on its logits)."""
+    """Logistic regression: one ``Linear`` layer (cross-entropy on its logits).
+
+    Example:
+        >>> from adaptnet.models import logreg
+        >>> logreg(in_features=40, num_classes=10)
+        Linear(in_features=40, out_features=10, bias=True)
+    """
     return nn.Linear(in_features, num_classes)
 
 
 def mlp(in_features: int = 40, num_classes: int = 10, hidden: int = 100, layers: int = 3
         ) -> nn.Sequential:
-    """A ReLU MLP with ``layers`` linear layers (the MNIST-1D baseline: 3 layers of width 100)."""
+    """A ReLU MLP with ``layers`` linear layers (the MNIST-1D baseline: 3 layers of width 100).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import mlp
+        >>> mlp(in_features=40, num_classes=10)(torch.randn(3, 40)).shape
+        torch.Size([3, 10])
+    """
     widths = [in_features] + [hidden] * (layers - 1)
     mods: list[nn.Module] = []
     for a, b in itertools.pairwise(widths):
@@ -37,6 +50,12 @@ def cnn1d(num_classes: int = 10, channels: int = 25, length: int = 40, in_channe
     """The MNIST-1D CNN: three strided ``Conv1d`` (kernels 5, 3, 3; stride 2), a linear classifier.
 
     Input ``(B, length)`` or ``(B, in_channels, length)``.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import cnn1d
+        >>> cnn1d()(torch.randn(4, 40)).shape  # MNIST-1D signals
+        torch.Size([4, 10])
     """
     out = length
     for k in (5, 3, 3):
@@ -63,5 +82,12 @@ class GRUClassifier(nn.Module):
 
 def gru_classifier(num_classes: int = 10, hidden: int = 6, length: int = 40,
                    bidirectional: bool = True) -> GRUClassifier:
-    """The MNIST-1D GRU baseline: bidirectional, 6 hidden units, classifier on every step."""
+    """The MNIST-1D GRU baseline: bidirectional, 6 hidden units, classifier on every step.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import gru_classifier
+        >>> gru_classifier()(torch.randn(3, 40)).shape
+        torch.Size([3, 10])
+    """
     return GRUClassifier(num_classes, hidden, length, bidirectional)

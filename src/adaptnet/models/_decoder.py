@@ -27,6 +27,14 @@ class Decoder(TokenModel):
     A :class:`~adaptnet.dynamic.TokenModel`: each block is called as
     ``block(h, span, cache)``; with ``threshold`` the one block is a
     :class:`~adaptnet.dynamic.TokenEarlyExit` whose exits read the logits out.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.dynamic import CausalBlock
+        >>> from adaptnet.models import Decoder
+        >>> lm = Decoder(vocab_size=20, d_model=16, blocks=[CausalBlock(16, 2)], context=32)
+        >>> lm(torch.randint(0, 20, (1, 4))).output.shape, lm.head.weight is lm.embed.weight
+        (torch.Size([1, 4, 20]), True)
     """
 
     @renamed_arguments("models.Decoder", exit_threshold="threshold", exit_rule="rule")
@@ -75,6 +83,15 @@ def decoder(vocab_size: int = 65, d_model: int = 128, layers: int = 4, heads: in
     ``threshold`` each token leaves after the first block where the
     shared readout is that confident (per-token early exit; ``rule``
     ``"confidence"`` or ``"learned"``: see :class:`~adaptnet.dynamic.TokenEarlyExit`).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import decoder
+        >>> lm = decoder(vocab_size=20, d_model=16, heads=2, layers=2, capacity=0.5, every=2)
+        >>> [type(b).__name__ for b in lm.blocks]
+        ['CausalBlock', 'MixtureOfDepths']
+        >>> lm(torch.randint(0, 20, (2, 8))).output.shape
+        torch.Size([2, 8, 20])
     """
     if layers < 1 or every < 1:
         raise ModelError(f"decoder: layers and every must be >= 1, got layers={layers}, "

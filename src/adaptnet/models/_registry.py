@@ -58,7 +58,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def describe(name: str) -> str:
-    """The builder's one-line description, as plain text (no reST markup)."""
+    """The builder's one-line description, as plain text (no reST markup).
+
+    Example:
+        >>> from adaptnet.models import describe
+        >>> describe("mlp")
+        'A ReLU MLP with layers linear layers (the MNIST-1D baseline: 3 layers of width 100).'
+    """
     line = (inspect.getdoc(_builder(name)) or "").splitlines()[0]
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", line).replace("``", "")
 

@@ -19,6 +19,11 @@ class Siamese(nn.Module):
     ``forward`` takes ``(B, 2, ...)`` pairs and returns ``(B, 2)`` logits
     (different, same). ``embed(x)`` gives the encoder's ``(B, embed)`` embeddings,
     for a contrastive loss (:func:`contrastive_loss`).
+
+    Example:
+        >>> from adaptnet.models import Siamese, siamese
+        >>> isinstance(siamese(), Siamese)  # built by siamese()
+        True
     """
 
     def __init__(self, in_features: int, hidden: int, embed: int) -> None:
@@ -38,13 +43,31 @@ class Siamese(nn.Module):
 
 
 def siamese(in_features: int = 64, hidden: int = 64, embed: int = 32) -> Siamese:
-    """A Siamese network for pairwise classification (same class or not)."""
+    """A Siamese network for pairwise classification (same class or not).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import siamese
+        >>> net = siamese(in_features=16, embed=4)
+        >>> # pairs: (B, 2, ...)
+        >>> net(torch.randn(3, 2, 16)).shape, net.embed(torch.randn(3, 16)).shape
+        (torch.Size([3, 2]), torch.Size([3, 4]))
+    """
     return Siamese(in_features, hidden, embed)
 
 
 def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, same: torch.Tensor, margin: float = 1.0
                      ) -> torch.Tensor:
-    """Hadsell et al. 2006: ``same * d^2 + (1 - same) * max(0, margin - d)^2``, averaged."""
+    """Hadsell et al. 2006: ``same * d^2 + (1 - same) * max(0, margin - d)^2``, averaged.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import contrastive_loss
+        >>> e = torch.ones(2, 4)
+        >>> # a "different" pair at distance 0 costs margin**2 / 2
+        >>> round(float(contrastive_loss(e, e, torch.tensor([1.0, 0.0]))), 3)
+        0.5
+    """
     d = F.pairwise_distance(e1, e2)
     same = same.to(d.dtype)
     return (same * d.pow(2) + (1 - same) * F.relu(margin - d).pow(2)).mean()
@@ -54,6 +77,12 @@ class TiedAutoencoder(nn.Module):
     """``x -> sigmoid(W^T relu(W x + b) + c)``: the decoder weight is the encoder's transpose.
 
     ``tied=False`` gives the decoder its own weight (the baseline to compare with).
+
+    Example:
+        >>> from adaptnet.models import TiedAutoencoder, tied_autoencoder
+        >>> net = tied_autoencoder(in_features=16, hidden=4)  # built by tied_autoencoder()
+        >>> isinstance(net, TiedAutoencoder)
+        True
     """
 
     def __init__(self, in_features: int, hidden: int, tied: bool = True) -> None:
@@ -73,6 +102,13 @@ def tied_autoencoder(in_features: int = 64, hidden: int = 32, tied: bool = True
     """An autoencoder whose decoder is the encoder transposed (one weight matrix).
 
     ``tied=False``: the same network with a decoder weight of its own.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import tied_autoencoder
+        >>> net = tied_autoencoder(in_features=16, hidden=4)
+        >>> net(torch.randn(3, 16)).shape
+        torch.Size([3, 16])
     """
     return TiedAutoencoder(in_features, hidden, tied)
 
@@ -81,6 +117,11 @@ class LSTMLanguageModel(nn.Module):
     """Embedding, LSTM, dropout, output layer; optionally the output weight is the embedding.
 
     Tying (Press & Wolf 2017, Inan et al. 2017) needs ``embed_size == hidden``.
+
+    Example:
+        >>> from adaptnet.models import LSTMLanguageModel, lstm_lm
+        >>> isinstance(lstm_lm(vocab_size=50), LSTMLanguageModel)  # built by lstm_lm()
+        True
     """
 
     def __init__(self, vocab_size: int, embed_size: int, hidden: int, layers: int,
@@ -106,6 +147,13 @@ def lstm_lm(vocab_size: int = 10_000, embed_size: int = 200, hidden: int = 200, 
 
     Raises:
         ModelError: ``tied`` with ``embed_size != hidden``.
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.models import lstm_lm
+        >>> lm = lstm_lm(vocab_size=50, embed_size=16, hidden=16)
+        >>> lm(torch.randint(0, 50, (2, 7))).shape, lm.decoder.weight is lm.embedding.weight
+        (torch.Size([2, 7, 50]), True)
     """
     if tied and embed_size != hidden:
         raise ModelError(f"lstm_lm: tied=True needs embed_size == hidden (the output layer "

@@ -32,6 +32,11 @@ class BranchNet(nn.Module):
     ``if relu(h).sum() > 0`` never takes its else path with a non-zero ``h``:
     there ``-h`` is ``h``. The default 0.25 splits standard-normal inputs
     roughly in half at initialisation.)
+
+    Example:
+        >>> from adaptnet.models import BranchNet, branch_net
+        >>> isinstance(branch_net(), BranchNet)  # built by branch_net()
+        True
     """
 
     def __init__(self, in_features: int = 10, hidden: int = 50, out_features: int = 1,
@@ -57,7 +62,15 @@ class BranchNet(nn.Module):
 
 def branch_net(in_features: int = 10, hidden: int = 50, out_features: int = 1,
                threshold: float = 0.25) -> BranchNet:
-    """The dynamic branch network (10 -> 50 -> 1, a per-sample ``if`` around a shared layer)."""
+    """The dynamic branch network (10 -> 50 -> 1, a per-sample ``if`` around a shared layer).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import branch_net
+        >>> net = branch_net(in_features=10)
+        >>> net(torch.randn(6, 10)).shape
+        torch.Size([6, 1])
+    """
     return BranchNet(in_features, hidden, out_features, threshold)
 
 
@@ -66,6 +79,11 @@ class TwoInputNet(nn.Module):
 
     ``forward(x)`` takes ``(B, 2, features)`` (both inputs stacked), or
     ``forward(x1, x2)`` two ``(B, features)`` tensors.
+
+    Example:
+        >>> from adaptnet.models import TwoInputNet, two_input_net
+        >>> isinstance(two_input_net(), TwoInputNet)  # built by two_input_net()
+        True
     """
 
     def __init__(self, features: int = 10, out_features: int = 1) -> None:
@@ -81,7 +99,14 @@ class TwoInputNet(nn.Module):
 
 
 def two_input_net(features: int = 10, out_features: int = 1) -> TwoInputNet:
-    """The two-input network whose inputs share one ``Linear(10, 10)`` layer."""
+    """The two-input network whose inputs share one ``Linear(10, 10)`` layer.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import two_input_net
+        >>> two_input_net(features=10)(torch.randn(3, 10), torch.randn(3, 10)).shape
+        torch.Size([3, 1])
+    """
     return TwoInputNet(features, out_features)
 
 
@@ -91,6 +116,11 @@ class AdaptiveMLP(nn.Module):
     After the input layer, the shared residual layer is applied while the
     sample's hidden state changes by more than ``tol`` (in norm) and fewer than
     ``max_layers`` layers have run; each sample stops on its own.
+
+    Example:
+        >>> from adaptnet.models import AdaptiveMLP, adaptive_mlp
+        >>> isinstance(adaptive_mlp(), AdaptiveMLP)  # built by adaptive_mlp()
+        True
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, max_layers: int,
@@ -114,12 +144,29 @@ class AdaptiveMLP(nn.Module):
 
 def adaptive_mlp(in_features: int = 64, hidden: int = 64, num_classes: int = 10,
                  max_layers: int = 6, tol: float = 1.0) -> AdaptiveMLP:
-    """The adaptive MLP: a shared residual layer repeated per sample until its update is small."""
+    """The adaptive MLP: a shared residual layer repeated per sample until its update is small.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import adaptive_mlp
+        >>> net = adaptive_mlp(in_features=16, hidden=8, num_classes=3)
+        >>> net(torch.randn(5, 16)).shape
+        torch.Size([5, 3])
+    """
     return AdaptiveMLP(in_features, hidden, num_classes, max_layers, tol)
 
 
 def reused_layer(features: int = 8) -> nn.Sequential:
-    """The ``nn.Sequential`` that applies one ``Linear(8, 8)`` twice (one weight, two uses)."""
+    """The ``nn.Sequential`` that applies one ``Linear(8, 8)`` twice (one weight, two uses).
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.models import reused_layer
+        >>> net = reused_layer(features=8)
+        >>> s = adaptnet.summary(net)  # shared weights: counted once
+        >>> net(torch.randn(2, 8)).shape, s.unique < s.per_use
+        (torch.Size([2, 8]), True)
+    """
     layer = nn.Linear(features, features)
     return nn.Sequential(layer, nn.ReLU(), layer)
 
@@ -136,7 +183,13 @@ class ScaledLinear(nn.Linear):
 
 
 class SharedScaleNet(nn.Module):
-    """Two layers that share one scale vector (``layer2.scale`` is tied to ``layer1.scale``)."""
+    """Two layers that share one scale vector (``layer2.scale`` is tied to ``layer1.scale``).
+
+    Example:
+        >>> from adaptnet.models import SharedScaleNet, shared_scale_net
+        >>> isinstance(shared_scale_net(), SharedScaleNet)  # built by shared_scale_net()
+        True
+    """
 
     def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
         super().__init__()
@@ -151,7 +204,14 @@ class SharedScaleNet(nn.Module):
 
 def shared_scale_net(in_features: int = 10, hidden: int = 16, out_features: int = 1
                      ) -> SharedScaleNet:
-    """Two layers sharing a scale vector (a tie between two parameters of one shape)."""
+    """Two layers sharing a scale vector (a tie between two parameters of one shape).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import shared_scale_net
+        >>> shared_scale_net()(torch.randn(3, 10)).shape
+        torch.Size([3, 1])
+    """
     return SharedScaleNet(in_features, hidden, out_features)
 
 
@@ -159,6 +219,12 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28)
     """The textbook small CNN (LeNet-5 style): two conv/pool stages and three linear layers.
 
     Input ``(B, in_channels, image_size, image_size)``; ``image_size >= 8``.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import small_cnn
+        >>> small_cnn()(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
     """
     side = ((image_size // 2) - 4) // 2  # conv5 pad2 keeps, pool halves, conv5 -4, pool halves
     if side < 1:

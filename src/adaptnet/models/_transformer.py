@@ -17,7 +17,13 @@ SHARING = ("none", "attention", "ffn", "all")
 
 
 class SequenceEncoder(nn.Module):
-    """Input embedding, ``layers`` transformer encoder layers, mean-pooled classifier."""
+    """Input embedding, ``layers`` transformer encoder layers, mean-pooled classifier.
+
+    Example:
+        >>> from adaptnet.models import SequenceEncoder, albert_encoder
+        >>> isinstance(albert_encoder(), SequenceEncoder)  # built by albert_encoder()
+        True
+    """
 
     def __init__(self, inp: SequenceInput, layers: list[nn.Module], d_model: int,
                  num_classes: int) -> None:
@@ -55,6 +61,14 @@ def albert_encoder(num_classes: int = 10, step_features: int = 1, vocab_size: in
         strategy, groups: with ``groups > 1``, the layers form ``groups``
             distinct blocks assigned ``"cycle"`` (0 1 2 0 1 2) or ``"sequence"``
             (0 0 1 1 2 2) (Takase & Kiyono 2021).
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.models import albert_encoder
+        >>> net = albert_encoder(num_classes=3, layers=4, max_len=10)
+        >>> s = adaptnet.summary(net)  # shared weights: counted once
+        >>> net(torch.randn(2, 10)).shape, s.unique < s.per_use
+        (torch.Size([2, 3]), True)
     """
     if sharing not in SHARING:
         raise ModelError(f"albert_encoder: sharing must be one of {', '.join(SHARING)}, got "
@@ -102,6 +116,14 @@ def universal_transformer(num_classes: int = 10, step_features: int = 1,
 
     Halting is per sample (the whole sequence stops together), not per
     position as in the paper; the halting unit reads the mean-pooled state.
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import universal_transformer
+        >>> net = universal_transformer(num_classes=3, max_len=10, max_steps=4).eval()
+        >>> r = net(torch.randn(2, 10))
+        >>> r.output.shape, bool((r.steps <= 4).all())
+        (torch.Size([2, 3]), True)
     """
     if d_model % heads:
         raise ModelError(f"universal_transformer: d_model ({d_model}) must be divisible by "

@@ -31,6 +31,13 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = 
     and ``layer4`` at 2x2 instead of 1x1. ``in_channels`` other than 3 (1 for
     Fashion-MNIST) changes the stem's input channels. Every other module is
     torchvision's own, under its own names (``conv1``, ``layer1``.., ``fc``).
+
+    Example:
+        >>> import torch
+        >>> from adaptnet.models import resnet18
+        >>> net = resnet18(num_classes=10, in_channels=1, small_input=True)
+        >>> net(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")

@@ -57,6 +57,12 @@ def code_notices(recipe: Recipe, trust_code: bool) -> list[str]:
     Raises:
         RecipeError: the recipe names code and ``trust_code`` is False (naming
             the modules and the opt-in).
+
+    Example:
+        >>> from adaptnet.recipes import code_notices, load_recipe
+        >>> # names no code: nothing to say
+        >>> code_notices(load_recipe("mnist1d-mlp")[1], trust_code=False)
+        []
     """
     paths = code_of(recipe)
     if paths and not trust_code:

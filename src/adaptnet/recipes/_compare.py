@@ -22,7 +22,14 @@ __all__ = ["compare", "variants"]
 
 
 def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
-    """The cartesian product of ``key=v1,v2`` options: ``{label: overrides}``."""
+    """The cartesian product of ``key=v1,v2`` options: ``{label: overrides}``.
+
+    Example:
+        >>> from adaptnet.recipes import variants
+        >>> variants(["model.hidden=16,32", "train.lr=0.1"])  # doctest: +NORMALIZE_WHITESPACE
+        {'hidden=16,lr=0.1': {'model.hidden': 16, 'train.lr': 0.1},
+         'hidden=32,lr=0.1': {'model.hidden': 32, 'train.lr': 0.1}}
+    """
     axes = []
     for item in vary:
         key, eq, values = item.partition("=")

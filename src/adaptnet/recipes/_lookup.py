@@ -22,7 +22,14 @@ __all__ = ["load_recipe", "shipped_recipes"]
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] = ()
                 ) -> tuple[str, Recipe]:
-    """``(name, recipe)`` from a file or a shipped recipe name, overrides applied, validated."""
+    """``(name, recipe)`` from a file or a shipped recipe name, overrides applied, validated.
+
+    Example:
+        >>> from adaptnet.recipes import load_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=2", "model.hidden=32"])
+        >>> name, recipe.train["epochs"], recipe.args("model")
+        ('mnist1d-mlp', 2, {'hidden': 32})
+    """
     p = Path(name_or_path)
     if not p.is_file():
         shipped = RECIPES / f"{name_or_path}.yaml"

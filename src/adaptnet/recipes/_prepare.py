@@ -38,6 +38,12 @@ def prepare(recipe: Recipe, limit: int | None = None, *, pretrained: Path | None
     summaries, or a run's own weights loaded afterwards). ``trust_code``: run
     the code the recipe's ``model.builder`` (and its backbone's) names;
     without it such a recipe is refused (a ``RecipeError`` naming the modules).
+
+    Example:
+        >>> from adaptnet.recipes import load_recipe, prepare
+        >>> data, model, args = prepare(load_recipe("mnist1d-mlp")[1], limit=64)
+        >>> data.sizes(), args["in_features"], args["num_classes"]
+        ({'train': 64, 'valid': 0, 'test': 64}, 40, 10)
     """
     with trusting(code_of(recipe) if trust_code else ()):
         return _prepare(recipe, limit, pretrained)
@@ -200,6 +206,15 @@ def read_run_config(run: str | Path) -> RunRecipe:
     Raises:
         RunDirError: ``run`` has no readable ``config.yaml`` (with what it holds
             instead), or it holds no valid recipe.
+
+    Example:
+        >>> import tempfile
+        >>> from adaptnet.recipes import load_recipe, read_run_config, train_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64).run_dir
+        >>> config = read_run_config(run)
+        >>> config.name, config.limit, config.recipe.args("model")["in_features"]
+        ('mnist1d-mlp', 64, 40)
     """
     config = _rundir.read_config(run)
     try:
@@ -253,6 +268,15 @@ def load_run(run_dir: str | Path, config: RunRecipe | None = None, *,
         RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
             weights), with what it found instead.
         RecipeError: the run's model is the user's code and ``trust_code`` is False.
+
+    Example:
+        >>> import tempfile
+        >>> from adaptnet.recipes import load_recipe, load_run, train_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64).run_dir
+        >>> data, model, recipe = load_run(run)
+        >>> data.sizes(), model(data.test.tensors[0]).shape
+        ({'train': 64, 'valid': 0, 'test': 64}, torch.Size([64, 10]))
     """
     name, limit, recipe = config or read_run_config(run_dir)
     weights = _rundir.weights(run_dir, name)

@@ -79,6 +79,14 @@ def train_recipe(name: str, recipe: Recipe, run_dir: Path, *, resume: bool = Fal
         RunLockedError: another process is training into ``run_dir``.
         RecipeError: the recipe's ``model.builder`` (or its backbone's) names code
             and ``trust_code`` is False.
+
+    Example:
+        >>> import tempfile
+        >>> from adaptnet.recipes import load_recipe, train_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64)
+        >>> run.results.epochs, run.results.metric[0], (run.run_dir / "report.md").is_file()
+        (1, 'accuracy', True)
     """
     if extend and not resume:
         raise ResumeError("extend=True (--extend) lengthens a run being resumed; give "
@@ -215,6 +223,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, trust_code: bool =
         RunDirError: ``run_dir`` is not a run directory (no ``config.yaml`` or no
             weights), with what it found instead.
         RecipeError: the run's model is the user's code and ``trust_code`` is False.
+
+    Example:
+        >>> import tempfile
+        >>> from adaptnet.recipes import evaluate_run, load_recipe, train_recipe
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64)
+        >>> values = evaluate_run(run.run_dir)
+        >>> sorted(values), values["accuracy"] == run.results.test["accuracy"]
+        (['accuracy', 'loss', 'macs', 'recipe', 'split'], True)
     """
     run = Path(run_dir)
     config = read_run_config(run)

@@ -216,6 +216,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
     Values are read as YAML scalars or flow collections (``0.1``, ``true``,
     ``null``, ``[1, 2]``); anything else stays a string.
+
+    Example:
+        >>> from adaptnet.recipes import parse_overrides
+        >>> parse_overrides(["train.lr=0.01", "model.capacity=null", "data.name=digits"])
+        {'train.lr': 0.01, 'model.capacity': None, 'data.name': 'digits'}
     """
     out = {}
     for item in items:
@@ -261,7 +266,15 @@ _STAND_IN = "\0absent"  # a missing or broken required section, while the rest i
 
 
 def validate_recipe(raw: Mapping[str, Any]) -> Recipe:
-    """Check a raw recipe; every problem is listed with its path in one ``RecipeError``."""
+    """Check a raw recipe; every problem is listed with its path in one ``RecipeError``.
+
+    Example:
+        >>> from adaptnet.recipes import validate_recipe
+        >>> recipe = validate_recipe({"data": {"name": "digits"}, "model": {"name": "mlp",
+        ...     "hidden": 8}})
+        >>> recipe.model.label, recipe.args("model")
+        ('mlp', {'hidden': 8})
+    """
     problems: list[str] = []
     raw = dict(raw)
     try:

@@ -23,13 +23,34 @@ def _write(path: Path, text: str) -> Path:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """The lines of a Markdown table."""
+    """The lines of a Markdown table.
+
+    Example:
+        >>> from adaptnet.report import markdown_table
+        >>> rows = [["mlp", "0.91"], ["moe", "0.93"]]
+        >>> print("\\n".join(markdown_table(["model", "accuracy"], rows)))
+        | model | accuracy |
+        |---|---|
+        | mlp | 0.91 |
+        | moe | 0.93 |
+    """
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Render ``report.md`` and its PNGs from the files in ``run_dir``; return the report's path."""
+    """Render ``report.md`` and its PNGs from the files in ``run_dir``; return the report's path.
+
+    Example:
+        >>> import tempfile
+        >>> from adaptnet.recipes import load_recipe, train_recipe
+        >>> from adaptnet.report import write_report
+        >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
+        >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64).run_dir
+        >>> path = write_report(run)  # train_recipe wrote it too: this renders it again
+        >>> path.name, path.read_text().splitlines()[0]
+        ('report.md', '# Run `mnist1d-mlp`')
+    """
     run = Path(run_dir)
     results = _rundir.read_results(run)
     summary = _rundir.read_json(run, _rundir.SUMMARY)

@@ -72,7 +72,16 @@ def freeze(model: nn.Module, patterns: str | Sequence[str], *, untie: bool = Fal
 
 def unfreeze(model: nn.Module, patterns: str | Sequence[str], *, untie: bool = False
              ) -> FreezeReport:
-    """Set ``requires_grad=True`` on parameters matching ``patterns``; see :func:`freeze`."""
+    """Set ``requires_grad=True`` on parameters matching ``patterns``; see :func:`freeze`.
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = adaptnet.freeze(net, "*")
+        >>> _ = adaptnet.unfreeze(net, "1.*")
+        >>> [p.requires_grad for p in net.parameters()]
+        [False, False, True, True]
+    """
     return _set(model, patterns, True, untie, "unfreeze()")
 
 

@@ -110,6 +110,14 @@ def group_by_tensor(slots: list[Slot]) -> list[list[Slot]]:
     """Partition slots into groups that hold one tensor (same object or same memory view).
 
     Groups keep first-seen order, and so do the slots inside them.
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> from adaptnet.sharing import group_by_tensor, iter_slots
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> adaptnet.tie(net, "1.weight", "0.weight")
+        >>> [[s.name for s in g] for g in group_by_tensor(list(iter_slots(net)))]
+        [['0.weight', '1.weight']]
     """
     groups: list[list[Slot]] = []
     by_id: dict[int, list[Slot]] = {}

@@ -127,6 +127,15 @@ def untie(model: nn.Module, names: str | Sequence[str]) -> list[str]:
     Raises:
         TieError: unknown name, or a parameter inside a shared module (untie
             the module instead).
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> adaptnet.tie(net, "1.weight", "0.weight")
+        >>> adaptnet.untie(net, "1.weight")
+        ['1.weight']
+        >>> net[1].weight is net[0].weight
+        False
     """
     names = as_names(names, "untie()", TieError)
     done = []
@@ -160,6 +169,16 @@ def retie(model: nn.Module) -> list[str]:
 
     Returns:
         The member paths that had to be repaired.
+
+    Example:
+        >>> import torch, torch.nn as nn, adaptnet
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> adaptnet.tie(net, "1.weight", "0.weight")
+        >>> net[1].weight = nn.Parameter(torch.zeros(10, 4))  # a plain assignment breaks the tie
+        >>> adaptnet.retie(net)
+        ['1.weight']
+        >>> net[1].weight is net[0].weight
+        True
     """
     repaired = []
     for prefix, holder, reg in registries(model):
@@ -178,6 +197,12 @@ def assert_tied(model: nn.Module) -> None:
     """Raise :class:`TieBrokenError` listing every declared tie that does not hold.
 
     Only identity checks: cheap enough to call every step.
+
+    Example:
+        >>> import torch.nn as nn, adaptnet
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> adaptnet.tie(net, "1.weight", "0.weight")
+        >>> adaptnet.assert_tied(net)  # silent while the tie holds
     """
     broken = []
     for prefix, holder, reg in registries(model):

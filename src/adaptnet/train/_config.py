@@ -228,7 +228,13 @@ class TrainConfig(BaseModel):
 
 def config_from(config: TrainConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
                 ) -> TrainConfig:
-    """A validated config from a config object or mapping plus keyword overrides."""
+    """A validated config from a config object or mapping plus keyword overrides.
+
+    Example:
+        >>> from adaptnet.train import config_from
+        >>> config_from({"epochs": 3}, {"lr": 0.01}).lr, config_from(None, {"epochs": 2}).epochs
+        (0.01, 2)
+    """
     if isinstance(config, TrainConfig):
         base = config.model_dump()
     elif config is None:

@@ -30,6 +30,15 @@ class FrozenBatchNorm(nn.Module):
     a checkpoint loads into either. :meth:`unfrozen` gives the BatchNorm back.
 
     Works for ``BatchNorm1d/2d/3d`` inputs ``(N, C, *)``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptnet.transfer import FrozenBatchNorm
+        >>> bn = FrozenBatchNorm(nn.BatchNorm2d(3))  # the running statistics, fixed
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> # training mode updates and uses no batch statistics
+        >>> torch.equal(bn.train()(x), bn.eval()(x))
+        True
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:

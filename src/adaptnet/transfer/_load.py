@@ -95,6 +95,14 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, *, cast: bool = F
         CheckpointCorruptError: not a state dict of tensors.
         CheckpointMismatchError: names, shapes or dtypes do not fit, or tied
             tensors get different values; all listed.
+
+    Example:
+        >>> import tempfile, torch, torch.nn as nn
+        >>> from adaptnet.transfer import load_weights
+        >>> path = tempfile.mkdtemp() + "/w.pt"
+        >>> torch.save(nn.Linear(3, 2).state_dict(), path)  # a plain state dict (read weights_only)
+        >>> load_weights(nn.Linear(3, 2), path)
+        Linear(in_features=3, out_features=2, bias=True)
     """
     path = Path(weights)
     if not path.is_file():
