@@ -93,3 +93,21 @@ def test_the_readme_counts_the_docstring_examples_truly():
     without = {o.__name__ for o in callable_ if ">>>" not in (inspect.getdoc(o) or "")}
     assert without == {"shard", "compare", "flagship", "pretrain", "compare_table",
                        "write_compare"}, without  # the six README names
+
+
+def test_every_export_has_a_caller_in_docs_tests_examples_or_a_docstring_example():
+    """An exported name nobody uses is not API: each appears outside docs/api.md (in the
+    tests, benchmarks, examples, a page of docs/, README or BENCHMARKS, or a runnable
+    docstring example)."""
+    texts = [p.read_text(encoding="utf-8") for d in ("tests", "benchmarks", "examples")
+             for p in (ROOT / d).rglob("*.py")]
+    texts += [p.read_text(encoding="utf-8") for p in [*(ROOT / "docs").glob("*.md"),
+                                                      ROOT / "README.md", ROOT / "BENCHMARKS.md"]
+              if p.name != "api.md"]
+    texts += ["\n".join(line for line in p.read_text(encoding="utf-8").splitlines()
+                        if line.strip().startswith((">>>", "...")))
+              for p in (ROOT / "src" / "adaptnet").rglob("*.py")]
+    used = set(re.findall(r"\w+", "\n".join(texts)))
+    unused = [f"{n}.{name}" for n in NAMESPACES for name in importlib.import_module(n).__all__
+              if name not in used]
+    assert not unused, unused

@@ -48,6 +48,8 @@ def load(name: str | os.PathLike, *, transform: str | None = None, **options: An
         >>> data = adaptnet.data.load("parity", bits=4, train_size=64, test_size=16)
         >>> data.input_shape, data.num_classes, data.sizes()
         ((4,), 2, {'train': 58, 'valid': 6, 'test': 16})
+        >>> "parity" in adaptnet.data.DATASETS, adaptnet.data.TRANSFORMS
+        (True, ('pairs', 'autoencode'))
     """
     fn, path = _resolve(name)
     params = inspect.signature(fn).parameters

@@ -218,8 +218,8 @@ def count_macs(batch_size: int | None = None, tokens: int | None = None
         >>> import torch, torch.nn as nn, adaptnet
         >>> with adaptnet.count_macs() as macs:
         ...     _ = nn.Linear(10, 20)(torch.randn(3, 10))
-        >>> macs.total
-        600
+        >>> macs.total, isinstance(macs, adaptnet.dynamic.MacCount)
+        (600, True)
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 0):

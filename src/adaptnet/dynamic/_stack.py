@@ -121,6 +121,9 @@ class TokenModel(nn.Module):
         >>> lm = decoder(vocab_size=20, d_model=16, heads=2, layers=2)
         >>> isinstance(lm, TokenModel), lm(torch.randint(0, 20, (2, 5))).output.shape
         (True, torch.Size([2, 5, 20]))
+        >>> from adaptnet.dynamic import DecoderCache
+        >>> isinstance(lm.new_cache(2), DecoderCache)  # for cached decoding (generate)
+        True
     """
 
     blocks: nn.ModuleList

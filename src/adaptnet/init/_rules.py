@@ -96,6 +96,10 @@ def initialize(model: nn.Module, rules: Rules, *, seed: int | None = None) -> In
         >>> report = adaptnet.initialize(net, rules, seed=0)
         >>> [r.scheme for r in report.rows][:2]
         ["kaiming_uniform(nonlinearity='relu')", 'zeros']
+        >>> isinstance(report, adaptnet.init.InitReport), type(report.rows[0]).__name__
+        (True, 'InitRow')
+        >>> isinstance(report.rows[0], adaptnet.init.InitRow), "orthogonal" in adaptnet.init.SCHEMES
+        (True, True)
     """
     if not isinstance(rules, Mapping | list | tuple) or (
             not isinstance(rules, Mapping) and not all(

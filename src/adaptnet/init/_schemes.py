@@ -135,9 +135,11 @@ def parse_scheme(spec: str | Scheme | Mapping[str, Any], where: str = "") -> Sch
     Bare words are strings (``nonlinearity=relu`` is ``nonlinearity='relu'``).
 
     Example:
+        >>> import adaptnet.init
         >>> from adaptnet.init import parse_scheme
-        >>> parse_scheme("kaiming_uniform(a=0.1)").name
-        'kaiming_uniform'
+        >>> scheme = parse_scheme("kaiming_uniform(a=0.1)")
+        >>> isinstance(scheme, adaptnet.init.Scheme), scheme.name
+        (True, 'kaiming_uniform')
     """
     if isinstance(spec, Scheme):
         return spec

@@ -6,7 +6,7 @@ import warnings
 from adaptnet._rundir import RunResults
 from adaptnet.recipes._build import code_notices
 from adaptnet.recipes._compare import compare, variants
-from adaptnet.recipes._demo import DemoResult, DemoRow, flagship
+from adaptnet.recipes._demo import flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
 from adaptnet.recipes._prepare import (
     RunRecipe,
@@ -23,8 +23,6 @@ from adaptnet.recipes._schema import (
 )
 
 __all__ = [
-    "DemoResult",
-    "DemoRow",
     "Recipe",
     "RunRecipe",
     "RunResult",

@@ -208,11 +208,13 @@ def read_run_config(run: str | Path) -> RunRecipe:
             instead), or it holds no valid recipe.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, adaptnet.recipes
         >>> from adaptnet.recipes import load_recipe, read_run_config, train_recipe
         >>> name, recipe = load_recipe("mnist1d-mlp", ["train.epochs=1"])
         >>> run = train_recipe(name, recipe, tempfile.mkdtemp() + "/run", limit=64).run_dir
         >>> config = read_run_config(run)
+        >>> isinstance(config, adaptnet.recipes.RunRecipe)
+        True
         >>> config.name, config.limit, config.recipe.args("model")["in_features"]
         ('mnist1d-mlp', 64, 40)
     """

@@ -125,6 +125,9 @@ def summary(model: nn.Module) -> Summary:
         >>> s = adaptnet.summary(nn.Sequential(layer, nn.ReLU(), layer))
         >>> s.unique, s.per_use
         (72, 144)
+        >>> row = s.rows[0]  # a ModuleRow per module path
+        >>> isinstance(row, adaptnet.sharing.ModuleRow), row.name
+        (True, '0')
     """
     slots = list(iter_slots(model))
     first_of: dict[int, Slot] = {}  # id(slot) -> the slot that first held its tensor
