@@ -21,7 +21,7 @@ from pathlib import Path
 
 from _common import parse_args, publish, show, spread, table
 
-from adaptnet.recipes import compare, load_recipe, pretrain
+from adaptnet.recipes import compare_variants, load_recipe, pretrain
 
 VARIANTS = {
     "frozen backbone, new head": {"transfer.mode": "frozen"},
@@ -47,7 +47,7 @@ def run(budgets: list[int], seeds: list[int], limit: int | None, quick: list[str
                 overrides = [*quick, f"seed={seed}", f"data.seed={seed}",
                              f"data.train_per_class={budget}",
                              f"transfer.backbone={backbone}"]
-                for r in compare("transfer-fashion", VARIANTS, overrides,
+                for r in compare_variants("transfer-fashion", VARIANTS, overrides,
                                  root / f"{budget}-{seed}", limit=limit):
                     rows.append({"budget": budget, "seed": seed, **r})
     summary = []

@@ -25,7 +25,7 @@ from pathlib import Path
 from _common import parse_args, publish, spread
 from bench_transfer import markdown as transfer_markdown
 
-from adaptnet.recipes import compare, load_recipe, pretrain
+from adaptnet.recipes import compare_variants, load_recipe, pretrain
 
 RECIPE = "transfer-fashion-resnet18"
 VARIANTS = {
@@ -46,7 +46,7 @@ def run(seeds: list[int], limit: int | None, quick: list[str]) -> dict:
         for seed in seeds:
             overrides = [*quick, f"seed={seed}", f"data.seed={seed}",
                          f"transfer.backbone={backbone}"]
-            for r in compare(RECIPE, VARIANTS, overrides, root / str(seed), limit=limit):
+            for r in compare_variants(RECIPE, VARIANTS, overrides, root / str(seed), limit=limit):
                 rows.append({"seed": seed, **r})
     summary = []
     for label in VARIANTS:

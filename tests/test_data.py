@@ -125,7 +125,7 @@ def test_regression_is_seeded():
 def test_csv_with_string_labels(tmp_path):
     p = tmp_path / "iris.csv"
     p.write_text("a,b,species\n" + "".join(f"{i},{i * 2},{'xy'[i % 2]}\n" for i in range(20)))
-    d = D.load(p, target="species", valid=0.0, test=0.25)
+    d = D.load_dataset(p, target="species", valid=0.0, test=0.25)
     assert d.classes == ("x", "y") and d.sizes()["test"] == 5 and d.input_shape == (2,)
     x, y = d.train.tensors
     assert torch.equal(y, (x[:, 0] % 2).long())
@@ -147,7 +147,7 @@ def test_npz_with_test_arrays_and_refused_pickles(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, x=np.random.rand(30, 3), y=np.random.rand(30), x_test=np.zeros((5, 3)),
              y_test=np.zeros(5))
-    d = D.load(p, task="regression", valid=0.0)
+    d = D.load_dataset(p, task="regression", valid=0.0)
     assert d.sizes() == {"train": 30, "valid": 0, "test": 5}
     assert d.train.tensors[1].shape == (30, 1)
     with pytest.raises(DataError, match="no array 'features'"):
@@ -166,7 +166,7 @@ def test_image_folder(tmp_path):
         for i in range(5):
             Image.new("RGB", (10, 12), (value, value, value)).save(tmp_path / label / f"{i}.png")
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    d = D.load(tmp_path, size=(8, 8), valid=0.0, test=0.2)
+    d = D.load_dataset(tmp_path, size=(8, 8), valid=0.0, test=0.2)
     assert d.classes == ("cat", "dog") and d.input_shape == (1, 8, 8)
     x, y = d.train.tensors
     assert torch.equal(x.flatten(1).mean(1).round(), y.float())
@@ -175,19 +175,19 @@ def test_image_folder(tmp_path):
 
 def test_load_errors():
     with pytest.raises(DataError, match=r"unknown dataset 'mnist1'. Did you mean 'mnist1d'"):
-        D.load("mnist1")
+        D.load_dataset("mnist1")
     with pytest.raises(DataError, match=r"unknown option\(s\) vaild; it accepts .*valid"):
-        D.load("regression", vaild=0.1)
+        D.load_dataset("regression", vaild=0.1)
     with pytest.raises(DataError, match="unknown transform"):
-        D.load("regression", transform="flip")
+        D.load_dataset("regression", transform="flip")
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
-        D.load("/no/such/file.csv")
+        D.load_dataset("/no/such/file.csv")
     with pytest.raises(DataError, match="fraction must lie in"):
         D.digits(valid=1.5)
 
 
 def test_pairs_and_autoencode():
-    d = D.load("digits", transform="pairs")
+    d = D.load_dataset("digits", transform="pairs")
     x, y = d.train.tensors
     assert x.shape[1:] == (2, 64) and d.input_shape == (2, 64)
     assert 0.45 < y.float().mean() < 0.55
@@ -195,11 +195,11 @@ def test_pairs_and_autoencode():
     labels = {tuple(r.tolist()): int(c) for r, c in zip(*base.train.tensors, strict=True)}
     same = [labels[tuple(a.tolist())] == labels[tuple(b.tolist())] for a, b in x[:50]]
     assert same == [bool(v) for v in y[:50]]
-    ae = D.load("digits", transform="autoencode")
+    ae = D.load_dataset("digits", transform="autoencode")
     assert ae.task == "autoencode" and ae.loss == "mse"
     assert torch.equal(ae.train.tensors[0], ae.train.tensors[1])
     with pytest.raises(DataError, match="needs a classification dataset"):
-        D.load("regression", transform="pairs")
+        D.load_dataset("regression", transform="pairs")
 
 
 def _write_csv(path, targets) -> None:

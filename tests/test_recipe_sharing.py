@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 import adaptnet
 from adaptnet.cli import app
 from adaptnet.errors import RecipeError
-from adaptnet.recipes import compare, load_recipe, load_run, prepare, train_recipe, variants
+from adaptnet.recipes import (
+    compare_variants,
+    load_recipe,
+    load_run,
+    prepare,
+    train_recipe,
+    variants,
+)
 
 MODULE = '''
 import torch.nn as nn
@@ -74,7 +81,7 @@ def test_a_user_builder_with_a_transposed_tie_trains_saves_and_reloads(user_code
 
 
 def test_vary_ties_on_off_compares_any_model(user_code):
-    rows = compare(recipe_file(user_code, ties=TIES), variants(["ties=on,off"]), QUICK,
+    rows = compare_variants(recipe_file(user_code, ties=TIES), variants(["ties=on,off"]), QUICK,
                    user_code / "cmp", limit=32, trust_code=True)
     assert [r["variant"] for r in rows] == ["ties=true", "ties=false"]
     assert rows[0]["unique_params"] == 64 * 8 + 8 + 64
@@ -156,7 +163,7 @@ class Net(torch.nn.Module):
 
 
 def test_compare_from_a_script_gives_the_table_and_the_plot(tmp_path):
-    data = adaptnet.data.load("digits")
+    data = adaptnet.data.load_dataset("digits")
     x = data.train.tensors[0][:256]
     start = time.perf_counter()
     result = adaptnet.compare({"tied": lambda: Net(True), "untied": lambda: Net(False)},

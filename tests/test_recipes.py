@@ -16,7 +16,7 @@ from adaptnet.cli import app
 from adaptnet.data import FASHION_MNIST_DIR
 from adaptnet.errors import RecipeError, RunDirError
 from adaptnet.recipes import (
-    compare,
+    compare_variants,
     evaluate_run,
     load_recipe,
     load_run,
@@ -167,7 +167,7 @@ def test_unknown_recipe_and_not_a_run_dir(tmp_path):
 
 
 def test_compare_trains_every_variant(tmp_path):
-    rows = compare("digits-tied-autoencoder", variants(["model.hidden=8,16"]), QUICK,
+    rows = compare_variants("digits-tied-autoencoder", variants(["model.hidden=8,16"]), QUICK,
                    tmp_path, limit=32)
     assert [r["variant"] for r in rows] == ["hidden=8", "hidden=16"]
     assert rows[0]["unique_params"] == 64 * 8 + 8 + 64

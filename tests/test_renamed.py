@@ -122,3 +122,14 @@ def test_a_run_result_carries_typed_results_and_its_old_dict_with_a_warning(tmp_
     with renamed(r"recipes\.RunResult\.values", r"recipes\.RunResult\.results"):
         assert run.values == {**results.model_dump(exclude_none=True)} and \
             run.values["test"] == {"loss": 0.5}
+
+
+def test_load_means_weights_into_a_model_and_compare_means_models_side_by_side():
+    import adaptnet.data
+    import adaptnet.recipes
+
+    with renamed(r"data\.load", r"data\.load_dataset"):
+        assert adaptnet.data.load is adaptnet.data.load_dataset
+    with renamed(r"recipes\.compare", r"recipes\.compare_variants"):
+        assert adaptnet.recipes.compare is adaptnet.recipes.compare_variants
+    assert adaptnet.compare is adaptnet.study.compare_models

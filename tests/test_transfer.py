@@ -569,9 +569,9 @@ def test_transfer_recipe_keeps_the_backbone_and_adapts_the_images(image_recipes)
 
 def test_transfer_modes_and_the_shared_pretraining(image_recipes):
     root, target = image_recipes
-    from adaptnet.recipes import compare
+    from adaptnet.recipes import compare_variants
 
-    rows = compare(str(target), {m: {"transfer.mode": m} for m in ("finetune", "scratch")},
+    rows = compare_variants(str(target), {m: {"transfer.mode": m} for m in ("finetune", "scratch")},
                    ["transfer.unfreeze_every=1"], root / "cmp")
     assert len(list((root / "cmp" / "backbones").iterdir())) == 1  # trained once
     assert [r["trainable_params"] for r in rows] == [rows[0]["unique_params"]] * 2

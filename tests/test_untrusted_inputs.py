@@ -41,7 +41,7 @@ def test_a_csv_that_is_not_utf8_names_the_line(tmp_path):
     path.write_bytes(b"a,b,label\n1,2,x\n3,4,\xff\xfe\n")
     with pytest.raises(DataError, match=r"d.csv is not UTF-8 text \(byte 0xff on line 3\); "
                        r"save it as UTF-8"):
-        adaptnet.data.load(str(path))
+        adaptnet.data.load_dataset(str(path))
 
 
 @pytest.mark.parametrize(("recipe", "override"), [

@@ -159,14 +159,13 @@ def compare(recipe: Annotated[str, typer.Argument(help="A recipe file or shipped
             = None,
             limit: Limit = None, trust_code: TrustCode = False) -> None:
     """Train variants of a recipe side by side; print one table and write a plot."""
-    from adaptnet.recipes import compare as run_compare
-    from adaptnet.recipes import load_recipe, variants
+    from adaptnet.recipes import compare_variants, load_recipe, variants
 
     with _errors():
         name = Path(recipe).stem
         _say_user_code(load_recipe(recipe, overrides or [])[1], trust_code)
         target = out_dir or _default_run_dir(f"compare-{name}")
-        rows = run_compare(recipe, variants(vary), overrides or [], target, limit=limit,
+        rows = compare_variants(recipe, variants(vary), overrides or [], target, limit=limit,
                            trust_code=trust_code)
     _print_compare(rows, target, f"compare {name}")
 

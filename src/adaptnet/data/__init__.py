@@ -7,6 +7,7 @@ package), ``fashion_mnist`` (idx files on disk), ``shakespeare`` (the
 is deterministic given its seed.
 """
 
+from adaptnet._renamed import warn_renamed
 from adaptnet.data._builtin import (
     FASHION_MNIST_DIR,
     digits,
@@ -15,7 +16,7 @@ from adaptnet.data._builtin import (
     parity,
     regression,
 )
-from adaptnet.data._load import DATASETS, TRANSFORMS, autoencode, load, pairs
+from adaptnet.data._load import DATASETS, TRANSFORMS, autoencode, load_dataset, pairs
 from adaptnet.data._splits import DataSplits
 from adaptnet.data._text import shakespeare
 from adaptnet.data._user import csv, image_folder, npz
@@ -30,7 +31,7 @@ __all__ = [
     "digits",
     "fashion_mnist",
     "image_folder",
-    "load",
+    "load_dataset",
     "mnist1d",
     "npz",
     "pairs",
@@ -38,3 +39,10 @@ __all__ = [
     "regression",
     "shakespeare",
 ]
+
+
+def __getattr__(name: str):
+    if name == "load":  # "load" is adaptnet.load's word: weights into a model
+        warn_renamed("data.load", "data.load_dataset", stacklevel=3)
+        return load_dataset
+    raise AttributeError(f"module 'adaptnet.data' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from adaptnet.data._text import shakespeare
 from adaptnet.data._user import csv, image_folder, npz
 from adaptnet.errors import DataError
 
-__all__ = ["DATASETS", "TRANSFORMS", "autoencode", "load", "pairs"]
+__all__ = ["DATASETS", "TRANSFORMS", "autoencode", "load_dataset", "pairs"]
 
 #: The datasets ``load`` knows by name (built in, and the file loaders).
 DATASETS: dict[str, Callable[..., DataSplits]] = {
@@ -26,11 +26,12 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "shakespeare": shakespeare, "parity": parity, "regression": regression,
     "csv": csv, "npz": npz, "image_folder": image_folder,
 }
-#: What ``load(..., transform=)`` can make of a dataset: Siamese pairs, or x -> x.
+#: What ``load_dataset(..., transform=)`` can make of a dataset: Siamese pairs, or x -> x.
 TRANSFORMS = ("pairs", "autoencode")
 
 
-def load(name: str | os.PathLike, *, transform: str | None = None, **options: Any) -> DataSplits:
+def load_dataset(name: str | os.PathLike, *, transform: str | None = None, **options: Any
+                 ) -> DataSplits:
     """A dataset by name (``"mnist1d"``, ...) or path (``.csv``, ``.npz``, an image folder).
 
     Args:
@@ -45,7 +46,7 @@ def load(name: str | os.PathLike, *, transform: str | None = None, **options: An
 
     Example:
         >>> import adaptnet.data
-        >>> data = adaptnet.data.load("parity", bits=4, train_size=64, test_size=16)
+        >>> data = adaptnet.data.load_dataset("parity", bits=4, train_size=64, test_size=16)
         >>> data.input_shape, data.num_classes, data.sizes()
         ((4,), 2, {'train': 58, 'valid': 6, 'test': 16})
         >>> "parity" in adaptnet.data.DATASETS, adaptnet.data.TRANSFORMS

@@ -3,9 +3,10 @@
 import importlib
 import warnings
 
+from adaptnet._renamed import warn_renamed
 from adaptnet._rundir import RunResults
 from adaptnet.recipes._build import code_notices
-from adaptnet.recipes._compare import compare, variants
+from adaptnet.recipes._compare import compare_variants, variants
 from adaptnet.recipes._demo import flagship
 from adaptnet.recipes._lookup import load_recipe, shipped_recipes
 from adaptnet.recipes._prepare import (
@@ -28,7 +29,7 @@ __all__ = [
     "RunResult",
     "RunResults",
     "code_notices",
-    "compare",
+    "compare_variants",
     "evaluate_run",
     "flagship",
     "load_model",
@@ -46,6 +47,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "compare":  # adaptnet.compare compares models; this trains recipe variants
+        warn_renamed("recipes.compare", "recipes.compare_variants", stacklevel=3)
+        return compare_variants
     if name in ("Comparison", "compare_models", "time_together"):  # here until 0.1
         warnings.warn(f"adaptnet.recipes.{name} is now adaptnet.study.{name}; the old name "
                       "goes in adaptnet 0.2.", DeprecationWarning, stacklevel=2)

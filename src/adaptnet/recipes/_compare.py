@@ -18,7 +18,7 @@ from adaptnet.recipes._run import train_recipe
 from adaptnet.recipes._schema import parse_overrides
 from adaptnet.study import time_together
 
-__all__ = ["compare", "variants"]
+__all__ = ["compare_variants", "variants"]
 
 
 def variants(vary: list[str]) -> dict[str, dict[str, Any]]:
@@ -48,7 +48,7 @@ def run_name(i: int, label: str) -> str:
     return f"{i}-{kept[:60]}"
 
 
-def compare(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list[str],
+def compare_variants(name_or_path: str, plans: dict[str, dict[str, Any]], overrides: list[str],
             out: Path, *, limit: int | None = None, trust_code: bool = False
             ) -> list[dict[str, Any]]:
     """Train each variant (``{label: overrides}``) of a recipe into ``out/<i>-<label>``.

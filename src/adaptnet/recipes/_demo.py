@@ -22,7 +22,7 @@ from adaptnet import _rundir, sharing
 from adaptnet._io import atomic_path
 from adaptnet.dynamic import EarlyExit, calibrate_exits
 from adaptnet.errors import DynamicError
-from adaptnet.recipes._compare import compare
+from adaptnet.recipes._compare import compare_variants
 from adaptnet.recipes._prepare import load_run
 from adaptnet.report import markdown_table
 from adaptnet.study import time_together
@@ -85,7 +85,7 @@ class DemoResult:
 
 def flagship(out: Path, limit: int | None = None, rounds: int = 21) -> DemoResult:
     """Train, calibrate and measure the demo's two networks into ``out``; see the module doc."""
-    trained = compare(RECIPE, PLANS, [], out, limit=limit)
+    trained = compare_variants(RECIPE, PLANS, [], out, limit=limit)
     data, plain, _ = load_run(trained[0]["run_dir"])
     _, net, _ = load_run(trained[1]["run_dir"])
     exits = next(m for m in net.modules() if isinstance(m, EarlyExit))

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from adaptnet import _rundir, sharing
 from adaptnet._io import shown
-from adaptnet.data import DataSplits, load
+from adaptnet.data import DataSplits, load_dataset
 from adaptnet.errors import AdaptnetError, RecipeError, RunDirError
 from adaptnet.init import initialize
 from adaptnet.recipes._build import apply_sharing, build_model, builder_of, code_of
@@ -53,7 +53,7 @@ def _prepare(recipe: Recipe, limit: int | None, pretrained: Path | None
              ) -> tuple[DataSplits, nn.Module, dict[str, Any]]:
     spec = recipe.transfer
     try:
-        data = load(recipe.data.name, **recipe.args("data"))
+        data = load_dataset(recipe.data.name, **recipe.args("data"))
         if limit is not None:
             data = _limit(data, limit)
         if spec is None:

@@ -60,7 +60,7 @@ def compare_models(models: Mapping[str, Callable[[], nn.Module]], data: Any, *,
         models: ``{name: factory}``; each factory builds a fresh model (called
             after ``torch.manual_seed(seed)``), e.g. ``{"tied": lambda: Net(tie=True),
             "untied": lambda: Net(tie=False)}``.
-        data: a :class:`adaptnet.data.DataSplits` (``adaptnet.data.load(...)``), or
+        data: a :class:`adaptnet.data.DataSplits` (``adaptnet.data.load_dataset(...)``), or
             ``(train, test)`` or ``(train, val, test)`` of anything :func:`adaptnet.fit`
             reads; the test inputs are timed, so the test data is tensors, a
             ``TensorDataset`` or an iterable of ``(inputs, targets)`` batches.
@@ -133,7 +133,7 @@ def _splits(data: Any) -> tuple[Any, Any, Any]:
             not all(isinstance(d, torch.Tensor) for d in data):
         return (data[0], None, data[1]) if len(data) == 2 else tuple(data)
     size = f" of {len(data)}" if isinstance(data, tuple | list) else ""
-    raise ConfigError("compare(): data must be a DataSplits (adaptnet.data.load(...)), or "
+    raise ConfigError("compare(): data must be a DataSplits (adaptnet.data.load_dataset(...)), or "
                       f"(train, test) or (train, val, test); got {type(data).__name__}{size}.")
 
 
