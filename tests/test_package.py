@@ -156,3 +156,14 @@ def test_no_module_imports_itself_round_a_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_readme_layout_names_every_package_and_ground_floor_module():
+    """README's layer picture and ownership table cover the package as it is."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    src = Path(adaptnet.__file__).parent
+    names = [p.name for p in src.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    names += [p.stem for p in src.glob("_*.py") if p.stem != "__init__"] + ["errors", "cli"]
+    missing = [n for n in names if n not in layout]
+    assert not missing, f"README's Layout does not name {missing}"
