@@ -111,6 +111,18 @@ def test_no_private_import_across_packages_and_layers_point_down():
     assert not bad, "\n".join(bad)
 
 
+def _runs(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def _import_graph() -> dict[str, set[str]]:
     """adaptnet's modules and the adaptnet modules each imports, at any depth of its code
     (a function-level import is an edge too: it closes a cycle when it runs)."""
@@ -121,7 +133,7 @@ def _import_graph() -> dict[str, set[str]]:
     for name, f in files.items():
         package = name if f.name == "__init__.py" else name.rpartition(".")[0]
         edges = set()
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+        for node in _runs(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -167,3 +179,15 @@ def test_readme_layout_names_every_package_and_ground_floor_module():
     names += [p.stem for p in src.glob("_*.py") if p.stem != "__init__"] + ["errors", "cli"]
     missing = [n for n in names if n not in layout]
     assert not missing, f"README's Layout does not name {missing}"
+
+
+def test_type_checkers_see_every_top_level_name():
+    """The lazy top level lists each everyday name for IDEs and type checkers too (under
+    TYPE_CHECKING): the same names as __all__ and the subpackages."""
+    import ast
+
+    tree = ast.parse(Path(adaptnet.__file__).read_text(encoding="utf-8"))
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {a.asname or a.name for n in block.body for a in n.names}
+    assert seen == (set(adaptnet.__all__) - {"__version__"}) | set(adaptnet._LAZY)

@@ -9,6 +9,55 @@ here, is imported on first use (``adaptnet.fit`` imports ``adaptnet.train``), so
 
 import importlib
 import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports them
+    from adaptnet import (
+        data,
+        dynamic,
+        errors,
+        hf,
+        init,
+        models,
+        recipes,
+        report,
+        sharing,
+        study,
+        train,
+        transfer,
+    )
+    from adaptnet.dynamic import (
+        AdaptiveDepth,
+        EarlyExit,
+        MixtureOfDepths,
+        MixtureOfRecursions,
+        MoE,
+        TokenEarlyExit,
+        branch,
+        calibrate_exits,
+        count_macs,
+        generate,
+        per_sample,
+        route_topk,
+        switch,
+    )
+    from adaptnet.init import init_report, initialize
+    from adaptnet.sharing import (
+        assert_tied,
+        freeze,
+        load,
+        param_groups,
+        retie,
+        save,
+        share,
+        summary,
+        tie,
+        ties,
+        unfreeze,
+        untie,
+    )
+    from adaptnet.study import compare_models as compare
+    from adaptnet.train import TrainConfig, evaluate, fit, shard
 
 # The everyday verbs and classes, each imported from its subpackage on first use, so that
 # `import adaptnet` (and the command line's --help) does not pay for importing torch.
