@@ -34,9 +34,10 @@ DOC = HERE.parent / "BENCHMARKS.md"
 BENCHMARKS = ["sharing", "route", "lean", "depth", "moe", "per_sample", "decode", "train", "fsdp",
               "demo", "early_exit", "adaptive", "autoencoder", "ponder", "mnist1d", "transfer"]
 # Each of these trains for ten minutes or more (ResNets, decoders, several seeds to
-# convergence), or times a 135M-parameter model (hf): `make bench-long`. The converged
-# ones keep their runs in runs/bench/ and resume when run again.
-LONG = ["lm_tying", "albert", "sdn", "tokens", "earlyon", "transfer_resnet", "hf"]
+# convergence), or times a 135M-parameter model (hf) or MoE peers up to 8,192 tokens
+# (moe_peers): `make bench-long`. The converged ones keep their runs in runs/bench/ and
+# resume when run again.
+LONG = ["lm_tying", "albert", "sdn", "tokens", "earlyon", "transfer_resnet", "hf", "moe_peers"]
 
 
 def regenerate(doc: Path, results: Path) -> list[str]:

@@ -338,3 +338,17 @@ def test_bench_hf_quick(tmp_path):
     assert r["macs"]["adaptnet MoD"] < r["macs"]["adaptnet dense"]
     assert set(r["timing"]) == {"1@1", "1@2", "2@1", "2@2"}
     assert "| adaptnet / economize |" in (tmp_path / "hf-quick.md").read_text()
+
+
+def test_bench_moe_peers_quick(tmp_path):
+    result = _quick("moe_peers", tmp_path)
+    assert [(r["threads"], r["tokens"]) for r in result["rows"]] == [(1, 32), (2, 32)]
+    names = {"adaptnet", "adaptnet loop", "hf eager", "hf grouped_mm", "hand grouped"}
+    text = (tmp_path / "moe_peers-quick.md").read_text()
+    for r in result["rows"]:
+        for mode in ("forward", "forward+backward"):
+            ms = r[mode]
+            assert set(ms) == names and all(v > 0 for v in ms.values())
+            # the table's brackets are the quotients of the medians it reports
+            ratio = ms["hand grouped"] / ms["adaptnet"]
+            assert f"{ms['hand grouped']:.2f} ({ratio:.2f}×)" in text

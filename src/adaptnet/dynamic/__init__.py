@@ -25,7 +25,7 @@ from adaptnet.dynamic._exit import (
     calibrate_temperatures,
 )
 from adaptnet.dynamic._ledger import MacCount, count_macs
-from adaptnet.dynamic._moe import MoE, MoEResult
+from adaptnet.dynamic._moe import MoE, MoEResult, StackedExperts
 from adaptnet.dynamic._per_sample import per_sample
 from adaptnet.dynamic._recursion import MixtureOfRecursions
 from adaptnet.dynamic._result import DynamicResult
@@ -57,6 +57,7 @@ __all__ = [
     "MoEResult",
     "PonderNetHalting",
     "Span",
+    "StackedExperts",
     "Step",
     "ThresholdHalting",
     "TokenBlock",

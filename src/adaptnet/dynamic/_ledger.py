@@ -8,7 +8,8 @@ expert no token picked all count zero. Two gaps are filled here: the fused
 multiply-adds are added from the standard formula; and PyTorch has no formula
 for the CPU kernel of ``scaled_dot_product_attention``
 (``_scaled_dot_product_flash_attention_for_cpu``, forward and backward), so it
-is given the one PyTorch uses for the GPU kernels.
+is given the one PyTorch uses for the GPU kernels; nor for ``grouped_mm``
+(:class:`~adaptnet.dynamic.StackedExperts`), counted here as its groups' matmuls.
 """
 
 from __future__ import annotations
@@ -40,10 +41,22 @@ def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None,
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _grouped_mm(a, b, *args, out_shape=None, **kwargs) -> int:
+    """``grouped_mm``'s flops: each row of the grouped operand meets one group's matrix."""
+    if len(a) == 2 and len(b) == 3:  # (S, K) x (E, K, N) -> (S, N): the forward
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:  # (M, S) x (S, N) -> (E, M, N): a weight's gradient
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 2:  # (E, M, K) x (K, S) -> (M, S)
+        return 2 * a[1] * a[2] * b[1]
+    return 2 * a[0] * a[1] * a[2] * b[-1]  # (E, M, K) x (E, K, N): batched
+
+
 # What FlopCounterMode leaves out (its formulas receive the arguments' shapes).
 _FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                 _cpu_attention_backward}
+                 _cpu_attention_backward,
+             torch.ops.aten._grouped_mm: _grouped_mm}
 
 
 @dataclass

@@ -5,7 +5,8 @@ Dispatch is sorted: the (token, expert) assignments are sorted by expert, each
 expert runs once on the contiguous block of its tokens, and the outputs are
 weighted by the gates and summed back per token with ``index_add``. An expert
 no token picks is never called; a dense MoE would run all of them on every
-token.
+token. Experts of one shape kept in stacked weights (:class:`StackedExperts`)
+run all at once: one gather, one ``grouped_mm`` per layer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptnet._renamed import renamed_attribute, warn_renamed
@@ -23,7 +25,9 @@ from adaptnet.dynamic._partition import capacity_rows, check_capacity
 from adaptnet.dynamic._result import LossFn, export_as_pytree
 from adaptnet.errors import DynamicError
 
-__all__ = ["MoE", "MoEResult"]
+__all__ = ["MoE", "MoEResult", "StackedExperts"]
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 @export_as_pytree
@@ -59,12 +63,165 @@ class MoEResult:
         return {"experts": self.experts}
 
 
+class StackedExperts(nn.Module):
+    """``E`` two-layer experts of one shape in stacked weights, which :class:`MoE` runs all at
+    once: its assignments sorted by expert, one gather, one ``grouped_mm`` per layer.
+
+    Expert ``e`` maps ``x`` to ``act(x W1[e]ᵀ + b1[e]) W2[e]ᵀ + b2[e]``; with ``gated``
+    (SwiGLU, as in Mixtral's and Llama's MLPs) to ``(act(x G[e]ᵀ) * x U[e]ᵀ) W2[e]ᵀ``, where
+    ``W1[e]`` holds ``G[e]`` above ``U[e]``. The weights have transformers' layout
+    (``w1``: ``(E, hidden, d_in)``, or ``(E, 2 * hidden, d_in)`` gated, like
+    ``gate_up_proj``; ``w2``: ``(E, d_out, hidden)`` like ``down_proj``), so a Mixtral
+    block's experts load as they are, and each expert starts as ``nn.Linear`` would.
+    ``experts[e]`` is expert ``e`` as a module (a view of the same weights).
+
+    On the CPU, calls whose experts average ``LOOP_ROWS`` assignments or more run one
+    matmul per expert instead (measured faster there, ``benchmarks/bench_moe_peers.py``),
+    as do float64 inputs and widths whose rows are not 16-byte multiples (``grouped_mm``
+    takes float32, bfloat16 and float16, aligned).
+
+    Args:
+        num: the number of experts ``E``.
+        d_in, hidden, d_out: the widths (``d_out`` defaults to ``d_in``).
+        activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
+        gated: SwiGLU-style experts (no biases then, as in Mixtral's).
+        bias: biases on both layers (ungated experts only).
+
+    Raises:
+        DynamicError: a count or width below 1, an unknown activation, or biases on
+            gated experts.
+
+    Example:
+        >>> import torch, adaptnet
+        >>> from adaptnet.dynamic import StackedExperts
+        >>> experts = StackedExperts(8, 16, 64, activation="silu", gated=True, bias=False)
+        >>> moe = adaptnet.MoE(experts, torch.nn.Linear(16, 8), k=2)
+        >>> moe(torch.randn(5, 16)).output.shape, experts.w1.shape
+        (torch.Size([5, 16]), torch.Size([8, 128, 16]))
+    """
+
+    #: from this many assignments per expert on (on average), the CPU runs a loop
+    LOOP_ROWS = 256
+
+    def __init__(self, num: int, d_in: int, hidden: int, d_out: int | None = None, *,
+                 activation: str = "relu", gated: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        d_out = d_in if d_out is None else d_out
+        for name, value in (("num", num), ("d_in", d_in), ("hidden", hidden), ("d_out", d_out)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DynamicError(f"StackedExperts: {name} must be a positive int, got "
+                                   f"{value!r}.")
+        if activation not in ACTIVATIONS:
+            raise DynamicError(f"StackedExperts: activation must be one of "
+                               f"{sorted(ACTIVATIONS)}, got {activation!r}.")
+        if gated and bias:
+            raise DynamicError("StackedExperts: gated (SwiGLU) experts have no biases, as in "
+                               "Mixtral's; give bias=False.")
+        self.num, self.hidden, self.gated, self.activation = num, hidden, gated, activation
+        width = 2 * hidden if gated else hidden
+        self.w1 = nn.Parameter(torch.empty(num, width, d_in))
+        self.w2 = nn.Parameter(torch.empty(num, d_out, hidden))
+        self.b1 = nn.Parameter(torch.empty(num, width)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num, d_out)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's layers as ``nn.Linear`` initialises them."""
+        with torch.no_grad():
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+                for e in range(self.num):
+                    nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+                if b is not None:
+                    bound = 1 / math.sqrt(w.shape[-1])
+                    nn.init.uniform_(b, -bound, bound)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, e: int) -> nn.Module:
+        return _Expert(self, e)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
+        """``(n, d_in)`` rows sorted by expert, ``counts`` ``(E,)`` rows per expert (an int:
+        the same for each, static shapes: one matmul per expert) -> ``(n, d_out)``, each
+        row through its expert."""
+        n = x.shape[0]
+        grouped = not isinstance(counts, int) and n and \
+            x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+            (x.device.type != "cpu" or n < self.LOOP_ROWS * self.num) and \
+            _aligned(x, self.w1, self.w2)
+        if not grouped:  # unbind, not w[e]: one gradient tensor for the stack, not E
+            sizes = [counts] * self.num if isinstance(counts, int) else counts.tolist()
+            w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
+            b1, b2 = ([None] * self.num, [None] * self.num) if self.b1 is None else \
+                (self.b1.unbind(0), self.b2.unbind(0))
+            out = [self._mlp(rows, w1[e], b1[e], w2[e], b2[e])
+                   for e, rows in enumerate(x.split(sizes)) if sizes[e]]
+            return torch.cat(out) if out else x.new_zeros(0, self.w2.shape[1])
+        offsets = counts.cumsum(0).to(torch.int32)
+        which = None if self.b1 is None else \
+            torch.repeat_interleave(torch.arange(self.num, device=x.device), counts,
+                                    output_size=n)
+        h = F.grouped_mm(x, self.w1.transpose(-2, -1), offs=offsets)
+        h = self._inner(h if which is None else h + self.b1[which])
+        y = F.grouped_mm(h, self.w2.transpose(-2, -1), offs=offsets)
+        return y if which is None else y + self.b2[which]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on ``x``."""
+        return self._mlp(x, self.w1[e], None if self.b1 is None else self.b1[e], self.w2[e],
+                         None if self.b2 is None else self.b2[e])
+
+    def _mlp(self, x, w1, b1, w2, b2) -> torch.Tensor:
+        return F.linear(self._inner(F.linear(x, w1, b1)), w2, b2)
+
+    def _inner(self, h: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
+        if not self.gated:
+            return act(h)
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+
+
+def _softmax(t: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of ``(n, m)`` scores, as ``torch.softmax(t, -1)``.
+
+    On the CPU, torch's softmax over a short last dimension is slow (74 µs for
+    ``(512, 8)`` here, 11 µs over the first dimension of the transpose): it runs on the
+    transpose there.
+    """
+    if t.device.type != "cpu" or t.shape[-1] > 64:
+        return torch.softmax(t, dim=-1)
+    return torch.softmax(t.transpose(0, 1), dim=0).transpose(0, 1)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` takes these: every row and matrix 16-byte aligned."""
+    return all(t.data_ptr() % 16 == 0 and
+               all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+               for t in tensors) and all(t.shape[-2] * t.element_size() % 16 == 0
+                                         for t in tensors[1:])
+
+
+class _Expert(nn.Module):
+    """Expert ``e`` of a :class:`StackedExperts`, as a module (no weights of its own)."""
+
+    def __init__(self, stack: StackedExperts, e: int) -> None:
+        super().__init__()
+        self.__dict__["stack"] = stack  # not a submodule: the stack owns the weights
+        self.e = e
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.expert(self.e, x)
+
+
 class MoE(nn.Module):
     """Top-k mixture of experts over the last dimension of its input.
 
     Args:
         experts: ``E`` modules mapping ``(n, d_in)`` to ``(n, d_out)``, all with the
-            same output width.
+            same output width (each called once on its tokens); or one
+            :class:`StackedExperts` (experts of one shape, run all at once).
         router: maps ``(n, d_in)`` to ``(n, E)`` logits.
         k: experts per token, ``1 <= k <= E``.
         capacity_factor: each expert's *slots* per call, in the units of
@@ -97,14 +254,15 @@ class MoE(nn.Module):
         (torch.Size([2, 5, 8]), torch.Size([2, 5, 2]))
     """
 
-    def __init__(self, experts: Sequence[nn.Module], router: nn.Module, k: int = 2,
+    def __init__(self, experts: Sequence[nn.Module] | StackedExperts, router: nn.Module, k: int = 2,
                  capacity_factor: float | None = None, balance_weight: float = 0.01,
                  fixed_slots: bool = False, **old: float | None) -> None:
         super().__init__()
-        experts = list(experts)
+        stacked = isinstance(experts, StackedExperts)
+        experts = experts if stacked else list(experts)
         if old:  # adaptnet 0.1's capacity=c: every expert on ceil(c * n) slots
             capacity_factor, fixed_slots = _old_capacity(old, capacity_factor, experts, k)
-        if not experts:
+        if not stacked and not experts:
             raise DynamicError("MoE: experts is empty; give at least one expert module.")
         if not isinstance(k, int) or not 1 <= k <= len(experts):
             raise DynamicError(f"MoE: k must be an integer from 1 to the number of experts "
@@ -118,7 +276,8 @@ class MoE(nn.Module):
         if fixed_slots and capacity_factor is None:
             raise DynamicError("MoE: fixed_slots=True runs every expert on exactly its slots, "
                                "which capacity_factor sets; give one, e.g. capacity_factor=1.25.")
-        self.experts = nn.ModuleList(experts)
+        self.experts = experts if stacked else nn.ModuleList(experts)
+        self.stacked = stacked
         self.router = router
         self.k = k
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
@@ -136,36 +295,42 @@ class MoE(nn.Module):
             raise DynamicError(f"MoE: the router must return (n, {E}) logits for n = {n} "
                                f"tokens and {E} experts, got {list(logits.shape)}.")
         top_logits, top = logits.topk(k, dim=-1)  # (n, k), best first
-        gates = torch.softmax(top_logits, dim=-1)  # (n, k)
+        gates = _softmax(top_logits)  # (n, k)
 
         flat_expert = top.reshape(-1)  # (n*k,) assignment -> expert
         flat_gate = gates.reshape(-1)
-        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         # (E,) assignments per expert; a scatter, not bincount, whose output size depends on
         # the data (a graph break under torch.compile)
         load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
         tokens_per_row = max(1, math.prod(lead[1:]))  # the ledger's rows: x's first dimension
         if self.fixed_slots:
+            flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
             output, dropped = self._static_dispatch(tokens, flat_expert, flat_gate, flat_token,
                                                     load, tokens_per_row)
             return self._result(output, lead, logits, top, gates, dropped, load)
 
-        # Sorted dispatch: assignments grouped by expert, one call per expert.
+        # Sorted dispatch: assignments grouped by expert, one call per expert (or one for all).
         if self.capacity_factor is None:
             dropped = torch.zeros_like(flat_expert, dtype=torch.bool)
             order = torch.argsort(flat_expert, stable=True)
-            counts = load.tolist()
+            per_expert = load
         else:
             keep = _within_capacity(flat_expert, flat_gate, E,
                                     math.ceil(self.capacity_factor * n * k / E))
             dropped = ~keep
             kept = keep.nonzero().squeeze(1)
             order = kept[torch.argsort(flat_expert[kept], stable=True)]
-            counts = torch.bincount(flat_expert[order], minlength=E).tolist()
-        token_sorted = flat_token[order]
+            per_expert = torch.bincount(flat_expert[order], minlength=E)
+        token_sorted = order // k  # assignment i is token i // k's
+        if self.stacked:  # one gather, every expert at once
+            y = charged(token_sorted // tokens_per_row if current_ledger() else None,
+                        self.experts, tokens.index_select(0, token_sorted), per_expert)
+            y = y * flat_gate[order].unsqueeze(1).to(y.dtype)
+            output = y.new_zeros(n, *y.shape[1:]).index_add(0, token_sorted, y)
+            return self._result(output, lead, logits, top, gates, dropped, load)
         outs, start = [], 0
-        for e, count in enumerate(counts):
+        for e, count in enumerate(per_expert.tolist()):
             if count:
                 rows = token_sorted[start:start + count]
                 outs.append(charged(rows // tokens_per_row if current_ledger() else None,
@@ -198,7 +363,13 @@ class MoE(nn.Module):
         valid, pick = best.values >= 0, best.indices
         rows, weight = token[pick], torch.where(valid, best.values, 0.0)
         output = None
-        for e in range(E):
+        if self.stacked:  # every expert on its C rows at once
+            flat = rows.flatten()
+            y = charged(flat // tokens_per_row if current_ledger() else None, self.experts,
+                        tokens.index_select(0, flat), C)
+            y = y * weight.flatten().unsqueeze(1).to(y.dtype)
+            output = y.new_zeros(n, *y.shape[1:]).index_add(0, flat, y)
+        for e in range(0 if self.stacked else E):
             y = charged(rows[e] // tokens_per_row if current_ledger() else None,
                         self.experts[e], tokens.index_select(0, rows[e]))
             y = y * weight[e].unsqueeze(1).to(y.dtype)
@@ -214,7 +385,7 @@ class MoE(nn.Module):
 
     def _result(self, output, lead, logits, top, gates, dropped, load) -> MoEResult:
         n, E, k = logits.shape[0], len(self.experts), self.k
-        probs = torch.softmax(logits, dim=-1)  # (n, E)
+        probs = _softmax(logits)  # (n, E)
         if n:
             f = load.to(probs.dtype) / (n * k)
             aux = self.balance_weight * E * (f * probs.mean(0)).sum()
