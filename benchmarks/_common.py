@@ -97,18 +97,21 @@ def verdict(met: bool) -> str:
 
 
 def time_calls(fns: dict[str, Callable[[], object]], rounds: int,
-               iters: int | dict[str, int]) -> dict[str, list[float]]:
+               iters: int | dict[str, int], clock: Callable[[], float] = time.perf_counter
+               ) -> dict[str, list[float]]:
     """Seconds per call of each variant, one entry per round.
 
     One warm-up call each, then ``rounds`` rounds; each round times every
     variant for ``iters`` calls (a dict gives per-variant counts), starting from
     a different variant each round so that order effects cancel in the median.
+    ``clock``: wall time by default; ``time.process_time`` gives the process's CPU
+    time (every thread's), which another process on the machine disturbs less.
     """
     def timed(fn: Callable[[], object], n: int) -> float:
-        start = time.perf_counter()
+        start = clock()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - start) / n
+        return (clock() - start) / n
 
     counts = iters if isinstance(iters, dict) else dict.fromkeys(fns, iters)
     for fn in fns.values():

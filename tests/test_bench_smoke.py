@@ -290,7 +290,13 @@ def test_bench_lean_quick(tmp_path):
     runs = json.loads((tmp_path / "lean-quick.json").read_text())["runs"]
     assert [r["threads"] for r in runs] == [1, 2]
     for r in runs:
-        assert r["branch"][0]["branch_vs_hand"] > 0 and r["early_exit"]["exit_vs_hand"] > 0
+        e = r["early_exit"]
+        assert r["branch"][0]["branch_vs_hand"] > 0
+        assert e["exit_vs_hand"] == pytest.approx(e["us"]["EarlyExit"] / e["us"]["hand"])
+        assert e["cpu_exit_vs_hand"] == pytest.approx(e["cpu_us"]["EarlyExit"] /
+                                                      e["cpu_us"]["hand"])
+        # the same ATen work, give or take the allocation of the output
+        assert abs(e["aten_ops"]["EarlyExit"] - e["aten_ops"]["hand"]) <= 3
         assert set(r["compiled"]) == {"mlp", "early exit"}
     assert "EarlyExit / hand" in (tmp_path / "lean-quick.md").read_text()
 
