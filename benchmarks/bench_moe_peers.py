@@ -39,19 +39,6 @@ EXPERTS, K = 8, 2
 PEERS = ("hf eager", "hf grouped_mm", "hand grouped")
 
 
-class ExpertView(nn.Module):
-    """Expert ``e`` of a transformers experts module, read from its stacked weights."""
-
-    def __init__(self, stack: nn.Module, e: int) -> None:
-        super().__init__()
-        self.__dict__["stack"] = stack  # not a submodule: the block owns the weights
-        self.e = e
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.stack.gate_up_proj[self.e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.stack.down_proj[self.e])
-
-
 def contestants(d: int, hidden: int) -> tuple[dict, list[torch.Tensor]]:
     torch.manual_seed(0)
     config = MixtralConfig(hidden_size=d, intermediate_size=hidden,
@@ -66,7 +53,7 @@ def contestants(d: int, hidden: int) -> tuple[dict, list[torch.Tensor]]:
                                               gated=True, bias=False)
     stacked.w1, stacked.w2 = stack.gate_up_proj, stack.down_proj  # the same tensors
     moe = adaptnet.MoE(stacked, router, k=K)
-    loop = adaptnet.MoE([ExpertView(stack, e) for e in range(EXPERTS)], router, k=K)
+    loop = adaptnet.MoE([stacked[e] for e in range(EXPERTS)], router, k=K)  # w[e] views
 
     def hf(implementation: str):
         def run(x: torch.Tensor) -> torch.Tensor:

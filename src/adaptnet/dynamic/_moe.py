@@ -324,10 +324,8 @@ class MoE(nn.Module):
             per_expert = torch.bincount(flat_expert[order], minlength=E)
         token_sorted = order // k  # assignment i is token i // k's
         if self.stacked:  # one gather, every expert at once
-            y = charged(token_sorted // tokens_per_row if current_ledger() else None,
-                        self.experts, tokens.index_select(0, token_sorted), per_expert)
-            y = y * flat_gate[order].unsqueeze(1).to(y.dtype)
-            output = y.new_zeros(n, *y.shape[1:]).index_add(0, token_sorted, y)
+            output = self._all_at_once(tokens, token_sorted, per_expert, flat_gate[order],
+                                       tokens_per_row)
             return self._result(output, lead, logits, top, gates, dropped, load)
         outs, start = [], 0
         for e, count in enumerate(per_expert.tolist()):
@@ -362,14 +360,13 @@ class MoE(nn.Module):
         best = torch.where(mine, gate[None, :], -1.0).topk(C, dim=1)  # (E, C)
         valid, pick = best.values >= 0, best.indices
         rows, weight = token[pick], torch.where(valid, best.values, 0.0)
-        output = None
+        kept = torch.zeros(A, dtype=torch.bool, device=tokens.device)
+        kept = kept.index_put((pick.flatten(),), valid.flatten(), accumulate=True)
         if self.stacked:  # every expert on its C rows at once
-            flat = rows.flatten()
-            y = charged(flat // tokens_per_row if current_ledger() else None, self.experts,
-                        tokens.index_select(0, flat), C)
-            y = y * weight.flatten().unsqueeze(1).to(y.dtype)
-            output = y.new_zeros(n, *y.shape[1:]).index_add(0, flat, y)
-        for e in range(0 if self.stacked else E):
+            return self._all_at_once(tokens, rows.flatten(), C, weight.flatten(),
+                                     tokens_per_row), ~kept
+        output = None
+        for e in range(E):
             y = charged(rows[e] // tokens_per_row if current_ledger() else None,
                         self.experts[e], tokens.index_select(0, rows[e]))
             y = y * weight[e].unsqueeze(1).to(y.dtype)
@@ -379,9 +376,16 @@ class MoE(nn.Module):
                                    f"{[list(output.shape[1:]), list(y.shape[1:])]}; all experts "
                                    "must map to the same width.")
             output = output.index_add(0, rows[e], y)
-        kept = torch.zeros(A, dtype=torch.bool, device=tokens.device)
-        kept = kept.index_put((pick.flatten(),), valid.flatten(), accumulate=True)
         return output, ~kept
+
+    def _all_at_once(self, tokens: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor | int,
+                     weight: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
+        """:class:`StackedExperts` on ``rows`` of ``tokens`` (sorted by expert, ``counts`` per
+        expert), each output times its ``weight``, summed per token."""
+        y = charged(rows // tokens_per_row if current_ledger() else None, self.experts,
+                    tokens.index_select(0, rows), counts)
+        y = y * weight.unsqueeze(1).to(y.dtype)
+        return y.new_zeros(tokens.shape[0], *y.shape[1:]).index_add(0, rows, y)
 
     def _result(self, output, lead, logits, top, gates, dropped, load) -> MoEResult:
         n, E, k = logits.shape[0], len(self.experts), self.k
