@@ -50,13 +50,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     them into a model built with or without them. The file is written
     atomically: a crash leaves the previous file intact. A model sharded
     with :func:`adaptnet.shard` (FSDP2) is saved whole: every rank must call
-    ``save`` (each shard is gathered), and rank 0 writes the file.
+    ``save`` (each shard is gathered), rank 0 writes the file, and every rank
+    returns once it is written (or raises :class:`CheckpointError` if it could not be).
 
     Returns:
         The path written.
 
     Raises:
-        CheckpointError: the model has tensors on the ``meta`` device.
+        CheckpointError: the model has tensors on the ``meta`` device; sharded, rank 0
+            could not write the file (raised on every rank).
 
     Example:
         >>> import tempfile, torch.nn as nn, adaptnet
@@ -96,11 +98,26 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             if s is not owner:
                 aliases[s.name] = [owner.name, relative_transform(s, owner)]
     manifest = {"version": VERSION, "aliases": aliases, "modules": _module_shares(model)}
-    if sharded and torch.distributed.get_rank() != 0:  # every rank gathers; rank 0 writes
+    if not sharded:
+        _write(tensors, manifest, path)
         return Path(path)
+    # every rank gathers; rank 0 writes, and every rank returns once the file is there (a
+    # rank that went on at once could load it before it exists), or raises if it failed
+    failure = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            _write(tensors, manifest, path)
+        except OSError as e:
+            failure = [f"{type(e).__name__}: {e}"]
+    torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise CheckpointError(f"save(): rank 0 could not write {str(path)!r}: {failure[0]}.")
+    return Path(path)
+
+
+def _write(tensors: dict[str, torch.Tensor], manifest: dict, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata={META_KEY: json.dumps(manifest)})
-    return Path(path)
 
 
 def load(model: M, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
