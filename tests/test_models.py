@@ -294,3 +294,29 @@ def test_pondernet_gru_without_halting_runs_every_sample_to_the_end():
     assert out.steps.tolist() == [5] * 6 and net.depth.capacity == 1.0
     with pytest.raises(DynamicError, match="capacity must be a fraction in"):
         M.PonderGRU(4, 8, 2, 5, net.depth.halting, capacity=1.5)  # checked when built
+
+
+def test_classifier_is_nn_linear_computed_the_other_way_round():
+    """The zoo's few-class head: nn.Linear's parameters, state dict, values and gradients,
+    the product taken as (W @ x.T).T; other input ranks go through nn.Linear."""
+    from adaptnet.models._parts import Classifier
+    torch.manual_seed(0)
+    for bias in (True, False):
+        head, ref = Classifier(96, 10, bias=bias), torch.nn.Linear(96, 10, bias=bias)
+        ref.load_state_dict(head.state_dict())
+        assert list(head.state_dict()) == list(ref.state_dict())
+        for shape in ((7, 96), (1, 96), (0, 96), (3, 5, 96)):
+            x = torch.randn(*shape, requires_grad=True)
+            got, want = head(x), ref(x)
+            torch.testing.assert_close(got, want)
+            if x.numel():
+                got.square().sum().backward()
+                g = (x.grad.clone(), head.weight.grad.clone())
+                x.grad = None
+                want.square().sum().backward()
+                torch.testing.assert_close(g[0], x.grad)
+                torch.testing.assert_close(g[1], ref.weight.grad)
+                head.zero_grad(), ref.zero_grad()
+    net = M.early_exit_cnn(channels=8, stages=2)
+    assert all(isinstance(h[-1], Classifier) for h in net.exits.heads)
+    assert isinstance(M.early_exit_cnn(channels=8, exits=False)[-1][-1], Classifier)

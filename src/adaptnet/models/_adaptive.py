@@ -20,7 +20,7 @@ from adaptnet.dynamic import (
 )
 from adaptnet.errors import ModelError
 from adaptnet.models._baselines import _Channel
-from adaptnet.models._parts import MeanPool, readout
+from adaptnet.models._parts import Classifier, MeanPool, readout
 from adaptnet.sharing import share
 
 __all__ = ["EarlyExitCNN", "PonderGRU", "adaptive_depth_mlp", "early_exit_cnn", "moe_mlp",
@@ -99,7 +99,7 @@ def early_exit_cnn(in_channels: int = 1, num_classes: int = 10, dims: int = 1,
     if pool < 1:
         raise ModelError(f"early_exit_cnn: pool must be >= 1 (bins per side), got {pool}.")
     heads = [nn.Sequential(MeanPool(pool, dims), nn.Flatten(),
-                           nn.Linear(channels * pool ** dims, num_classes))
+                           Classifier(channels * pool ** dims, num_classes))
              for _ in range(stages if exits else 1)]
     if not exits:
         net = nn.Sequential(stem, *blocks, heads[0])

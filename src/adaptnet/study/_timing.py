@@ -50,6 +50,10 @@ def time_together(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 1
     the median; one warm-up pass each first. Timing models in separate runs
     is what made one ratio read 0.40x, 0.81x and 1.18x in three runs.
 
+    The allocator is settled first (:func:`_settle_allocator`), so that no
+    model's activations are handed back to the OS and faulted in again on
+    every pass, which otherwise depends on what the process did before.
+
     Example:
         >>> import torch, torch.nn as nn
         >>> from adaptnet.study import time_together
@@ -60,6 +64,7 @@ def time_together(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 1
         >>> sorted(times)
         ['narrow', 'wide']
     """
+    _settle_allocator()
     names = list(models)
     times: dict[str, list[float]] = {k: [] for k in names}
     for m in models.values():
@@ -74,3 +79,19 @@ def time_together(models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 1
                     times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) * 1000.0 * 1000.0 / max(len(x), 1)
             for k, v in times.items()}
+
+
+def _settle_allocator() -> None:
+    """Free one 31 MiB block, so that glibc's malloc serves later blocks from its heap.
+
+    glibc maps each block over its mmap threshold (128 KiB at start) afresh and
+    returns the heap's free top beyond twice that to the OS; freeing a mapped block
+    raises the threshold to its size (up to 32 MiB). Until a process has freed one
+    as large as its activations, each pass pays page faults for them: a 256-row
+    64-channel convolution's 1.3 MB output took 1.55 ms against 0.50 ms at 2
+    threads, and the flagship's plain CNN ran at half speed in one process and not
+    in another (BENCHMARKS section 0). Other allocators only see an allocation.
+    """
+    block = torch.empty(31 << 18)  # 31 MiB of float32, under glibc's 32 MiB cap
+    block.fill_(0.0)  # touched, so that it is really mapped
+    del block
