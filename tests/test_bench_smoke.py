@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,14 @@ def test_bench_train_quick(tmp_path):
     assert set(result["checkpoint"]["ms"]) == {"save", "restore", "torch.save", "torch.load"}
     [step] = result["step_by_step"]
     assert set(step["ms"]) == {"hand", "engine", "hand_again"} and step["steps"] == 30
-    assert [(r["data"], r["threads"]) for r in result["loader"]] == [("DataLoader", 1),
-                                                                     ("DataLoader", 2)]
+    assert [(r["data"], r["threads"], r["clock"]) for r in result["loader"]] == [
+        ("DataLoader", t, c) for t in (1, 2) for c in ("wall", "CPU")]
+    for r in result["loader"]:  # the guard's share and the rest multiply to the whole
+        ms = r["ms"]
+        assert set(ms) == {"hand", "engine", "guarded", "hand_again"}
+        assert r["guard"] == pytest.approx(ms["guarded"] / ms["hand"] - 1)
+        assert r["beyond_guard"] == pytest.approx(ms["engine"] / ms["guarded"] - 1)
+        assert (1 + r["guard"]) * (1 + r["beyond_guard"]) == pytest.approx(1 + r["overhead"])
 
 
 def test_bench_fsdp_quick(tmp_path):
@@ -307,7 +314,15 @@ def test_bench_demo_quick(tmp_path):
     result = json.loads((tmp_path / "demo-quick.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["plain CNN", "early-exit CNN"]
     assert all(len(v) == 4 for v in result["repeats"].values())
-    assert "max / min" in (tmp_path / "demo-quick.md").read_text()
+    assert all(len(v) == 3 for v in result["by_hand"].values())  # one per repeat
+    assert set(result["alone"]) == {"1", "2"} and all(v > 0 for v in result["alone"].values())
+    assert all(set(row) == {"256", "64", "32", "16"} for row in result["conv_us"].values())
+    text = (tmp_path / "demo-quick.md").read_text()
+    plain, fast = result["rows"]
+    for t, values in result["repeats"].items():  # clock efficiency: median / MAC reduction
+        efficiency = statistics.median(values) / (plain["macs"] / fast["macs"])
+        assert f"| {efficiency:.2f} (" in text, (t, efficiency)
+    assert "max / min" in text
 
 
 def test_bench_adaptive_quick(tmp_path):
