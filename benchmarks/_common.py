@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from adaptnet.study._timing import _settle_allocator
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # Where the long benchmarks keep their runs, so that a cut one resumes (git ignores runs/).
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "bench"
@@ -114,9 +116,7 @@ def time_calls(fns: dict[str, Callable[[], object]], rounds: int,
         return (clock() - start) / n
 
     counts = iters if isinstance(iters, dict) else dict.fromkeys(fns, iters)
-    # glibc's malloc settled first, as adaptnet.study.time_together does: one 31 MiB block
-    # freed, so that no variant's large activations are faulted in again on every call
-    torch.empty(31 << 18).fill_(0.0)
+    _settle_allocator()  # as time_together does: no activations faulted in on every call
     for fn in fns.values():
         fn()
     names = list(fns)

@@ -93,5 +93,4 @@ def _settle_allocator() -> None:
     in another (BENCHMARKS section 0). Other allocators only see an allocation.
     """
     block = torch.empty(31 << 18)  # 31 MiB of float32, under glibc's 32 MiB cap
-    block.fill_(0.0)  # touched, so that it is really mapped
-    del block
+    del block  # mapped on allocation, untouched: freeing it is what moves the thresholds
